@@ -1,0 +1,345 @@
+"""Configuration: one frozen dataclass per section, YAML presets, dotted command-line overrides, one `validate()`.
+
+    cfg = load_config("tiny", overrides=["sampling.k=4", "grpo.algo=grpo"])
+
+A preset is a YAML file (`drm_ray/configs/<name>.yaml`, or any path) holding a subset of the sections below; what it
+leaves out keeps the dataclass default. Overrides are `section.field=value` with the value parsed as YAML
+(`sampling.k=4`, `grpo.branch_steps=[0,1,2]`, `reward.drm_path=null`). Unknown sections or fields, values of the
+wrong type and values outside their rule all raise `ConfigError` naming the field. Only the driver holds the whole
+config; builders and workers take plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+SD3_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that breaks a rule; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"                 # tiny: random-init SD3 architecture; sd35m: pre-trained weights from `path`
+    path: str | None = None              # sd35m: local diffusers directory or hub id
+    dtype: str = "float32"               # float32 | bfloat16 | float16 (the flow math is float32 regardless)
+    seed: int = 0                        # tiny: init seed, so every process builds the same weights
+    num_layers: int = 4                  # tiny architecture; the DRM drops 3 blocks, so at least 4
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    max_sequence_length: int = 32        # T5 tokens per prompt (SD3.5 uses 256)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 8.0
+    target_modules: tuple[str, ...] = SD3_LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    resolution: int = 64                 # pixels; latents are resolution / 8
+    num_steps: int = 4                   # denoising steps for rollouts and step-wise sampling
+    eval_num_steps: int = 4              # ODE steps for evaluation panels
+    guidance_scale: float = 4.5          # CFG weight w; <= 1 disables CFG
+    noise_level: float = 0.7             # SDE noise level a; 0 makes every step a plain Euler (ODE) step
+    shift: float = 3.0                   # FlowMatchEulerDiscreteScheduler shift
+    k: int = 4                           # children per branching step (Step-GRPO) / candidates (Step-wise Sampling)
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    algo: str = "step_grpo"              # step_grpo | grpo
+    branch_steps: tuple[int, ...] | None = None   # None: every step but the last
+    continuation: str = "random"         # random | best | mean: which state a trajectory continues from
+    prompts_per_iter: int = 4            # B prompt groups per iteration
+    iterations: int = 20
+    clip_eps: float = 1e-4
+    beta: float = 0.004                  # KL-to-reference weight
+    adv_clip: float = 5.0
+    eval_every: int = 5                  # image panel every N iterations
+    checkpoint_every: int = 5
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    drm_path: str | None = None          # a directory written by jobs/train_drm.py
+    n_drop: int = 3                      # transformer blocks removed from the end
+    head: str = "mlp"                    # mlp (fixed resolution) | mean (any resolution)
+    head_dim: int = 4                    # per-token features of the mlp head
+    init: str = "pretrained"             # pretrained | random (the paper's ablation)
+    lr: float = 1e-4
+    batch_size: int = 16                 # pairs per optimizer step (global)
+    train_steps: int = 300
+    zero_noise_prob: float = 0.1         # chance that a pair is scored clean (s = 0)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = 1
+    num_scorers: int = 1
+    num_gpus: float = 0.0                # per actor; 1 on GPU presets
+    num_cpus: float = 0.5                # per actor
+    timeout_s: float = 600.0             # every wait on a remote call gives up after this
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_states: int = 8          # recorded states per backward call
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str | None = None      # None: sqlite `mlflow.db` in the output directory
+    experiment: str = "drm-ray"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str | None = None           # a .txt (one per line) or .parquet (`prompt` column); None: built-in set
+    preference_data: str | None = None   # Parquet of preference pairs; None: the built-in synthetic set (tiny)
+    cache_dir: str | None = None         # latent / text-embedding cache
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        def plain(x):
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            return list(x) if isinstance(x, tuple) else x
+        return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.field -> value`, for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def branch_steps(self) -> tuple[int, ...]:
+        """Steps at which Step-GRPO branches; the last step is never trained."""
+        if self.grpo.branch_steps is None:
+            return tuple(range(self.sampling.num_steps - 1))
+        return tuple(self.grpo.branch_steps)
+
+    def validate(self, job: str | None = None) -> "Config":
+        """Check every rule at once; `job="step_grpo"` adds the rules of policy-gradient training."""
+        errors = _rule_errors(self, rl=job == "step_grpo")
+        if errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        return self
+
+
+def _rule_errors(c: Config, rl: bool) -> list[str]:
+    e: list[str] = []
+
+    def need(ok: bool, name: str, rule: str, value: Any) -> None:
+        if not ok:
+            e.append(f"{name} = {value!r}: {rule}")
+
+    m, s, g, r = c.model, c.sampling, c.grpo, c.reward
+    need(m.preset in ("tiny", "sd35m"), "model.preset", "must be one of tiny, sd35m", m.preset)
+    need(m.preset != "sd35m" or bool(m.path), "model.path", "is required for the sd35m preset "
+         "(a local diffusers directory or a hub id)", m.path)
+    need(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "must be float32, bfloat16 or float16", m.dtype)
+    need(m.num_layers >= r.n_drop + 1, "model.num_layers", f"must exceed reward.n_drop ({r.n_drop})", m.num_layers)
+    need(m.num_attention_heads > 0, "model.num_attention_heads", "must be > 0", m.num_attention_heads)
+    need(m.attention_head_dim > 0, "model.attention_head_dim", "must be > 0", m.attention_head_dim)
+    need(m.max_sequence_length > 0, "model.max_sequence_length", "must be > 0", m.max_sequence_length)
+    need(c.lora.rank > 0, "lora.rank", "must be > 0", c.lora.rank)
+    need(c.lora.alpha > 0, "lora.alpha", "must be > 0", c.lora.alpha)
+    need(len(c.lora.target_modules) > 0, "lora.target_modules", "must name at least one module", c.lora.target_modules)
+    need(s.resolution > 0 and s.resolution % 16 == 0, "sampling.resolution", "must be a positive multiple of 16 "
+         "(VAE factor 8 times patch size 2)", s.resolution)
+    need(s.num_steps >= 2, "sampling.num_steps", "must be >= 2", s.num_steps)
+    need(s.eval_num_steps >= 1, "sampling.eval_num_steps", "must be >= 1", s.eval_num_steps)
+    need(s.guidance_scale >= 0, "sampling.guidance_scale", "must be >= 0", s.guidance_scale)
+    need(0 <= s.noise_level <= 2, "sampling.noise_level", "must be in [0, 2]", s.noise_level)
+    need(s.shift > 0, "sampling.shift", "must be > 0", s.shift)
+    need(s.k >= 1, "sampling.k", "must be >= 1", s.k)
+    need(g.algo in ("step_grpo", "grpo"), "grpo.algo", "must be step_grpo or grpo", g.algo)
+    need(not rl or s.k >= 2, "sampling.k", "must be >= 2 for policy-gradient training (advantages need a group)", s.k)
+    if g.branch_steps is not None:
+        bad = [i for i in g.branch_steps if not 0 <= i < s.num_steps - 1]
+        need(not bad and len(g.branch_steps) > 0, "grpo.branch_steps",
+             f"must be a non-empty list of step indices in [0, {s.num_steps - 2}] "
+             f"(sampling.num_steps = {s.num_steps}; the last step is never trained)", g.branch_steps)
+        need(len(set(g.branch_steps)) == len(g.branch_steps), "grpo.branch_steps", "must not repeat a step",
+             g.branch_steps)
+    need(g.continuation in ("random", "best", "mean"), "grpo.continuation", "must be random, best or mean",
+         g.continuation)
+    need(g.prompts_per_iter > 0, "grpo.prompts_per_iter", "must be > 0", g.prompts_per_iter)
+    need(g.iterations > 0, "grpo.iterations", "must be > 0", g.iterations)
+    need(0 < g.clip_eps < 1, "grpo.clip_eps", "must be in (0, 1)", g.clip_eps)
+    need(g.beta >= 0, "grpo.beta", "must be >= 0", g.beta)
+    need(g.adv_clip > 0, "grpo.adv_clip", "must be > 0", g.adv_clip)
+    need(g.eval_every > 0, "grpo.eval_every", "must be > 0", g.eval_every)
+    need(g.checkpoint_every > 0, "grpo.checkpoint_every", "must be > 0", g.checkpoint_every)
+    need(r.n_drop >= 0, "reward.n_drop", "must be >= 0", r.n_drop)
+    need(r.head in ("mlp", "mean"), "reward.head", "must be mlp or mean", r.head)
+    need(r.head_dim > 0, "reward.head_dim", "must be > 0", r.head_dim)
+    need(r.init in ("pretrained", "random"), "reward.init", "must be pretrained or random", r.init)
+    need(r.lr > 0, "reward.lr", "must be > 0", r.lr)
+    need(r.batch_size > 0, "reward.batch_size", "must be > 0", r.batch_size)
+    need(r.train_steps > 0, "reward.train_steps", "must be > 0", r.train_steps)
+    need(0 <= r.zero_noise_prob <= 1, "reward.zero_noise_prob", "must be in [0, 1]", r.zero_noise_prob)
+    ro = c.rollout
+    need(ro.num_workers > 0, "rollout.num_workers", "must be > 0", ro.num_workers)
+    need(ro.num_scorers > 0, "rollout.num_scorers", "must be > 0", ro.num_scorers)
+    need(ro.num_gpus >= 0, "rollout.num_gpus", "must be >= 0", ro.num_gpus)
+    need(ro.num_cpus >= 0, "rollout.num_cpus", "must be >= 0", ro.num_cpus)
+    need(ro.timeout_s > 0, "rollout.timeout_s", "must be > 0", ro.timeout_s)
+    le = c.learner
+    need(le.num_workers > 0, "learner.num_workers", "must be > 0", le.num_workers)
+    need(le.lr > 0, "learner.lr", "must be > 0", le.lr)
+    need(le.weight_decay >= 0, "learner.weight_decay", "must be >= 0", le.weight_decay)
+    need(le.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0", le.max_grad_norm)
+    need(le.micro_batch_states > 0, "learner.micro_batch_states", "must be > 0", le.micro_batch_states)
+    need(c.deepspeed.zero_stage in (0, 1, 2), "deepspeed.zero_stage", "must be 0, 1 or 2 (LoRA params are small; "
+         "ZeRO-3 partitions nothing useful here)", c.deepspeed.zero_stage)
+    need(bool(c.run.output_dir), "run.output_dir", "must be a non-empty path", c.run.output_dir)
+    need(bool(c.tracking.experiment), "tracking.experiment", "must be non-empty", c.tracking.experiment)
+    return e
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(preset: str | Path = "tiny", overrides: list[str] | tuple[str, ...] = (),
+                job: str | None = None) -> Config:
+    """Preset (name in drm_ray/configs or a YAML path) + dotted overrides, validated for `job`."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"preset {str(preset)!r} not found (no file {path}); known presets: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        section, name, value = _parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        raw[section][name] = value
+    return from_dict(raw).validate(job)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, type-checking every value (no rule checks: call validate())."""
+    sections = {f.name: f for f in fields(Config)}
+    kwargs = {}
+    for sname, values in raw.items():
+        if sname not in sections:
+            raise ConfigError(f"unknown config section {sname!r}; known: {sorted(sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {sname!r} must be a mapping, got {values!r}")
+        cls = sections[sname].default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown config field {sname}.{key}; known: {sorted(known)}")
+        kwargs[sname] = cls(**{k: _coerce(v, hints[k], f"{sname}.{k}") for k, v in values.items()})
+    return Config(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r} must look like section.field=value (for example sampling.k=4)")
+    return parts[0], parts[1], yaml.safe_load(text) if text.strip() else ""
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} = {value!r}: must be a list")
+        return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} = {value!r}: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} = {value!r}: must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} = {value!r}: must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} = {value!r}: must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")  # a bug in this file, not user input
+
+
+def add_config_args(parser) -> None:
+    """The two arguments every job takes: a preset and dotted overrides."""
+    parser.add_argument("--config", default="tiny", help="preset name (tiny, sd35m) or path to a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, e.g. sampling.k=4 grpo.iterations=10")
+

@@ -1,0 +1,1 @@
+"""Flow-matching math and denoising loops. Imports no Ray, DeepSpeed or MLflow."""
