@@ -88,6 +88,8 @@ class RewardConfig:
     batch_size: int = 16                 # pairs per optimizer step (global)
     train_steps: int = 300
     zero_noise_prob: float = 0.1         # chance that a pair is scored clean (s = 0)
+    log_every: int = 10                  # steps between metric lines
+    checkpoint_every: int = 100          # steps between Ray Train checkpoints
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(r.lr > 0, "reward.lr", "must be > 0", r.lr)
     need(r.batch_size > 0, "reward.batch_size", "must be > 0", r.batch_size)
     need(r.train_steps > 0, "reward.train_steps", "must be > 0", r.train_steps)
+    need(r.log_every > 0, "reward.log_every", "must be > 0", r.log_every)
+    need(r.checkpoint_every > 0, "reward.checkpoint_every", "must be > 0", r.checkpoint_every)
     need(0 <= r.zero_noise_prob <= 1, "reward.zero_noise_prob", "must be in [0, 1]", r.zero_noise_prob)
     ro = c.rollout
     need(ro.num_workers > 0, "rollout.num_workers", "must be > 0", ro.num_workers)

@@ -1,0 +1,25 @@
+"""Losses as pure tensor functions: tensors in, a scalar loss and a small stats dict out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NOISE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)  # names: s0 (exactly clean), then s0.00-0.25 for (0, .25], (.25, .5], (.5, .75], (.75, 1]
+
+
+def bradley_terry_loss(r_win: torch.Tensor, r_lose: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """-log sigmoid(r_w - r_l), averaged over pairs: r_win, r_lose [B] -> scalar loss, {accuracy, margin}."""
+    margin = r_win.float() - r_lose.float()  # [B]
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+
+
+def accuracy_by_noise_bucket(r_win: torch.Tensor, r_lose: torch.Tensor, sigma: torch.Tensor) -> dict[str, tuple]:
+    """{bucket name: (correct, count)} over the noise levels of the pairs: r_win, r_lose, sigma [B]."""
+    correct = (r_win > r_lose).float()
+    out = {"s0": (correct[sigma == 0].sum().item(), int((sigma == 0).sum()))}
+    for lo, hi in zip(NOISE_BUCKETS[:-1], NOISE_BUCKETS[1:]):
+        mask = (sigma > lo) & (sigma <= hi)
+        out[f"s{lo:.2f}-{hi:.2f}"] = (correct[mask].sum().item(), int(mask.sum()))
+    return out
