@@ -1,0 +1,45 @@
+"""DRMScorer: batched R(x_s, s, c) over a trained DRM directory. A plain class; the driver makes it a Ray actor.
+
+Stateless between calls (the DRM weights are read-only), so a restarted actor serves exactly as before and several
+scorers can serve several rollout workers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drm_ray.models.drm import DiffusionRewardModel
+from drm_ray.models.sd3 import default_device, torch_dtype
+
+
+class DRMScorer:
+    def __init__(self, drm_path: str, dtype: str | None = None, max_batch: int = 64, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.device = default_device()
+        self.drm = DiffusionRewardModel.from_pretrained(drm_path, device=self.device,
+                                                        dtype=torch_dtype(dtype) if dtype else None)
+        self.drm.requires_grad_(False)
+        self.max_batch = max_batch
+
+    def ready(self) -> bool:
+        return True
+
+    def transformer_config(self) -> dict:
+        return dict(self.drm.transformer_config)
+
+    def check_compatible(self, transformer_config: dict, latent_size: int) -> None:
+        self.drm.check_compatible(transformer_config, latent_size)
+
+    @torch.no_grad()
+    def score(self, latents: torch.Tensor, noise_levels: torch.Tensor, prompt_embeds: torch.Tensor,
+              pooled: torch.Tensor) -> torch.Tensor:
+        """latents [N, C, h, w], noise_levels [N], prompt_embeds [N, L, D], pooled [N, P] -> rewards [N] (CPU fp32)."""
+        out = []
+        for lo in range(0, latents.shape[0], self.max_batch):
+            hi = lo + self.max_batch
+            r = self.drm(latents[lo:hi].to(self.device), noise_levels[lo:hi].to(self.device),
+                         prompt_embeds[lo:hi].to(self.device), pooled[lo:hi].to(self.device))
+            out.append(r.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    __call__ = score
