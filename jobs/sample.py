@@ -1,17 +1,33 @@
-"""Sample images from an SD3 model (ODE by default, SDE with sampling.noise_level > 0).
+"""Sample images from an SD3 model: plain SDE/ODE sampling, or DRM-guided Step-wise Sampling with --k > 1.
 
-    python jobs/sample.py                                   # tiny preset, built-in prompts, CPU, seconds
-    python jobs/sample.py --prompts prompts.txt --out outputs/samples sampling.num_steps=8
-    python jobs/sample.py --config sd35m model.path=/models/sd3.5-medium --prompts prompts.txt
+    python jobs/sample.py                                   # tiny preset, built-in prompts, k = 1, CPU, seconds
+    python jobs/sample.py --k 4 --drm outputs/tiny/drm      # Step-wise Sampling with a DRM from jobs/train_drm.py
+    python jobs/sample.py --k 4 --drm outputs/tiny/drm --seeds-per-prompt 4 --ray --workers 2
+    ray job submit --working-dir . -- python jobs/sample.py --config sd35m model.path=/models/sd3.5-medium \\
+        --prompts prompts.txt --k 6 --drm /ckpt/drm --ray --workers 4 --scorers 1
 
-Writes one PNG per prompt and `metadata.parquet` (prompt, seed, file, num_steps, guidance_scale, noise_level) into
-`--out`. Each prompt's seed is `run.seed + index`, drawn from its own generator, so an image does not depend on the
-batch it was sampled in.
+With k = 1 every step but the last is an SDE step (sampling.noise_level; 0 gives ODE sampling) and no DRM is
+needed. With k > 1 each such step draws k children from one shared mean, the DRM (--drm, a directory written by
+jobs/train_drm.py to `<run.output_dir>/drm`) scores them at the children's noise level and the best continues; the
+last step is deterministic. `sampling.k` is Step-GRPO's group size and is not read here: --k decides.
+
+--ray runs sampler actors and DRM scorer actors (rollout.num_gpus / rollout.num_cpus each; --workers, --scorers),
+joining the cluster in RAY_ADDRESS or starting a local Ray. Seeds are per image: `run.seed + replica * P + prompt
+index` (P prompts; replica 0 is `run.seed + prompt index`), one generator for the initial noise and every SDE draw,
+so images do not depend on batching or on the number of workers.
+
+Writes into --out (default `<run.output_dir>/samples`): PNGs `<prompt>_<replica>.png` and `metadata.parquet`
+(prompt, seed, k, file, step_scores = the selected child's DRM score per branching step, score_spread,
+final_score = DRM score of the final image at s = 0, diversity_group = prompt index, ...). With
+--seeds-per-prompt S >= 2 it reports the diversity across seeds (drm_ray.diversity: mean pairwise RMS pixel
+distance and 1 - SSIM). An MLflow run (sqlite `<run.output_dir>/mlflow.db` unless tracking.tracking_uri says
+otherwise) gets the parameters, an image grid and the scores, diversity and timings as metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -20,53 +36,181 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from drm_ray.config import add_config_args, load_config  # noqa: E402
 from drm_ray.data.prompts import load_prompts  # noqa: E402
-from drm_ray.diffusion.flow import schedule_sigmas  # noqa: E402
-from drm_ray.diffusion.sampling import decode_latents, denoise, initial_latents, to_pil  # noqa: E402
-from drm_ray.models.sd3 import build_components, encode_prompts, model_kwargs  # noqa: E402
+
+# torch, diffusers, Ray and MLflow are imported after the arguments are checked, so a bad call fails in a second.
+
+GRID_MAX_IMAGES = 64
+
+SCHEMA = pa.schema([
+    ("prompt", pa.string()), ("seed", pa.int64()), ("k", pa.int64()), ("file", pa.string()),
+    ("step_scores", pa.list_(pa.float64())), ("score_spread", pa.list_(pa.float64())),
+    ("chosen", pa.list_(pa.int64())), ("final_score", pa.float64()), ("diversity_group", pa.int64()),
+    ("replica", pa.int64()), ("num_steps", pa.int64()), ("guidance_scale", pa.float64()),
+    ("noise_level", pa.float64()),
+])
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--prompts", default=None, help="a .txt or .parquet prompt file (default: built-in set)")
     parser.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/samples)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    s = cfg.sampling
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per denoising batch")
+    parser.add_argument("--k", type=int, default=1, help="candidates per step; k > 1 needs --drm (default 1)")
+    parser.add_argument("--drm", default=None, help="a DRM directory (jobs/train_drm.py writes <run.output_dir>/drm)")
+    parser.add_argument("--seeds-per-prompt", type=int, default=1, help="images per prompt; >= 2 reports diversity")
+    parser.add_argument("--ray", action="store_true", help="sample on Ray actors (sampler and DRM scorer actors)")
+    parser.add_argument("--workers", type=int, default=None, help="sampler actors (default rollout.num_workers)")
+    parser.add_argument("--scorers", type=int, default=None, help="DRM scorer actors (default rollout.num_scorers)")
+    args = parser.parse_intermixed_args(argv)  # overrides may sit between options
+    for name in ("k", "batch_size", "seeds_per_prompt", "workers", "scorers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.k > 1 and not args.drm:
+        parser.error(f"--k {args.k} needs --drm DIR (a DRM directory from jobs/train_drm.py): the DRM picks the best "
+                     "of the k candidates at each step")
+    if args.drm:
+        from drm_ray.models.drm import CONFIG_NAME, WEIGHTS_NAME
 
+        if not ((Path(args.drm) / CONFIG_NAME).is_file() and (Path(args.drm) / WEIGHTS_NAME).is_file()):
+            parser.error(f"--drm {args.drm} is not a DRM directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     prompts = load_prompts(args.prompts)
+    import torch
+
+    from drm_ray.models.sd3 import model_kwargs
+    from drm_ray.sample_driver import plan_items
+    from drm_ray.tracking import Tracker
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    s, ro = cfg.sampling, cfg.rollout
+    if args.k > 1 and s.noise_level == 0:
+        print(f"[sample] note: sampling.noise_level=0 makes all {args.k} candidates identical (ODE steps); the DRM "
+              "has nothing to choose from", flush=True)
+    workers, scorers = args.workers or ro.num_workers, args.scorers or ro.num_scorers
+    items = plan_items(prompts, args.seeds_per_prompt, cfg.run.seed)
     out = Path(args.out or Path(cfg.run.output_dir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
-    comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, s))
-    device = comps.transformer.device
-    sigmas = schedule_sigmas(comps.scheduler, s.num_steps)
-    neg, neg_pooled = encode_prompts(comps, [s.negative_prompt], cfg.model.max_sequence_length)
+    sampler_kwargs = dict(preset=cfg.model.preset, model_kwargs=model_kwargs(cfg.model, s), num_steps=s.num_steps,
+                          k=args.k, noise_level=s.noise_level, guidance_scale=s.guidance_scale,
+                          negative_prompt=s.negative_prompt)
 
-    rows, start = [], time.perf_counter()
-    for lo in range(0, len(prompts), args.batch_size):
-        batch = prompts[lo:lo + args.batch_size]
-        seeds = [cfg.run.seed + lo + j for j in range(len(batch))]
-        gens = [torch.Generator().manual_seed(sd) for sd in seeds]
-        embeds, pooled = encode_prompts(comps, batch, cfg.model.max_sequence_length)
-        x1 = initial_latents(len(batch), comps.transformer.config.in_channels, s.resolution // 8, gens, device)
-        latents = denoise(comps.transformer, sigmas, embeds, pooled, neg.expand(len(batch), -1, -1),
-                          neg_pooled.expand(len(batch), -1), s.guidance_scale, s.noise_level, x1, gens)
-        for j, image in enumerate(to_pil(decode_latents(comps.vae, latents))):
-            name = f"{lo + j:05d}.png"
-            image.save(out / name)
-            rows.append(dict(prompt=batch[j], seed=seeds[j], file=name, num_steps=s.num_steps,
-                             guidance_scale=s.guidance_scale, noise_level=s.noise_level))
-    pq.write_table(pa.Table.from_pylist(rows), out / "metadata.parquet")
-    print(f"wrote {len(rows)} images to {out} in {time.perf_counter() - start:.1f}s")
+    tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.run.output_dir,
+                      run_name=cfg.tracking.run_name or f"sample-k{args.k}", tags={"job": "sample"})
+    tracker.log_params({**cfg.flat(), "sample.k": args.k, "sample.drm": args.drm, "sample.prompts": args.prompts,
+                        "sample.seeds_per_prompt": args.seeds_per_prompt, "sample.batch_size": args.batch_size,
+                        "sample.ray": args.ray, "sample.workers": workers if args.ray else 1,
+                        "sample.scorers": scorers if args.ray and args.drm else 0})
+    try:
+        batches, timing = run_sampling(args, sampler_kwargs, items, workers, scorers, ro, cfg.model.dtype, threads)
+        rows, images = write_outputs(out, items, batches, args.k, s)
+        report(tracker, out, rows, images, items, args, timing)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
     return out
+
+
+def run_sampling(args, sampler_kwargs, items, workers, scorers, ro, dtype, threads):
+    """All batches, in plan order, and {startup_s, sampling_s}."""
+    from drm_ray.sample_driver import init_ray, sample_local, sample_on_ray, start_actors, stop_actors
+    from drm_ray.workers.sampler import StepwiseSampler
+    from drm_ray.workers.scorer import DRMScorer
+
+    start = time.perf_counter()
+    if not args.ray:
+        scorer = DRMScorer(args.drm, dtype=dtype, torch_threads=threads) if args.drm else None
+        sampler = StepwiseSampler(**sampler_kwargs, scorer=scorer, torch_threads=threads)
+        ready = time.perf_counter()
+        batches = sample_local(sampler, items, args.batch_size)
+        return batches, dict(startup_s=ready - start, sampling_s=time.perf_counter() - ready)
+    print(f"[sample] {init_ray()}", flush=True)
+    samplers, scorer_actors = start_actors(sampler_kwargs, args.drm, num_workers=workers, num_scorers=scorers,
+                                           num_cpus=ro.num_cpus, num_gpus=ro.num_gpus, timeout_s=ro.timeout_s,
+                                           scorer_dtype=dtype, torch_threads=threads)
+    try:
+        ready = time.perf_counter()
+        batches = sample_on_ray(samplers, items, args.batch_size, ro.timeout_s)
+    finally:
+        stop_actors(samplers + scorer_actors)
+    return batches, dict(startup_s=ready - start, sampling_s=time.perf_counter() - ready)
+
+
+def write_outputs(out: Path, items, batches, k: int, s) -> tuple[list[dict], np.ndarray]:
+    """PNGs and metadata.parquet; returns the rows and all images [N, H, W, 3] uint8 in plan order."""
+    rows, images = [], []
+    for batch in batches:
+        for j, i in enumerate(batch.index):
+            item = items[i]
+            name = f"{item.prompt_index:05d}_{item.replica:03d}.png"
+            Image.fromarray(batch.images[j]).save(out / name)
+            images.append(batch.images[j])
+            scored = k > 1  # with k = 1 nothing is scored during the steps
+            rows.append(dict(
+                prompt=item.prompt, seed=item.seed, k=k, file=name,
+                step_scores=batch.step_scores[j].tolist() if scored else None,
+                score_spread=batch.spread[j].tolist() if scored else None,
+                chosen=batch.chosen[j].tolist() if scored else None,
+                final_score=None if batch.final_score is None else float(batch.final_score[j]),
+                diversity_group=item.prompt_index, replica=item.replica, num_steps=s.num_steps,
+                guidance_scale=s.guidance_scale, noise_level=s.noise_level))
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out / "metadata.parquet")
+    return rows, np.stack(images)
+
+
+def report(tracker, out: Path, rows, images: np.ndarray, items, args, timing: dict) -> None:
+    """Metrics and the image grid to MLflow, and a summary line."""
+    import torch
+
+    from drm_ray.diversity import prompt_diversity
+
+    n = len(rows)
+    metrics = {f"timing/{key}": value for key, value in timing.items()}
+    metrics["timing/s_per_image"] = timing["sampling_s"] / n
+    finals = [r["final_score"] for r in rows if r["final_score"] is not None]
+    if finals:
+        metrics["sample/final_score_mean"] = float(np.mean(finals))
+    if args.seeds_per_prompt >= 2:
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # [N, 3, H, W]
+        metrics.update(prompt_diversity(pixels, [it.prompt_index for it in items]))
+    tracker.log_metrics(metrics, step=0)
+    if args.k > 1:
+        per_step = np.array([r["step_scores"] for r in rows])  # [N, steps - 1]
+        spread = np.array([r["score_spread"] for r in rows])
+        for i in range(per_step.shape[1]):
+            tracker.log_metrics({"sample/selected_score": per_step[:, i].mean(),
+                                 "sample/score_spread": spread[:, i].mean()}, step=i)
+    cols = args.seeds_per_prompt if args.seeds_per_prompt > 1 else min(8, n)
+    tracker.log_image(image_grid(images[:GRID_MAX_IMAGES], cols), "samples_grid.png")
+    shown = {key: round(value, 4) for key, value in metrics.items()}
+    print(f"[sample] wrote {n} images (k={args.k}) to {out}; {shown}; MLflow run {tracker.run_id} at {tracker.uri}",
+          flush=True)
+
+
+def image_grid(images: np.ndarray, cols: int) -> Image.Image:
+    """Images [N, H, W, 3] uint8 -> one RGB image, `cols` per row, row-major."""
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return Image.fromarray(grid)
 
 
 if __name__ == "__main__":
