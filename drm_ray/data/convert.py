@@ -167,7 +167,8 @@ def _open_parquet(path: Path, columns: dict) -> pq.ParquetFile:
         raise PreferenceDataError(f"{path} lacks column(s) {missing}; it has {schema.names}")
     for name, (ok, expected) in columns.items():
         if not ok(schema.field(name).type):
-            raise PreferenceDataError(f"{path}: column {name!r} has type {schema.field(name).type}, expected {expected}")
+            raise PreferenceDataError(f"{path}: column {name!r} has type {schema.field(name).type}, "
+                                      f"expected {expected}")
     return pf
 
 

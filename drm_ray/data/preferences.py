@@ -1,4 +1,4 @@
-"""The preference-pair Parquet format: a writer that never leaves a half-written file and a validating, streaming reader.
+"""The preference-pair Parquet format: an atomic writer and a validating, streaming reader.
 
 Columns:
     prompt: string          the caption both images were generated for
