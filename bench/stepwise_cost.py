@@ -1,0 +1,176 @@
+"""Benchmark: the cost and effect of Step-wise Sampling as k grows (a benchmark, not a test).
+
+    python bench/stepwise_cost.py --drm outputs/tiny/drm            # a trained DRM (jobs/train_drm.py)
+    python bench/stepwise_cost.py                                   # trains one with jobs/train_drm.py if present
+    python bench/stepwise_cost.py --untrained --ks 1,2,4,6 --seeds 4 sampling.num_steps=6
+    python bench/stepwise_cost.py --config sd35m model.path=/models/sd3.5-medium --drm /ckpt/drm --prompts p.txt
+
+For each k, the same prompts and seeds (in-process, one DRMScorer, batches of --batch-size) are denoised with
+`stepwise_sample`; the table shows the wall time per image (denoising only: prompt encoding, VAE decoding and the
+final scoring are outside the clock; the least of --repeats runs), its ratio to k = 1, and the ratio implied by
+counting transformer blocks: per image, T policy steps of a CFG forward over n blocks on 2 latents, plus for k > 1
+T - 1 DRM forwards of n - n_drop blocks on k latents:
+
+    implied(k) = (2 n T + [k > 1] k (n - n_drop) (T - 1)) / (2 n T)
+
+It also shows the mean DRM score of the final samples (scored at s = 0, mean +- standard error), the mean spread
+(max - min) of the k scores per step, and the diversity across seeds (drm_ray.diversity). The paper's anchor is
+3.4x at k = 6 on SD3.5-Medium; the formula gives the SD3.5-Medium figure for comparison. On the tiny preset the
+measured ratio sits far below the implied one: per-call overhead, not block FLOPs, dominates a 158k-parameter model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.data.prompts import load_prompts  # noqa: E402
+from drm_ray.diffusion.flow import schedule_sigmas  # noqa: E402
+from drm_ray.diffusion.sampling import decode_latents, initial_latents  # noqa: E402
+from drm_ray.diffusion.stepwise import stepwise_sample  # noqa: E402
+from drm_ray.diversity import prompt_diversity  # noqa: E402
+from drm_ray.models.drm import build_drm  # noqa: E402
+from drm_ray.models.sd3 import VAE_SCALE, build_components, encode_prompts, model_kwargs  # noqa: E402
+from drm_ray.sample_driver import make_batches, plan_items  # noqa: E402
+from drm_ray.workers.scorer import DRMScorer  # noqa: E402
+
+SD35M_BLOCKS = 24  # transformer blocks of Stable Diffusion 3.5-Medium
+
+
+def implied_ratio(k: int, blocks: int, drm_blocks: int, steps: int, cfg_latents: int = 2) -> float:
+    policy = cfg_latents * blocks * steps
+    return (policy + (k * drm_blocks * (steps - 1) if k > 1 else 0)) / policy
+
+
+def get_drm(args, cfg, out: Path) -> tuple[Path, str]:
+    """(DRM directory, how it was obtained)."""
+    if args.drm:
+        return Path(args.drm), f"trained DRM from {args.drm}"
+    train_job = ROOT / "jobs" / "train_drm.py"
+    if not args.untrained and train_job.is_file():
+        run_dir = out / "train_drm"
+        print(f"[bench] no --drm given: training one with {train_job.relative_to(ROOT)} into {run_dir}", flush=True)
+        cmd = [sys.executable, str(train_job), "--config", args.config, *args.overrides, f"run.output_dir={run_dir}"]
+        proc = subprocess.run(cmd, cwd=ROOT)
+        if proc.returncode != 0 or not (run_dir / "drm").is_dir():
+            raise SystemExit(f"[bench] {' '.join(cmd)} failed (exit {proc.returncode}); pass --drm DIR or "
+                             "--untrained")
+        return run_dir / "drm", f"DRM trained by jobs/train_drm.py ({run_dir / 'drm'})"
+    why = "--untrained" if args.untrained else "no --drm given and jobs/train_drm.py does not exist"
+    print(f"[bench] {why}: building an UNTRAINED DRM; its scores are meaningless (timings still hold)", flush=True)
+    comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, cfg.sampling), text=False, vae=False)
+    r = cfg.reward
+    drm = build_drm(comps.transformer, n_drop=r.n_drop, head=r.head, head_dim=r.head_dim, init=r.init,
+                    latent_size=cfg.sampling.resolution // VAE_SCALE, seed=cfg.run.seed)
+    return drm.save_pretrained(out / "untrained_drm"), "UNTRAINED DRM (scores meaningless)"
+
+
+def run_k(comps, scorer, sigmas, cond, items, k: int, s, batch_size: int) -> tuple[float, torch.Tensor, dict]:
+    """Denoise every item with k candidates: (denoising seconds, final latents [N, C, h, w], step stats)."""
+    embeds, pooled, neg, neg_pooled = cond
+    latents, spreads, seconds = [], [], 0.0
+    for idx in make_batches(len(items), batch_size):
+        gens = [torch.Generator().manual_seed(items[i].seed) for i in idx]
+        x1 = initial_latents(len(idx), comps.transformer.config.in_channels, s.resolution // VAE_SCALE, gens,
+                             comps.transformer.device)
+        rows = torch.tensor([items[i].prompt_index for i in idx])
+        start = time.perf_counter()
+        res = stepwise_sample(comps.transformer, sigmas, embeds[rows], pooled[rows], x1, k=k,
+                              noise_level=s.noise_level, generator=gens, scorer=scorer if k > 1 else None,
+                              neg_embeds=neg.expand(len(idx), -1, -1), neg_pooled=neg_pooled.expand(len(idx), -1),
+                              guidance_scale=s.guidance_scale)
+        seconds += time.perf_counter() - start
+        latents.append(res.latents)
+        spreads.append(res.spread)
+    return seconds, torch.cat(latents), {"spread": float(torch.cat(spreads).nanmean()) if k > 1 else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--drm", default=None, help="a trained DRM directory")
+    parser.add_argument("--untrained", action="store_true", help="use an untrained DRM (timings only)")
+    parser.add_argument("--ks", default="1,2,4,6", help="comma-separated k values (default 1,2,4,6)")
+    parser.add_argument("--prompts", default=None, help="prompt file (default: the built-in set)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="first N prompts (default 8)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per prompt, for the diversity (default 3)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per k; the least is reported")
+    parser.add_argument("--out", default=None, help="work directory (default <run.output_dir>/bench_stepwise)")
+    args = parser.parse_intermixed_args(argv)
+    ks = [int(v) for v in args.ks.split(",")]
+    if min(ks) < 1 or args.num_prompts < 1 or args.seeds < 2 or args.repeats < 1:
+        parser.error("--ks must be >= 1, --num-prompts >= 1, --seeds >= 2 (diversity needs pairs), --repeats >= 1")
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    s = cfg.sampling
+    out = Path(args.out or Path(cfg.run.output_dir) / "bench_stepwise")
+    out.mkdir(parents=True, exist_ok=True)
+    drm_dir, drm_note = get_drm(args, cfg, out)
+
+    comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, s))
+    scorer = DRMScorer(str(drm_dir), dtype=cfg.model.dtype)
+    scorer.check_compatible(dict(comps.transformer.config), s.resolution // VAE_SCALE)
+    prompts = load_prompts(args.prompts)[:args.num_prompts]
+    items = plan_items(prompts, args.seeds, cfg.run.seed)
+    sigmas = schedule_sigmas(comps.scheduler, s.num_steps)
+    embeds, pooled = encode_prompts(comps, prompts, cfg.model.max_sequence_length)  # [P, L, D], [P, P']
+    neg, neg_pooled = encode_prompts(comps, [s.negative_prompt], cfg.model.max_sequence_length)
+    cond = (embeds, pooled, neg, neg_pooled)
+    rows_all = torch.tensor([it.prompt_index for it in items])
+    n_blocks, n_drm = comps.transformer.config.num_layers, len(scorer.drm.blocks)
+    cfg_latents = 2 if s.guidance_scale > 1 else 1
+
+    run_k(comps, scorer, sigmas, cond, items[:2], max(ks), s, args.batch_size)  # warm-up
+    table = []
+    for k in ks:
+        times = []
+        for _ in range(args.repeats):
+            seconds, latents, stats = run_k(comps, scorer, sigmas, cond, items, k, s, args.batch_size)
+            times.append(seconds)
+        final = scorer.score(latents, torch.zeros(len(items)), embeds[rows_all], pooled[rows_all])  # [N]
+        images = torch.cat([decode_latents(comps.vae, latents[lo:lo + 16]) for lo in range(0, len(items), 16)])
+        div = prompt_diversity(images, [it.prompt_index for it in items])
+        table.append(dict(k=k, t=min(times) / len(items), implied=implied_ratio(k, n_blocks, n_drm, s.num_steps,
+                                                                                cfg_latents),
+                          score=float(final.mean()), sem=float(final.std() / len(final) ** 0.5),
+                          spread=stats["spread"], rms=div["diversity/pairwise_rms"],
+                          dssim=div["diversity/one_minus_ssim"]))
+    print_table(table, cfg, args, drm_note, n_blocks, n_drm, len(items))
+
+
+def print_table(table, cfg, args, drm_note, n_blocks, n_drm, n_items) -> None:
+    s = cfg.sampling
+    base = next((r["t"] for r in table if r["k"] == 1), table[0]["t"])
+    print(f"\nStep-wise Sampling cost, preset {cfg.model.preset} ({cfg.model.dtype}, "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {torch.get_num_threads()} thread(s)); {drm_note}")
+    print(f"{n_items} images = {n_items // args.seeds} prompts x {args.seeds} seeds, {s.num_steps} steps, "
+          f"CFG {s.guidance_scale}, noise level {s.noise_level}, batch {args.batch_size}, best of {args.repeats}; "
+          f"policy {n_blocks} blocks, DRM {n_drm} blocks")
+    print(f"{'k':>3} | {'s/image':>9} | {'measured':>8} | {'implied':>7} | {'DRM score (final, s=0)':>22} | "
+          f"{'step spread':>11} | {'pairwise RMS':>12} | {'1 - SSIM':>8}")
+    print("-" * 100)
+    for r in table:
+        print(f"{r['k']:>3} | {r['t']:>9.4f} | {r['t'] / base:>7.2f}x | {r['implied']:>6.2f}x | "
+              f"{r['score']:>+13.4f} +- {r['sem']:.4f} | {r['spread']:>11.4f} | {r['rms']:>12.4f} | "
+              f"{r['dssim']:>8.4f}")
+    sd35m_steps = load_config("sd35m").sampling.num_steps
+    ratio = implied_ratio(6, SD35M_BLOCKS, SD35M_BLOCKS - cfg.reward.n_drop, sd35m_steps)
+    print(f"implied for SD3.5-Medium ({SD35M_BLOCKS} blocks, DRM {SD35M_BLOCKS - cfg.reward.n_drop}, "
+          f"{sd35m_steps} steps, CFG) at k = 6: {ratio:.2f}x; the paper measured 3.4x")
+
+
+if __name__ == "__main__":
+    main()
