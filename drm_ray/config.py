@@ -97,7 +97,9 @@ class RolloutConfig:
     num_workers: int = 1
     num_scorers: int = 1
     num_gpus: float = 0.0                # per actor; 1 on GPU presets
-    num_cpus: float = 0.5                # per actor
+    num_cpus: float = 0.25               # per actor
+    groups_per_call: int = 2             # prompt groups per rollout call: fixed, so results do not depend on the
+                                         # number of workers (same batches, same floating-point sums)
     timeout_s: float = 600.0             # every wait on a remote call gives up after this
 
 
@@ -105,6 +107,8 @@ class RolloutConfig:
 class LearnerConfig:
     num_workers: int = 1
     use_gpu: bool = False
+    num_cpus: float = 0.5                # per learner worker (Ray Train resources_per_worker)
+    publish_dtype: str = "float32"       # LoRA state sent to rollout workers: bfloat16 on GPU presets
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -206,6 +210,8 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(0 <= s.noise_level <= 2, "sampling.noise_level", "must be in [0, 2]", s.noise_level)
     need(s.shift > 0, "sampling.shift", "must be > 0", s.shift)
     need(s.k >= 1, "sampling.k", "must be >= 1", s.k)
+    need(not rl or s.noise_level > 0, "sampling.noise_level", "must be > 0 for policy-gradient training (the "
+         "policy's log-probabilities need SDE steps)", s.noise_level)
     need(g.algo in ("step_grpo", "grpo"), "grpo.algo", "must be step_grpo or grpo", g.algo)
     need(not rl or s.k >= 2, "sampling.k", "must be >= 2 for policy-gradient training (advantages need a group)", s.k)
     if g.branch_steps is not None:
@@ -239,10 +245,14 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(ro.num_scorers > 0, "rollout.num_scorers", "must be > 0", ro.num_scorers)
     need(ro.num_gpus >= 0, "rollout.num_gpus", "must be >= 0", ro.num_gpus)
     need(ro.num_cpus >= 0, "rollout.num_cpus", "must be >= 0", ro.num_cpus)
+    need(ro.groups_per_call > 0, "rollout.groups_per_call", "must be > 0", ro.groups_per_call)
     need(ro.timeout_s > 0, "rollout.timeout_s", "must be > 0", ro.timeout_s)
     le = c.learner
     need(le.num_workers > 0, "learner.num_workers", "must be > 0", le.num_workers)
     need(le.lr > 0, "learner.lr", "must be > 0", le.lr)
+    need(le.num_cpus >= 0, "learner.num_cpus", "must be >= 0", le.num_cpus)
+    need(le.publish_dtype in ("float32", "bfloat16", "float16"), "learner.publish_dtype",
+         "must be float32, bfloat16 or float16", le.publish_dtype)
     need(le.weight_decay >= 0, "learner.weight_decay", "must be >= 0", le.weight_decay)
     need(le.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0", le.max_grad_norm)
     need(le.micro_batch_states > 0, "learner.micro_batch_states", "must be > 0", le.micro_batch_states)

@@ -108,3 +108,19 @@ def test_add_noise_and_kl():
     torch.testing.assert_close(kl, torch.full((3,), 2.0))
     assert gaussian_log_prob(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 1.0).item() == pytest.approx(
         -0.5 * math.log(2 * math.pi))
+
+
+def test_per_item_mean_matches_the_single_step_formula(sigmas):
+    g = torch.Generator().manual_seed(4)
+    x, v = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
+    steps = torch.tensor([0, 2, 1])
+    from drm_ray.diffusion.flow import sde_mean_per_item
+
+    mean, std_t, std_step = sde_mean_per_item(x, v, sigmas, steps, 0.7)
+    for b, i in enumerate(steps.tolist()):
+        ref = sde_step_with_logprob(x[b:b + 1], v[b:b + 1], sigmas, i, 0.7, k=2, generator=g)
+        torch.testing.assert_close(mean[b:b + 1], ref.mean)
+        assert std_t[b].item() == pytest.approx(ref.std_t, rel=1e-6)
+        assert std_step[b].item() == pytest.approx(ref.std_step, rel=1e-6)
+        lp = gaussian_log_prob(ref.sample, mean[b:b + 1].unsqueeze(1), std_step[b])
+        torch.testing.assert_close(lp, ref.log_prob)

@@ -23,3 +23,21 @@ def accuracy_by_noise_bucket(r_win: torch.Tensor, r_lose: torch.Tensor, sigma: t
         mask = (sigma > lo) & (sigma <= hi)
         out[f"s{lo:.2f}-{hi:.2f}"] = (correct[mask].sum().item(), int(mask.sum()))
     return out
+
+
+def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+                        clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-style clipped surrogate per child: all [N, m] -> per-child loss [N, m] and per-child stats.
+
+    rho = exp(logp_new - logp_old); loss = max(-A rho, -A clip(rho, 1 - eps, 1 + eps)). Returned unreduced so the
+    caller can weight micro-batches exactly; stats are per child too (ratio, clipped indicator, approx KL).
+    """
+    log_ratio = logp_new - logp_old
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = torch.maximum(unclipped, clipped)
+    with torch.no_grad():
+        stats = {"ratio": ratio.detach(), "clipped": ((ratio - 1).abs() > clip_eps).float(),
+                 "approx_kl": 0.5 * log_ratio.detach() ** 2}
+    return loss, stats

@@ -41,3 +41,42 @@ def load_prompts(path: str | Path | None) -> list[str]:
     if not prompts:
         raise PromptFileError(f"prompt file {path} holds no prompts")
     return prompts
+
+
+class PromptSampler:
+    """Draws B prompt groups per iteration: an epoch-wise shuffled order (seeded), one seed per group.
+
+    Its whole state is (seed, epoch, cursor, groups drawn), so a checkpoint restores the exact position.
+    """
+
+    def __init__(self, num_prompts: int, seed: int, epoch: int = 0, cursor: int = 0, drawn: int = 0):
+        if num_prompts < 1:
+            raise ValueError("the prompt set is empty")
+        self.num_prompts, self.seed, self.epoch, self.cursor, self.drawn = num_prompts, seed, epoch, cursor, drawn
+
+    def _order(self) -> list[int]:
+        import numpy as np
+
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_prompts).tolist()
+
+    def next(self, batch: int) -> list[tuple[int, int, int]]:
+        """`batch` groups as (group_id, prompt_index, seed); group ids and seeds never repeat within a run."""
+        out = []
+        order = self._order()
+        while len(out) < batch:
+            if self.cursor == self.num_prompts:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                order = self._order()
+            gid = self.drawn
+            out.append((gid, order[self.cursor], self.seed * 1_000_003 + gid))
+            self.cursor += 1
+            self.drawn += 1
+        return out
+
+    def state(self) -> dict:
+        return {"num_prompts": self.num_prompts, "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor,
+                "drawn": self.drawn}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PromptSampler":
+        return cls(**state)

@@ -87,16 +87,40 @@ def sde_step_with_logprob(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor
     return SDEStep(children, gaussian_log_prob(children, mean.unsqueeze(1), std_step), mean, std_t, std_step)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
-    """log N(x; mean, std^2) averaged over the last three dims (C, H, W): [..., C, H, W] -> [...]."""
-    lp = -((x - mean) ** 2) / (2 * std**2) - math.log(std) - LOG_SQRT_2PI
+def sde_mean_per_item(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, step_index: torch.Tensor,
+                      noise_level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SDE step's mean for a batch whose items sit at different steps (the learner's micro-batches).
+
+    x, v [B, C, H, W], step_index [B] -> mean [B, C, H, W] (differentiable in v), std_t [B], std_step [B];
+    the same formula as `sde_step_with_logprob`, with every coefficient per item.
+    """
+    sig = sigmas.to(x.device, torch.float32)
+    i = step_index.to(x.device)
+    s, s_next = sig[i], sig[i + 1]  # [B]
+    dt = s_next - s
+    s_safe = torch.where(s == 1.0, sig[1].expand_as(s), s)
+    std_t = noise_level * torch.sqrt(s / (1 - s_safe))
+    std_step = std_t * torch.sqrt(-dt)
+    b = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731 - broadcast [B] over C, H, W
+    x, v = x.float(), v.float()
+    mean = x * (1 + b(std_t**2 * dt / (2 * s))) + v * b((1 + std_t**2 * (1 - s) / (2 * s)) * dt)
+    return mean, std_t, std_step
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) averaged over the last three dims (C, H, W): [..., C, H, W] -> [...].
+
+    `std` is a float or a tensor broadcastable to x (e.g. [B, 1, 1, 1, 1] for per-item stds).
+    """
+    log_std = torch.log(std) if isinstance(std, torch.Tensor) else math.log(std)
+    lp = -((x - mean) ** 2) / (2 * std**2) - log_std - LOG_SQRT_2PI
     return lp.mean(dim=(-3, -2, -1))
 
 
-def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: float) -> torch.Tensor:
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
     """KL between Gaussians of equal std: mean over C, H, W of (mu - mu_ref)^2 / (2 std^2). [B, C, H, W] -> [B]
 
     ARCHITECTURE.md uses std = std_t; Flow-GRPO's code divides by std_step^2 instead (a factor 1/|dt|, i.e. a
     rescaled beta).
     """
-    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=(-3, -2, -1)) / (2 * std**2)
+    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=(-3, -2, -1)) / (2 * std**2)  # std: float or [B]

@@ -16,12 +16,14 @@ from PIL import Image
 from drm_ray.diffusion.flow import euler_step, sde_step_with_logprob
 
 
-def predict_velocity(transformer, x: torch.Tensor, sigma: float, embeds: torch.Tensor, pooled: torch.Tensor,
+def predict_velocity(transformer, x: torch.Tensor, sigma: float | torch.Tensor, embeds: torch.Tensor,
+                     pooled: torch.Tensor,
                      neg_embeds: torch.Tensor | None = None, neg_pooled: torch.Tensor | None = None,
                      guidance_scale: float = 1.0) -> torch.Tensor:
     """v(x, s, c) with CFG when `neg_embeds` is given and w > 1: one batched forward over [uncond; cond].
 
-    x [B, C, H, W] (any dtype; cast to the transformer's), embeds [B, L, D], pooled [B, P] -> v [B, C, H, W] float32.
+    x [B, C, H, W] (any dtype; cast to the transformer's), sigma a float or [B], embeds [B, L, D], pooled [B, P]
+    -> v [B, C, H, W] float32.
     """
     dtype = transformer.dtype
     cfg = neg_embeds is not None and guidance_scale > 1.0
@@ -31,7 +33,10 @@ def predict_velocity(transformer, x: torch.Tensor, sigma: float, embeds: torch.T
         pooled = torch.cat([neg_pooled, pooled])
     else:
         x_in = x
-    timestep = torch.full((x_in.shape[0],), 1000.0 * sigma, device=x.device, dtype=torch.float32)
+    if isinstance(sigma, torch.Tensor):
+        timestep = (1000.0 * sigma.to(device=x.device, dtype=torch.float32)).repeat(2 if cfg else 1)
+    else:
+        timestep = torch.full((x_in.shape[0],), 1000.0 * sigma, device=x.device, dtype=torch.float32)
     out = transformer(hidden_states=x_in.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(dtype),
                       pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
     if not cfg:

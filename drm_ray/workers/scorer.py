@@ -13,8 +13,10 @@ from drm_ray.models.sd3 import default_device, torch_dtype
 
 
 class DRMScorer:
-    def __init__(self, drm_path: str, dtype: str | None = None, max_batch: int = 64, torch_threads: int = 1):
+    def __init__(self, drm_path: str, dtype: str | None = None, max_batch: int = 64, torch_threads: int = 1,
+                 prompts=None):
         torch.set_num_threads(torch_threads)
+        self.prompts = prompts  # a PromptTable, so requests can name prompts by index
         self.device = default_device()
         self.drm = DiffusionRewardModel.from_pretrained(drm_path, device=self.device,
                                                         dtype=torch_dtype(dtype) if dtype else None)
@@ -41,5 +43,13 @@ class DRMScorer:
                          prompt_embeds[lo:hi].to(self.device), pooled[lo:hi].to(self.device))
             out.append(r.float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    def score_indexed(self, latents: torch.Tensor, noise_levels: torch.Tensor,
+                      prompt_indices: torch.Tensor) -> torch.Tensor:
+        """As `score`, with prompts named by index into the PromptTable given at construction."""
+        if self.prompts is None:
+            raise ValueError("this scorer was built without a prompt table")
+        embeds, pooled, _, _ = self.prompts.rows(prompt_indices)
+        return self.score(latents, noise_levels, embeds, pooled)
 
     __call__ = score

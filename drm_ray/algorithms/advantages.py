@@ -1,0 +1,50 @@
+"""Advantages as pure tensor functions.
+
+Step-GRPO: for each branching group (one state, its k children) `A_j = (r_j - mean) / (std + 1e-4)`, clipped to
+[-clip, clip]. GRPO: the same normalization over the k final images of one prompt, repeated on every trained step.
+A group whose scores are all equal gets zero advantages (never NaN); a group with a non-finite score is dropped
+(its mask is False) and counted, so no NaN ever reaches the optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STD_EPS = 1e-4
+
+
+def group_advantages(scores: torch.Tensor, clip: float = 5.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Normalize over the last dim (the k members of a group).
+
+    scores [..., k] -> advantages [..., k] (0 where the group is dropped), valid [...] (False: a non-finite score),
+    stats {adv/mean, adv/std, adv/abs_max, adv/zero_std_frac, adv/dropped_groups}.
+    """
+    scores = scores.float()
+    valid = torch.isfinite(scores).all(dim=-1)  # [...]
+    safe = torch.where(valid.unsqueeze(-1), scores, torch.zeros_like(scores))
+    mean = safe.mean(dim=-1, keepdim=True)
+    std = safe.std(dim=-1, keepdim=True, unbiased=False)
+    adv = ((safe - mean) / (std + STD_EPS)).clamp(-clip, clip)
+    adv = torch.where(valid.unsqueeze(-1), adv, torch.zeros_like(adv))
+    kept = adv[valid]
+    zero_std = (std.squeeze(-1) < 1e-6) & valid
+    stats = {
+        "adv/mean": kept.mean().item() if kept.numel() else 0.0,
+        "adv/std": kept.std(unbiased=False).item() if kept.numel() else 0.0,
+        "adv/abs_max": kept.abs().max().item() if kept.numel() else 0.0,
+        "adv/zero_std_frac": zero_std.float().sum().item() / max(valid.sum().item(), 1),
+        "adv/dropped_groups": float((~valid).sum().item()),
+    }
+    return adv, valid, stats
+
+
+def step_group_advantages(child_scores: torch.Tensor, clip: float = 5.0):
+    """Step-GRPO: child_scores [G, S, k] (G prompts, S branching steps, k children) -> adv [G, S, k], valid [G, S]."""
+    return group_advantages(child_scores, clip)
+
+
+def grpo_advantages(final_scores: torch.Tensor, num_steps: int, clip: float = 5.0):
+    """GRPO: final_scores [G, k] (k images per prompt) -> adv [G, S, k] (repeated over S steps), valid [G, S]."""
+    adv, valid, stats = group_advantages(final_scores, clip)  # [G, k], [G]
+    return (adv.unsqueeze(1).expand(-1, num_steps, -1).contiguous(),
+            valid.unsqueeze(1).expand(-1, num_steps).contiguous(), stats)

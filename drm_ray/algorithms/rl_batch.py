@@ -1,0 +1,87 @@
+"""From group rollouts and DRM scores to the learner's batch: pure tensor bookkeeping, no Ray.
+
+Step-GRPO: each branching state is a group of its k children; the children's DRM scores (at the children's noise
+level) are normalized within the group and become the children's advantages. GRPO: the k final images of a prompt
+are scored at s = 0, normalized over the prompt's k images, and each image's advantage is repeated on every trained
+step of its trajectory. Groups with a non-finite score are dropped (counted in `adv/dropped_groups`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drm_ray.algorithms.advantages import grpo_advantages, step_group_advantages
+
+
+def scoring_requests(rollouts, algo: str, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything the DRM must score for these rollouts, flattened: latents [N, C, h, w], noise levels [N], prompt
+    indices [N]. Step-GRPO: every child (at sigma of the step it lands on) and every final latent (s = 0); GRPO: the
+    final latents only."""
+    lat, lvl, idx = [], [], []
+    for r in rollouts:
+        if algo == "step_grpo":
+            t, m = r.children.shape[:2]
+            lat.append(r.children.flatten(0, 1))  # [T * m, C, h, w]
+            lvl.append(sigmas[r.step_index + 1].repeat_interleave(m))
+            idx.append(torch.full((t * m,), r.prompt_index))
+        lat.append(r.final)
+        lvl.append(torch.zeros(r.final.shape[0]))
+        idx.append(torch.full((r.final.shape[0],), r.prompt_index))
+    return torch.cat(lat), torch.cat(lvl).float(), torch.cat(idx).long()
+
+
+def split_scores(rollouts, algo: str, scores: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Inverse of `scoring_requests`: child scores per rollout ([T, m] each; empty for GRPO) and final scores [G, F]."""
+    child, final, pos = [], [], 0
+    for r in rollouts:
+        if algo == "step_grpo":
+            t, m = r.children.shape[:2]
+            child.append(scores[pos:pos + t * m].view(t, m))
+            pos += t * m
+        f = r.final.shape[0]
+        final.append(scores[pos:pos + f])
+        pos += f
+    return child, torch.stack(final)
+
+
+def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_scores: torch.Tensor,
+                  num_branch_steps: int, adv_clip: float) -> tuple[dict, dict]:
+    """The learner's update batch (valid states only) and advantage stats.
+
+    Batch: states [N, C, h, w], step_index [N], prompt_index [N], children [N, m, C, h, w], old_log_probs [N, m],
+    advantages [N, m].
+    """
+    if algo == "step_grpo":
+        adv, valid, stats = step_group_advantages(torch.stack(child_scores), adv_clip)  # [G, S, k], [G, S]
+    else:
+        g, k = final_scores.shape
+        adv_gsk, valid_gs, stats = grpo_advantages(final_scores, num_branch_steps, adv_clip)  # [G, S, k], [G, S]
+        adv = adv_gsk.permute(0, 2, 1).reshape(g, k * num_branch_steps, 1)  # trajectory-major, as states are stored
+        valid = valid_gs[:, :1].expand(-1, k * num_branch_steps)
+    keep = valid.flatten()  # [G * T]
+    cat = lambda name: torch.cat([getattr(r, name) for r in rollouts])  # noqa: E731
+    batch = {
+        "states": cat("states"), "step_index": cat("step_index"),
+        "prompt_index": torch.cat([torch.full((r.states.shape[0],), r.prompt_index) for r in rollouts]),
+        "children": cat("children"), "old_log_probs": cat("log_probs"),
+        "advantages": adv.flatten(0, 1).float(),
+    }
+    batch = {k: v[keep] for k, v in batch.items()}
+    stats["adv/kept_states"] = float(keep.sum().item())
+    return batch, stats
+
+
+def reward_stats(rollouts, algo: str, child_scores: list[torch.Tensor], final_scores: torch.Tensor,
+                 branch_steps: tuple[int, ...]) -> dict[str, float]:
+    """reward/* metrics: mean and std per branching step (Step-GRPO) and of the final samples (both)."""
+    out = {}
+    finite = final_scores[torch.isfinite(final_scores)]
+    out["reward/final_mean"] = finite.mean().item() if finite.numel() else float("nan")
+    out["reward/final_std"] = finite.std(unbiased=False).item() if finite.numel() else float("nan")
+    if algo == "step_grpo" and child_scores:
+        per_step = torch.stack(child_scores)  # [G, S, k]
+        for j, step in enumerate(branch_steps):
+            vals = per_step[:, j][torch.isfinite(per_step[:, j])]
+            out[f"reward/step{step}_mean"] = vals.mean().item() if vals.numel() else float("nan")
+            out[f"reward/step{step}_std"] = vals.std(unbiased=False).item() if vals.numel() else float("nan")
+    return out

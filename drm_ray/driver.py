@@ -1,0 +1,187 @@
+"""The Step-GRPO / GRPO driver: the single controller, read top to bottom like the paper's algorithm.
+
+    for each iteration:
+        groups   = sample B prompts (one seed each)
+        rollouts = rollout workers branch k SDE children at each branching step (one shared mean per state)
+        scores   = DRM scorers score every child at its noise level (and the final latents at s = 0)
+        batch    = per-step group advantages (Step-GRPO) or per-image terminal advantages (GRPO)
+        lora     = the learner takes one clipped policy-gradient step (+ beta KL to the adapter-free reference)
+        sync       the new LoRA, serialized once, to every rollout worker
+        log        MLflow metrics and timings; an ODE image panel every few iterations; checkpoints
+
+Everything heavy lives in the actors (drm_ray/workers); the driver holds only prompts, a VAE for the image panel and
+small tensors. `--algo grpo` differs only in where advantages come from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from drm_ray.algorithms.rl_batch import learner_batch, reward_stats, scoring_requests, split_scores
+from drm_ray.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, staging_dir
+from drm_ray.data.prompts import PromptSampler, load_prompts
+from drm_ray.models.lora import lora_checksum
+from drm_ray.runtime import init_ray
+from drm_ray.rl_setup import RLSetup
+from drm_ray.tracking import Tracker
+
+
+class StepGRPODriver:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        init_ray()
+        self.prompts = load_prompts(cfg.data.prompts)
+        resume = latest_checkpoint(self.out)
+        self.state, resume_lora = load_checkpoint(resume) if resume else ({}, None)
+        self.iteration = self.state.get("iteration", 0)
+        self.version = self.state.get("version", 0)
+        self.sampler = (PromptSampler.from_state(self.state["sampler"]) if resume
+                        else PromptSampler(len(self.prompts), cfg.run.seed))
+        if resume:
+            torch.set_rng_state(torch.tensor(self.state["torch_rng"], dtype=torch.uint8))
+            print(f"[step_grpo] resuming from {resume} (iteration {self.iteration}, policy v{self.version})",
+                  flush=True)
+        self.tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, self.out,
+                               run_name=cfg.tracking.run_name or cfg.grpo.algo, run_id=self.state.get("mlflow_run_id"),
+                               tags={"job": "step_grpo", "algo": cfg.grpo.algo})
+        if not resume:
+            self.tracker.log_params(cfg.flat())
+            self.tracker.log_text(cfg.to_yaml(), "config.yaml")
+        self.rl = RLSetup(cfg, self.out, self.prompts, resume_dir=resume / "learner" if resume else None,
+                          start_version=self.version)
+        self.lora_ref, _ = self.rl.learner.wait_version(self.version)
+        self.sync(self.lora_ref, self.version)
+        if resume_lora is not None and self.worker_checksums[0] != lora_checksum(resume_lora):
+            raise RuntimeError("the learner restored a LoRA that differs from the checkpoint's lora_state")
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        cfg, g = self.cfg, self.cfg.grpo
+        if self.iteration == 0:
+            self.log_panel(step=0)
+        summary = {}
+        while self.iteration < g.iterations:
+            t = {}
+            start = time.perf_counter()
+            groups = self.sampler.next(g.prompts_per_iter)
+            rollouts = self.timed(t, "rollout", self.rollout, groups)
+            child_scores, final_scores = self.timed(t, "score", self.score, rollouts)
+            batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores,
+                                             len(self.rl.branch_steps), g.adv_clip)
+            self.iteration += 1
+            ckpt = staging_dir(self.out, self.iteration) if self.checkpoint_due() else None
+            self.lora_ref, train_stats = self.timed(t, "learn", self.rl.learner.update, self.version, batch,
+                                                    str(ckpt / "learner") if ckpt else None)
+            self.version += 1
+            self.timed(t, "sync", self.sync, self.lora_ref, self.version)
+            t["timing/iteration"] = time.perf_counter() - start
+            metrics = {**reward_stats(rollouts, g.algo, child_scores, final_scores, self.rl.branch_steps),
+                       **adv_stats, **train_stats, **t,
+                       "rollout/candidates_per_s": self.candidates(rollouts) / max(t["timing/rollout"], 1e-9),
+                       "rollout/policy_version": float(self.version - 1)}
+            self.tracker.log_metrics(metrics, self.iteration)
+            self.progress(metrics)
+            if self.iteration % g.eval_every == 0 or self.iteration == g.iterations:
+                summary["eval/drm_score"] = self.log_panel(self.iteration)
+            if ckpt:
+                self.checkpoint(ckpt)
+            summary.update(metrics)
+        self.finish()
+        return summary
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    @staticmethod
+    def timed(timings: dict, name: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        timings[f"timing/{name}"] = time.perf_counter() - start
+        return out
+
+    def rollout(self, groups: list[tuple[int, int, int]]) -> list:
+        """Chunks of `groups_per_call` groups over the workers, each worker taking the next chunk when free."""
+        per_call = self.cfg.rollout.groups_per_call
+        chunks = [groups[i:i + per_call] for i in range(0, len(groups), per_call)]
+        free, pending, results = list(self.rl.workers), {}, {}
+        while chunks or pending:
+            while free and chunks:
+                worker = free.pop()
+                pending[worker.rollout.remote(chunks[0])] = (worker, len(results) + len(pending))
+                chunks.pop(0)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.rollout.timeout_s)
+            if not done:
+                raise TimeoutError(f"no rollout finished within rollout.timeout_s={self.cfg.rollout.timeout_s}s")
+            for ref in done:
+                worker, index = pending.pop(ref)
+                results[index] = ray.get(ref)
+                free.append(worker)
+        out = [r for index in sorted(results) for r in results[index]]
+        stale = {r.version for r in out} - {self.version}
+        if stale:
+            raise RuntimeError(f"rollouts came from policy versions {stale}, expected v{self.version}")
+        return out
+
+    def score(self, rollouts) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One batched scoring pass over every child and final latent, split evenly over the scorers."""
+        latents, levels, prompt_idx = scoring_requests(rollouts, self.cfg.grpo.algo, self.rl.sigmas)
+        parts = torch.tensor_split(torch.arange(latents.shape[0]), len(self.rl.scorers))
+        refs = [s.score_indexed.remote(latents[p], levels[p], prompt_idx[p]) for s, p in zip(self.rl.scorers, parts)]
+        scores = torch.cat(ray.get(refs, timeout=self.cfg.rollout.timeout_s))
+        return split_scores(rollouts, self.cfg.grpo.algo, scores)
+
+    def sync(self, lora_ref, version: int) -> None:
+        """Load LoRA `version` into every rollout worker (one object-store copy, one wait)."""
+        refs = [w.set_lora.remote(version, lora_ref) for w in self.rl.workers]
+        self.worker_checksums = ray.get(refs, timeout=self.cfg.rollout.timeout_s)
+        if len(set(self.worker_checksums)) != 1:
+            raise RuntimeError(f"rollout workers disagree on LoRA v{version}: {self.worker_checksums}")
+
+    @staticmethod
+    def candidates(rollouts) -> int:
+        return sum(r.children.shape[0] * r.children.shape[1] for r in rollouts)
+
+    def checkpoint_due(self) -> bool:
+        g = self.cfg.grpo
+        return self.iteration % g.checkpoint_every == 0 or self.iteration == g.iterations
+
+    def checkpoint(self, staging: Path) -> None:
+        state = {"iteration": self.iteration, "version": self.version, "sampler": self.sampler.state(),
+                 "torch_rng": torch.get_rng_state().tolist(), "mlflow_run_id": self.tracker.run_id,
+                 "algo": self.cfg.grpo.algo}
+        path = commit_checkpoint(self.out, self.iteration, staging, state, ray.get(self.lora_ref),
+                                 self.rl.lora_cfg)
+        print(f"[step_grpo] checkpoint {path}", flush=True)
+
+    def log_panel(self, step: int) -> float:
+        """ODE samples of the fixed evaluation prompts and seeds: mean DRM score (s = 0) and an image grid."""
+        score, grid = self.rl.eval_panel()
+        self.tracker.log_metrics({"eval/drm_score": score}, step)
+        if grid is not None:
+            self.tracker.log_image(grid, f"panel/iter_{step:06d}.png")
+        return score
+
+    def progress(self, m: dict) -> None:
+        g = self.cfg.grpo
+        print(f"[{g.algo}] iter {self.iteration}/{g.iterations} reward {m['reward/final_mean']:+.4f} "
+              f"loss {m['train/loss']:+.4f} ratio {m['train/ratio_mean']:.4f} kl {m['train/kl_ref']:.2e} "
+              f"| rollout {m['timing/rollout']:.2f}s score {m['timing/score']:.2f}s learn {m['timing/learn']:.2f}s "
+              f"sync {m['timing/sync']:.2f}s", flush=True)
+
+    def finish(self) -> None:
+        lora_dir = self.rl.save_lora(ray.get(self.lora_ref), self.out / "lora")
+        self.tracker.log_artifacts(lora_dir, "lora")
+        (self.out / "summary.json").write_text(json.dumps({"iteration": self.iteration, "version": self.version,
+                                                           "mlflow_run_id": self.tracker.run_id}, indent=2))
+        self.rl.shutdown()
+        self.tracker.end()
+        print(f"[step_grpo] done: LoRA in {lora_dir}, MLflow run {self.tracker.run_id} ({self.tracker.uri})",
+              flush=True)
+

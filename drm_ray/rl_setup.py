@@ -1,0 +1,133 @@
+"""Wiring of the RL job's actors: prompt table, DRM scorers, rollout workers, the learner, the evaluation panel.
+
+Ray at the edges: the worker classes are plain Python; this is where they become actors with the resources the
+config asks for (`num_gpus=1` per actor on GPU presets, fractional CPUs on the tiny preset). The torch device of
+each actor is chosen from `torch.cuda.is_available()` inside it, never from Ray's GPU ids.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import ray
+import torch
+
+from drm_ray.data.prompt_table import encode_prompt_table
+from drm_ray.diffusion.sampling import decode_latents, to_pil
+from drm_ray.models.lora import save_lora_diffusers
+from drm_ray.models.sd3 import VAE_SCALE, build_components, model_kwargs
+from drm_ray.workers.learner_group import LearnerGroup
+from drm_ray.workers.rollout import RolloutWorker
+from drm_ray.workers.scorer import DRMScorer
+
+EVAL_PANEL_SIZE = 8
+
+
+class RLSetup:
+    def __init__(self, cfg, out: Path, prompts: list[str], resume_dir: Path | None, start_version: int):
+        self.cfg, self.out = cfg, out
+        m, s, ro, le = cfg.model, cfg.sampling, cfg.rollout, cfg.learner
+        self.kwargs = model_kwargs(m, s)
+        self.branch_steps = cfg.branch_steps()
+        self.lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
+        threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+
+        table = self._encode_prompts(prompts)
+        self.prompts_ref = ray.put(table)  # serialized once; every actor reads rows by index
+        drm_path = resolve_drm(cfg, out)
+        actor = dict(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)
+        self.scorers = [ray.remote(DRMScorer).options(**actor).remote(
+            str(drm_path), m.dtype if ro.num_gpus else None, 64, threads, self.prompts_ref)
+            for _ in range(ro.num_scorers)]
+        sampling = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
+                    "k": s.k, "branch_steps": list(self.branch_steps), "continuation": cfg.grpo.continuation}
+        self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
+            m.preset, self.kwargs, self.lora_cfg, self.prompts_ref, sampling, cfg.grpo.algo, threads,
+            self.scorers[i % len(self.scorers)]) for i in range(ro.num_workers)]
+        ray.get([a.ready.remote() for a in self.scorers + self.workers], timeout=ro.timeout_s)
+        policy_cfg = ray.get(self.workers[0].transformer_config.remote(), timeout=ro.timeout_s)
+        ray.get(self.scorers[0].check_compatible.remote(policy_cfg, s.resolution // VAE_SCALE), timeout=ro.timeout_s)
+        self.sigmas = ray.get(self.workers[0].schedule.remote(), timeout=ro.timeout_s)
+
+        per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)
+        states = cfg.grpo.prompts_per_iter * per_group
+        loop_config = dict(
+            preset=m.preset, model_kwargs=self.kwargs, lora=self.lora_cfg, num_steps=s.num_steps,
+            micro_batch_states=le.micro_batch_states,
+            grad_accum=max(1, math.ceil(states / (le.num_workers * le.micro_batch_states))),
+            zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, max_grad_norm=le.max_grad_norm,
+            lr=le.lr, weight_decay=le.weight_decay, start_version=start_version,
+            resume_dir=str(resume_dir) if resume_dir else None, prompts=self.prompts_ref,
+            publish_dtype=le.publish_dtype, guidance_scale=s.guidance_scale, noise_level=s.noise_level,
+            clip_eps=cfg.grpo.clip_eps, beta=cfg.grpo.beta, torch_threads=threads)
+        resources = {"CPU": le.num_cpus, **({"GPU": 1} if le.use_gpu else {})}
+        self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
+                                    resources_per_worker=resources)
+
+        n_eval = min(EVAL_PANEL_SIZE, len(prompts))
+        self.eval_prompts = list(range(n_eval))
+        self.eval_seeds = [cfg.run.seed + 10_000 + j for j in range(n_eval)]
+        self.vae = build_components(m.preset, text=False, vae=True, device="cpu", **self.kwargs).vae \
+            if m.preset == "tiny" else None
+
+    def _encode_prompts(self, prompts):
+        cfg = self.cfg
+        args = (prompts, cfg.sampling.negative_prompt, cfg.model.preset, self.kwargs)
+        if cfg.rollout.num_gpus == 0:
+            return encode_prompt_table(*args)  # tiny: the driver already has everything imported
+        task = ray.remote(encode_prompt_table).options(num_gpus=1, num_cpus=1)
+        return ray.get(task.remote(*args), timeout=cfg.rollout.timeout_s)
+
+    def eval_panel(self):
+        """(mean DRM score at s = 0 of ODE samples of the panel, an image grid or None)."""
+        ro = self.cfg.rollout
+        latents = ray.get(self.workers[0].sample_panel.remote(self.eval_prompts, self.eval_seeds,
+                                                              self.cfg.sampling.eval_num_steps), timeout=ro.timeout_s)
+        scores = ray.get(self.scorers[0].score_indexed.remote(latents, torch.zeros(len(latents)),
+                                                              torch.tensor(self.eval_prompts)), timeout=ro.timeout_s)
+        grid = None
+        if self.vae is not None:
+            grid = image_grid(to_pil(decode_latents(self.vae, latents)))
+        return scores.mean().item(), grid
+
+    def save_lora(self, state: dict, directory: Path) -> Path:
+        return save_lora_diffusers(state, directory, self.cfg.lora.rank, self.cfg.lora.alpha,
+                                   tuple(self.cfg.lora.target_modules))
+
+    def shutdown(self) -> None:
+        self.learner.shutdown()
+        for a in self.workers + self.scorers:
+            ray.kill(a)
+
+
+def resolve_drm(cfg, out: Path) -> Path:
+    """reward.drm_path, else `<output_dir>/drm` from an earlier run, else (tiny only) train one now and say so."""
+    if cfg.reward.drm_path:
+        return Path(cfg.reward.drm_path)
+    local = out / "drm"
+    if (local / "drm_config.json").is_file():
+        print(f"[step_grpo] using the DRM in {local}", flush=True)
+        return local
+    if cfg.model.preset != "tiny":
+        raise ValueError("reward.drm_path is required for this preset: train one with jobs/train_drm.py")
+    print(f"[step_grpo] no reward.drm_path given: training a tiny DRM on the synthetic preference set "
+          f"({cfg.reward.train_steps} steps) into {local}", flush=True)
+    from drm_ray.data.preprocess import ensure_synthetic_cache
+    from drm_ray.reward_trainer import train_drm
+
+    cache = ensure_synthetic_cache(out / "synthetic" / "train", n=1024, seed=cfg.run.seed, preset=cfg.model.preset,
+                                   model_kwargs=model_kwargs(cfg.model, cfg.sampling))
+    return train_drm(cfg, cache)
+
+
+def image_grid(images, columns: int = 4):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (w * columns, h * rows))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid

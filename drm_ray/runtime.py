@@ -1,0 +1,42 @@
+"""Process set-up shared by the jobs: environment defaults and joining (or starting) Ray."""
+
+from __future__ import annotations
+
+import os
+
+# Defaults a job process and every Ray worker it starts should share (an explicit setting wins).
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",      # one torch thread per process: 2 threads on 2 shared cores ran 10x slower
+    "TOKENIZERS_PARALLELISM": "false",
+    "DS_ACCELERATOR": "cpu",     # only used where no GPU exists; a GPU process overrides it
+}
+
+
+def job_env(preset: str) -> None:
+    """Environment defaults for a job process; the tiny preset never touches a model hub."""
+    for key, value in WORKER_ENV.items():
+        if key == "DS_ACCELERATOR" and preset != "tiny":
+            continue
+        os.environ.setdefault(key, value)
+    if preset == "tiny":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS set), or start a local Ray, unless Ray is already up.
+
+    A local Ray gets no dashboard (it would bind a port) and passes the job's thread and offline settings to its
+    workers.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    env = {k: os.environ[k] for k in (*WORKER_ENV, "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR") if k in os.environ}
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env})

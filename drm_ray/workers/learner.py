@@ -1,0 +1,141 @@
+"""The Step-GRPO / GRPO learner: the loop each Ray Train worker runs inside ONE long-lived `TorchTrainer.fit()`.
+
+Each rank holds the frozen transformer with a LoRA adapter under DeepSpeed (ZeRO-2 over the LoRA parameters only;
+fp32 on CPU with gloo, bf16 on GPU). It pulls its shard of every update from the Coordinator actor, split into
+exactly `grad_accum` micro-batches (the DeepSpeed gradient-accumulation count equals the backward calls per
+optimizer step; an empty micro-batch still runs a zero backward so every rank takes part in every reduction).
+
+Per recorded state one forward (the CFG pair) gives the mean of the step; all m children of that state are scored
+against it (m = k for Step-GRPO, 1 for GRPO), so learner cost grows with the number of states, not of children.
+Loss per state: mean over children of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + beta * KL(mu_theta || mu_ref),
+the reference being the same network with the adapter disabled. After each update rank 0 publishes the LoRA state
+(CPU tensors, `publish_dtype`) with its version through the object store.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from drm_ray.algorithms.losses import clipped_policy_loss
+from drm_ray.diffusion.flow import gaussian_kl, gaussian_log_prob, sde_mean_per_item, schedule_sigmas
+from drm_ray.diffusion.sampling import predict_velocity
+from drm_ray.models.lora import adapter_disabled, add_lora, lora_norm, lora_state
+from drm_ray.models.sd3 import build_components, torch_dtype
+from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
+
+DS_TAG = "learner"
+
+
+def state_losses(model, transformer, mb: dict, prompts, sigmas: torch.Tensor, cfg: dict):
+    """Per-state loss [n] and per-child stats for one micro-batch (see module docstring).
+
+    mb: states [n, C, h, w], step_index [n], prompt_index [n], children [n, m, C, h, w], old_log_probs [n, m],
+    advantages [n, m]. `model` is what runs the forward (the DeepSpeed engine), `transformer` the module under it.
+    """
+    device = transformer.device
+    states, steps = mb["states"].to(device), mb["step_index"].to(device)
+    embeds, pooled, neg, neg_pooled = prompts.rows(mb["prompt_index"], device)
+    sigma = sigmas.to(device)[steps]  # [n]
+    v = predict_velocity(model, states, sigma, embeds, pooled, neg, neg_pooled, cfg["guidance_scale"])
+    mean, std_t, std_step = sde_mean_per_item(states, v, sigmas, steps, cfg["noise_level"])  # [n, C, h, w], [n]
+    children = mb["children"].to(device)  # [n, m, C, h, w]
+    logp = gaussian_log_prob(children, mean.unsqueeze(1), std_step.view(-1, 1, 1, 1, 1))  # [n, m]
+    loss, stats = clipped_policy_loss(logp, mb["old_log_probs"].to(device), mb["advantages"].to(device),
+                                      cfg["clip_eps"])
+    per_state = loss.mean(dim=1)  # [n]
+    kl = torch.zeros_like(per_state)
+    if cfg["beta"] > 0:
+        with torch.no_grad(), adapter_disabled(transformer):
+            v_ref = predict_velocity(transformer, states, sigma, embeds, pooled, neg, neg_pooled,
+                                     cfg["guidance_scale"])
+            mean_ref, _, _ = sde_mean_per_item(states, v_ref, sigmas, steps, cfg["noise_level"])
+        kl = gaussian_kl(mean, mean_ref, std_t)  # [n]
+        per_state = per_state + cfg["beta"] * kl
+    stats["kl"] = kl.detach()
+    stats["policy_loss"] = loss.detach()
+    return per_state, stats
+
+
+def split_micro_batches(shard: dict, grad_accum: int) -> list[dict]:
+    """`grad_accum` micro-batches of a rank's shard (some may be empty when groups were dropped)."""
+    n = shard["states"].shape[0]
+    bounds = torch.linspace(0, n, grad_accum + 1).round().long().tolist()
+    return [{k: v[lo:hi] for k, v in shard.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def train_update(engine, transformer, shard: dict, total_states: int, world: int, prompts, sigmas, cfg) -> dict:
+    """One optimizer step over this rank's shard; returns stats summed over ranks (sums and counts)."""
+    accum = cfg["grad_accum"]
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    sums = torch.zeros(8, dtype=torch.float64)  # loss, policy, kl, ratio, clipped, approx_kl, children, states
+    for mb in split_micro_batches(shard, accum):
+        n = mb["states"].shape[0]
+        if n == 0:
+            loss = sum(p.sum() for p in params) * 0.0
+        else:
+            per_state, st = state_losses(engine, transformer, mb, prompts, sigmas, cfg)
+            # DeepSpeed divides by accum and averages over ranks: this weighting makes the step the mean over all
+            # states of the update, whatever their spread over ranks and micro-batches.
+            loss = per_state.sum() * (world * accum / max(total_states, 1))
+            sums += torch.tensor([per_state.detach().sum().item(), st["policy_loss"].mean(1).sum().item(),
+                                  st["kl"].sum().item(), st["ratio"].sum().item(), st["clipped"].sum().item(),
+                                  st["approx_kl"].sum().item(), st["ratio"].numel(), n], dtype=torch.float64)
+        engine.backward(loss)
+        engine.step()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    s = sums.tolist()
+    children, states = max(s[6], 1), max(s[7], 1)
+    grad_norm = engine.get_global_grad_norm()
+    return {"train/loss": s[0] / states, "train/policy_loss": s[1] / states, "train/kl_ref": s[2] / states,
+            "train/ratio_mean": s[3] / children, "train/clip_frac": s[4] / children,
+            "train/approx_kl": s[5] / children, "train/states": s[7],
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
+def learner_loop(config: dict) -> None:
+    """Ray Train `train_loop_per_worker`: serve updates from the Coordinator until it says stop."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    device = ray.train.torch.get_device()
+    comps = build_components(config["preset"], text=False, vae=False, device=device, **config["model_kwargs"])
+    transformer = comps.transformer
+    lora = config["lora"]
+    params = add_lora(transformer, lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
+    sigmas = schedule_sigmas(comps.scheduler, config["num_steps"])
+    ds = deepspeed_config(config["micro_batch_states"], config["grad_accum"], world, config["zero_stage"],
+                          config["bf16"], config["max_grad_norm"])
+    engine, _ = init_engine(transformer, params, config["lr"], config["weight_decay"], ds)
+    version = config["start_version"]
+    if config.get("resume_dir"):
+        engine.load_checkpoint(config["resume_dir"], tag=DS_TAG)
+    prompts = config["prompts"]  # PromptTable (an object-store value, resolved once here)
+    if isinstance(prompts, ray.ObjectRef):
+        prompts = ray.get(prompts)
+    coordinator = ray.get_actor(config["coordinator"], namespace=config["namespace"])
+    publish_dtype = torch_dtype(config["publish_dtype"])
+    if rank == 0:
+        state = lora_state(transformer, publish_dtype)
+        ray.get(coordinator.publish.remote(version, [ray.put(state)], {"lora/norm": lora_norm(state)}))
+    while True:
+        work = ray.get(coordinator.next_work.remote(rank))
+        if work is None:
+            return
+        start = time.perf_counter()
+        stats = train_update(engine, transformer, work["shard"], work["total_states"], world, prompts, sigmas,
+                             config)
+        if work.get("checkpoint_dir"):
+            engine.save_checkpoint(work["checkpoint_dir"], tag=DS_TAG)  # every rank: optimizer shards
+        version = work["version"] + 1
+        if rank == 0:
+            state = lora_state(transformer, publish_dtype)
+            stats.update({"lora/norm": lora_norm(state), "timing/learner_compute": time.perf_counter() - start})
+            ray.get(coordinator.publish.remote(version, [ray.put(state)], stats))

@@ -1,0 +1,124 @@
+"""RolloutWorker: the frozen policy transformer with a LoRA slot, producing branching rollouts for groups of prompts.
+
+A plain class; the driver makes it a Ray actor. It reads prompt embeddings from a `PromptTable` by index, draws all
+noise from per-group generators (so a group's trajectory does not depend on which worker ran it or what else was in
+its batch, up to floating-point batching effects), and records everything in float32 with the policy version.
+
+Step-GRPO: one trajectory per group, branching k ways at each branching step; the trained states are the S states
+before the branching steps, each with its k children. GRPO: k independent SDE trajectories per group (k = 1 at each
+step), giving k * S trained states with one child each and k final images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from drm_ray.data.prompt_table import PromptTable
+from drm_ray.diffusion.flow import schedule_sigmas
+from drm_ray.diffusion.rollout import branching_rollout
+from drm_ray.diffusion.sampling import denoise, initial_latents
+from drm_ray.models.lora import add_lora, load_lora_state, lora_checksum, lora_state
+from drm_ray.models.sd3 import VAE_SCALE, build_components
+
+
+@dataclass
+class GroupRollout:
+    group_id: int
+    prompt_index: int
+    seed: int
+    version: int
+    states: torch.Tensor      # [T, C, h, w] trained states (T = S for step_grpo, k * S for grpo)
+    step_index: torch.Tensor  # [T] the sampling step of each state
+    children: torch.Tensor    # [T, m, C, h, w] (m = k for step_grpo, 1 for grpo)
+    log_probs: torch.Tensor   # [T, m] under policy `version`
+    final: torch.Tensor       # [F, C, h, w] final latents (F = 1 for step_grpo, k for grpo)
+
+
+def group_generators(seed: int, count: int) -> list[torch.Generator]:
+    """Independent generators for the `count` trajectories of one group."""
+    return [torch.Generator().manual_seed(seed * 1000 + j) for j in range(count)]
+
+
+class RolloutWorker:
+    def __init__(self, preset: str, model_kwargs: dict, lora: dict, prompts: PromptTable, sampling: dict,
+                 algo: str = "step_grpo", torch_threads: int = 1, scorer=None):
+        torch.set_num_threads(torch_threads)
+        comps = build_components(preset, text=False, vae=False, **model_kwargs)
+        self.transformer = comps.transformer
+        self.lora = lora
+        add_lora(self.transformer, lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
+        self.transformer.requires_grad_(False).eval()
+        self.device = self.transformer.device
+        self.prompts = prompts
+        self.s = sampling
+        self.algo = algo
+        self.sigmas = schedule_sigmas(comps.scheduler, sampling["num_steps"])
+        self.scheduler = comps.scheduler
+        self.latent_size = model_kwargs["resolution"] // VAE_SCALE
+        self.scorer = scorer
+        self.version = -1  # no adapter state loaded from the learner yet
+
+    def ready(self) -> int:
+        return self.version
+
+    def set_lora(self, version: int, state: dict[str, torch.Tensor]) -> str:
+        """Load adapter `version` (keys, shapes and dtype checked); returns its checksum."""
+        load_lora_state(self.transformer, state)
+        self.version = version
+        return lora_checksum(lora_state(self.transformer))
+
+    def lora_checksum(self) -> str:
+        return lora_checksum(lora_state(self.transformer))
+
+    def transformer_config(self) -> dict:
+        return dict(self.transformer.config)
+
+    def _score(self, latents, noise_levels, embeds, pooled):
+        import ray
+
+        return ray.get(self.scorer.score.remote(latents, noise_levels, embeds, pooled))
+
+    @torch.no_grad()
+    def rollout(self, groups: list[tuple[int, int, int]]) -> list[GroupRollout]:
+        """groups: (group_id, prompt_index, seed) -> one GroupRollout each, in order."""
+        s, k = self.s, self.s["k"]
+        per_group = 1 if self.algo == "step_grpo" else k
+        idx = [p for _, p, _ in groups for _ in range(per_group)]
+        gens = [g for _, _, seed in groups for g in group_generators(seed, per_group)]
+        embeds, pooled, neg, neg_pooled = self.prompts.rows(idx, self.device)
+        x1 = initial_latents(len(idx), self.transformer.config.in_channels, self.latent_size, gens, self.device)
+        out = branching_rollout(
+            self.transformer, self.sigmas, x1, embeds, pooled, neg, neg_pooled, s["guidance_scale"],
+            s["noise_level"], k if self.algo == "step_grpo" else 1, tuple(s["branch_steps"]), gens,
+            s["continuation"] if self.algo == "step_grpo" else "random",
+            self._score if s["continuation"] == "best" else None)
+        steps = torch.tensor(out.steps, dtype=torch.long)
+        results = []
+        for g, (gid, pidx, seed) in enumerate(groups):
+            sl = slice(g * per_group, (g + 1) * per_group)  # this group's trajectories
+            results.append(GroupRollout(
+                group_id=gid, prompt_index=pidx, seed=seed, version=self.version,
+                states=out.states[sl].flatten(0, 1).cpu(),          # [per_group * S, C, h, w]
+                step_index=steps.repeat(per_group),
+                children=out.children[sl].flatten(0, 1).cpu(),      # [per_group * S, m, C, h, w]
+                log_probs=out.log_probs[sl].flatten(0, 1).cpu(),    # [per_group * S, m]
+                final=out.final[sl].cpu(),                          # [per_group, C, h, w]
+            ))
+        return results
+
+    @torch.no_grad()
+    def sample_panel(self, prompt_indices: list[int], seeds: list[int], num_steps: int) -> torch.Tensor:
+        """ODE samples of the current policy for fixed prompts and seeds: final latents [B, C, h, w] (CPU)."""
+        gens = [torch.Generator().manual_seed(sd) for sd in seeds]
+        embeds, pooled, neg, neg_pooled = self.prompts.rows(prompt_indices, self.device)
+        x1 = initial_latents(len(seeds), self.transformer.config.in_channels, self.latent_size, gens, self.device)
+        sigmas = schedule_sigmas(self.scheduler, num_steps)
+        latents = denoise(self.transformer, sigmas, embeds, pooled, neg, neg_pooled, self.s["guidance_scale"],
+                          0.0, x1)
+        return latents.cpu()
+
+    def schedule(self) -> torch.Tensor:
+        """The sigmas of the rollout schedule ([num_steps + 1], float32)."""
+        return self.sigmas

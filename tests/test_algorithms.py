@@ -1,0 +1,51 @@
+import math
+
+import pytest
+import torch
+
+from drm_ray.algorithms.advantages import grpo_advantages, step_group_advantages
+from drm_ray.algorithms.losses import clipped_policy_loss
+
+
+def test_step_group_advantages_by_hand():
+    # group [1, 2, 3]: mean 2, population std sqrt(2/3) = 0.8165 -> A = [-1.2245, 0, 1.2245]
+    scores = torch.tensor([[[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]])  # [G=1, S=2, k=3]
+    adv, valid, stats = step_group_advantages(scores)
+    s = math.sqrt(2 / 3)
+    torch.testing.assert_close(adv[0, 0], torch.tensor([-1 / (s + 1e-4), 0.0, 1 / (s + 1e-4)]))
+    assert torch.equal(adv[0, 1], torch.zeros(3))  # all-equal group: zero advantages, not NaN
+    assert valid.all() and stats["adv/zero_std_frac"] == 0.5 and not torch.isnan(adv).any()
+
+
+def test_clip_and_non_finite_groups_are_dropped():
+    scores = torch.tensor([[0.0, 0.0, 0.0, 1000.0], [1.0, float("nan"), 2.0, 3.0], [1.0, float("inf"), 0.0, 0.0]])
+    adv, valid, stats = step_group_advantages(scores, clip=1.5)
+    # group 0: mean 250, std 433.0 -> A = [-0.577, -0.577, -0.577, 1.732] -> clipped to 1.5
+    assert adv[0, 3].item() == pytest.approx(1.5) and adv[0, 0].item() == pytest.approx(-250 / (433.0127 + 1e-4),
+                                                                                        rel=1e-4)
+    assert valid.tolist() == [True, False, False] and stats["adv/dropped_groups"] == 2
+    assert torch.isfinite(adv).all() and torch.equal(adv[1:], torch.zeros(2, 4))
+
+
+def test_grpo_advantages_repeat_over_steps():
+    adv, valid, _ = grpo_advantages(torch.tensor([[0.0, 2.0]]), num_steps=3)
+    assert adv.shape == (1, 3, 2) and valid.shape == (1, 3)
+    for i in range(3):  # mean 1, std 1 -> [-1, 1] / (1 + 1e-4)
+        torch.testing.assert_close(adv[0, i], torch.tensor([-1.0, 1.0]) / (1 + 1e-4))
+
+
+def test_clipped_loss_on_policy_and_clipping_by_hand():
+    adv = torch.tensor([[1.0, -1.0]])
+    lp = torch.tensor([[-0.3, -0.7]], requires_grad=True)
+    loss, stats = clipped_policy_loss(lp, lp.detach(), adv, clip_eps=0.2)
+    # on-policy: rho = 1, loss = -A
+    torch.testing.assert_close(loss, torch.tensor([[-1.0, 1.0]]))
+    assert torch.equal(stats["ratio"], torch.ones(1, 2)) and stats["clipped"].sum() == 0
+    loss.sum().backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.0, 1.0]]))  # d(-A rho)/d logp = -A rho
+    # rho = e^0.5 = 1.6487 > 1.2 with A = 1: max(-1.6487, -1.2) = -1.2 (clipped, no gradient)
+    new = torch.tensor([[0.5]], requires_grad=True)
+    loss, stats = clipped_policy_loss(new, torch.zeros(1, 1), torch.ones(1, 1), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-1.2) and stats["clipped"].item() == 1.0
+    loss.sum().backward()
+    assert new.grad.item() == 0.0
