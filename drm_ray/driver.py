@@ -176,7 +176,9 @@ class StepGRPODriver:
               f"sync {m['timing/sync']:.2f}s", flush=True)
 
     def finish(self) -> None:
-        lora_dir = self.rl.save_lora(ray.get(self.lora_ref), self.out / "lora")
+        state = ray.get(self.lora_ref, timeout=self.cfg.rollout.timeout_s)
+        self.final_lora_checksum = lora_checksum(state)
+        lora_dir = self.rl.save_lora(state, self.out / "lora")
         self.tracker.log_artifacts(lora_dir, "lora")
         (self.out / "summary.json").write_text(json.dumps({"iteration": self.iteration, "version": self.version,
                                                            "mlflow_run_id": self.tracker.run_id}, indent=2))

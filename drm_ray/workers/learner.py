@@ -71,6 +71,7 @@ def train_update(engine, transformer, shard: dict, total_states: int, world: int
     accum = cfg["grad_accum"]
     params = [p for p in transformer.parameters() if p.requires_grad]
     sums = torch.zeros(8, dtype=torch.float64)  # loss, policy, kl, ratio, clipped, approx_kl, children, states
+    ratio_dev = torch.zeros(1, dtype=torch.float64)  # max |rho - 1|: exactly 0 on the first pass over fresh rollouts
     for mb in split_micro_batches(shard, accum):
         n = mb["states"].shape[0]
         if n == 0:
@@ -83,16 +84,19 @@ def train_update(engine, transformer, shard: dict, total_states: int, world: int
             sums += torch.tensor([per_state.detach().sum().item(), st["policy_loss"].mean(1).sum().item(),
                                   st["kl"].sum().item(), st["ratio"].sum().item(), st["clipped"].sum().item(),
                                   st["approx_kl"].sum().item(), st["ratio"].numel(), n], dtype=torch.float64)
+            ratio_dev = torch.maximum(ratio_dev, (st["ratio"] - 1).abs().max().double().cpu().view(1))
         engine.backward(loss)
         engine.step()
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():  # on the device: NCCL reduces only GPU tensors
+        sums, ratio_dev = sums.to(transformer.device), ratio_dev.to(transformer.device)
         dist.all_reduce(sums)
+        dist.all_reduce(ratio_dev, op=dist.ReduceOp.MAX)
     s = sums.tolist()
     children, states = max(s[6], 1), max(s[7], 1)
     grad_norm = engine.get_global_grad_norm()
     return {"train/loss": s[0] / states, "train/policy_loss": s[1] / states, "train/kl_ref": s[2] / states,
             "train/ratio_mean": s[3] / children, "train/clip_frac": s[4] / children,
-            "train/approx_kl": s[5] / children, "train/states": s[7],
+            "train/approx_kl": s[5] / children, "train/states": s[7], "train/ratio_max_dev": ratio_dev.item(),
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
 
