@@ -37,3 +37,10 @@ def test_ray_mode_matches_local_mode(ray_session, tmp_path):
     finally:
         stop_actors(workers + scorers)
     assert ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_actors_that_cannot_be_placed_time_out_with_a_clear_error(ray_session):
+    # The session's Ray has no GPUs, so a num_gpus=1 actor is never scheduled: the wait must end, naming why.
+    with pytest.raises(TimeoutError, match=r"not ready within rollout.timeout_s=2s.*GPUs"):
+        start_actors({**SAMPLER, "k": 1}, None, num_workers=1, num_scorers=1, num_cpus=0.5, num_gpus=1, timeout_s=2)
