@@ -57,7 +57,9 @@ def train_drm(cfg, cache_dir: str | Path, tracker: Tracker | None = None, max_fa
     trainer = TorchTrainer(
         drm_train_loop, train_loop_config=loop_cfg,
         torch_config=TorchConfig(backend="nccl" if cfg.learner.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
+                                     resources_per_worker={"CPU": cfg.learner.num_cpus,
+                                                           **({"GPU": 1} if cfg.learner.use_gpu else {})}),
         run_config=RunConfig(name="drm", storage_path=str(out / "ray_train"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures)),

@@ -25,18 +25,23 @@ def job_env(preset: str) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster of `ray job submit` (RAY_ADDRESS set), or start a local Ray, unless Ray is already up.
+def init_ray(num_cpus: int | None = None) -> str:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS set), or start a local Ray, unless Ray is already up;
+    returns what it did.
 
-    A local Ray gets no dashboard (it would bind a port) and passes the job's thread and offline settings to its
+    A local Ray uses `address="local"` (a plain `ray.init()` would attach to any `ray start` cluster found on the
+    machine), gets no dashboard (it would bind a port) and passes the job's thread and offline settings to its
     workers.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return "connected to the running Ray"
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    env = {k: os.environ[k] for k in (*WORKER_ENV, "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR") if k in os.environ}
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address="auto")
+        return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
+    keys = (*WORKER_ENV, "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             runtime_env={"env_vars": env})
+    return "started a local Ray"

@@ -9,13 +9,11 @@ before they are spread, and every item carries its own seed, so the images do no
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from drm_ray.workers.sampler import RemoteScorer, SampleBatch, StepwiseSampler
 
 # Environment a locally started Ray passes to its workers (an explicit setting in the job's environment wins).
-WORKER_ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
 @dataclass(frozen=True)
@@ -53,18 +51,9 @@ def sample_local(sampler: StepwiseSampler, items: list[SampleItem], batch_size: 
 
 
 def init_ray() -> str:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless Ray is already up; says which."""
-    import ray
+    from drm_ray.runtime import init_ray as join_or_start
 
-    if ray.is_initialized():
-        return "connected to the running Ray"
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto")
-        return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
-    # address="local": a plain ray.init() would attach to any `ray start` cluster found on this machine.
-    env = {key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ}
-    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
-    return "started a local Ray"
+    return join_or_start()
 
 
 def start_actors(sampler_kwargs: dict, drm_path: str | None, *, num_workers: int, num_scorers: int,

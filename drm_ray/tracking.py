@@ -40,7 +40,13 @@ class Tracker:
             artifacts = None
             if self.uri.startswith("sqlite:"):  # otherwise artifacts land in ./mlruns of the working directory
                 artifacts = (Path(output_dir).resolve() / "mlartifacts").as_uri()
-            exp_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+            try:
+                exp_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+            except Exception:  # another process created it between our look-up and create
+                exp = self.client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
         if run_id is None:

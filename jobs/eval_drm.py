@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> list:
     if bad:
         parser.error(f"--timesteps must lie in [0, 1000], got {bad}")
 
-    from drm_ray.data.preprocess import ensure_synthetic_cache, preprocess_pairs
+    from drm_ray.data.preprocess import cache_dir_for, ensure_synthetic_cache, preprocess_pairs
     from drm_ray.models.drm import DiffusionRewardModel
     from drm_ray.models.sd3 import VAE_SCALE, default_device, model_kwargs
     from drm_ray.reward_eval import accuracy_plot, evaluate_drm, format_table
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> list:
     if cache is None:
         init_ray()
         if args.pairs:
-            cache = out / "cache" / f"eval-{Path(args.pairs).stem}"
+            cache = cache_dir_for(args.pairs, out / "cache", cfg.model.preset, kwargs)
             if not (cache / "meta.json").is_file():
                 preprocess_pairs(args.pairs, cache, preset=cfg.model.preset, model_kwargs=kwargs)
         else:

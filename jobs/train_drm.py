@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = load_config(args.config, args.overrides)
     job_env(cfg.model.preset)
 
-    from drm_ray.data.preprocess import ensure_synthetic_cache, preprocess_pairs
+    from drm_ray.data.preprocess import cache_dir_for, ensure_synthetic_cache, preprocess_pairs
     from drm_ray.models.sd3 import model_kwargs
     from drm_ray.reward_trainer import train_drm
     from drm_ray.tracking import Tracker
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> Path:
     kwargs = model_kwargs(cfg.model, cfg.sampling)
     cache, eval_cache = args.cache, args.eval_cache
     if cache is None and args.pairs:
-        cache = out / "cache" / "train"
+        cache = cache_dir_for(args.pairs, out / "cache", cfg.model.preset, kwargs)
         if not (cache / "meta.json").is_file():
             preprocess_pairs(args.pairs, cache, preset=cfg.model.preset, model_kwargs=kwargs)
     elif cache is None:

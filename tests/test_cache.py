@@ -63,3 +63,9 @@ def test_incomplete_or_empty_cache_is_named(tmp_path):
     write_meta(ties, [16, 8, 8], [109, 64], [64])
     with pytest.raises(CacheError, match="every pair is a tie"):
         next(iter_pairs(ties, 2, drop_ties=True, loop=True))
+
+
+def test_a_single_shard_still_feeds_every_rank(tmp_path):
+    _cache(tmp_path, shards=1, n=9)
+    ranks = [[p for b in iter_pairs(tmp_path, 2, rank=r, world_size=2) for p in b.prompt] for r in range(2)]
+    assert ranks[0] == ["p0", "p2", "p4", "p6", "p8"] and ranks[1] == ["p1", "p3", "p5", "p7"]

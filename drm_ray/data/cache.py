@@ -119,9 +119,12 @@ def iter_pairs(cache_dir: str | Path, batch_size: int, *, rank: int = 0, world_s
     cache_dir = Path(cache_dir)
     meta = read_meta(cache_dir)
     units = [(p, g) for p in sorted(cache_dir.glob("shard-*.parquet")) for g in range(pq.ParquetFile(p).num_row_groups)]
-    mine = units[rank::world_size]
+    # Whole row groups per rank when there are enough of them; otherwise every rank reads every group and keeps
+    # every world_size-th row, so a small cache (an eval set in one shard) still feeds all ranks.
+    by_group = len(units) >= world_size
+    mine = units[rank::world_size] if by_group else units
     if not mine:
-        raise CacheError(f"{cache_dir}: {len(units)} row groups cannot feed rank {rank} of {world_size}")
+        raise CacheError(f"{cache_dir} holds no shards")
     epoch, pending = 0, None
     while True:
         order = list(mine)
@@ -133,6 +136,8 @@ def iter_pairs(cache_dir: str | Path, batch_size: int, *, rank: int = 0, world_s
         rows_seen = 0
         for path, group in order:
             part = _decode(pq.ParquetFile(path).read_row_group(group), meta)
+            if not by_group:
+                part = _select(part, torch.arange(rank, len(part), world_size))
             if drop_ties:
                 part = _select(part, (part.label == 1.0).nonzero().flatten())
             rows_seen += len(part)

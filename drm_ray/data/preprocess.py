@@ -205,13 +205,9 @@ def _check_target(cache_dir: Path, overwrite: bool) -> None:
 
 
 def init_ray() -> None:
-    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local Ray, unless Ray is already up."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    from drm_ray.runtime import init_ray as join_or_start
+
+    join_or_start()
 
 
 def ensure_synthetic_cache(cache_dir: str | Path, n: int = 512, seed: int = 0, *, preset: str = "tiny",
@@ -251,3 +247,14 @@ def _check_same_cache(cache_dir: Path, model: dict, synthetic: dict) -> None:
     if diff:
         raise CacheError(f"{cache_dir} holds a different cache ({'; '.join(diff)}); delete it or choose another "
                          f"cache directory")
+
+
+def cache_dir_for(pairs: str | Path, root: str | Path, preset: str, model_kwargs: dict) -> Path:
+    """A cache location keyed by the input file (path, size, mtime) and the encoding model, so a job never reuses
+    a cache built from another file or model."""
+    import hashlib
+
+    stat = Path(pairs).stat()
+    key = json.dumps([str(Path(pairs).resolve()), stat.st_size, stat.st_mtime_ns, preset, model_kwargs],
+                     sort_keys=True, default=str)
+    return Path(root) / f"{Path(pairs).stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -75,6 +75,8 @@ def sde_step_with_logprob(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor
     """
     s, dt, std_t, std_step = sde_coefficients(sigmas, i, noise_level)
     x, v = x.float(), v.float()
+    if std_t == 0.0 and children is not None:
+        raise ValueError("children have no log-probability under a deterministic step (noise level 0)")
     if std_t == 0.0:
         mean = x + dt * v
         return SDEStep(mean.detach().unsqueeze(1).expand(-1, k, *mean.shape[1:]).clone(), None, mean, 0.0, 0.0)
