@@ -12,6 +12,7 @@ config; builders and workers take plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -101,6 +102,8 @@ class RolloutConfig:
     groups_per_call: int = 2             # prompt groups per rollout call: fixed, so results do not depend on the
                                          # number of workers (same batches, same floating-point sums)
     timeout_s: float = 600.0             # every wait on a remote call gives up after this
+    resources: tuple[str, ...] = ()      # custom Ray resources per scorer / rollout worker, "name=amount"
+    autoscale_wait_s: float = 0.0        # > 0: an autoscaling cluster; wait this long for missing resources
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class LearnerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_states: int = 8          # recorded states per backward call
+    resources: tuple[str, ...] = ()      # custom Ray resources per learner worker, "name=amount"
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,7 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(ro.num_cpus >= 0, "rollout.num_cpus", "must be >= 0", ro.num_cpus)
     need(ro.groups_per_call > 0, "rollout.groups_per_call", "must be > 0", ro.groups_per_call)
     need(ro.timeout_s > 0, "rollout.timeout_s", "must be > 0", ro.timeout_s)
+    need(ro.autoscale_wait_s >= 0, "rollout.autoscale_wait_s", "must be >= 0", ro.autoscale_wait_s)
     le = c.learner
     need(le.num_workers > 0, "learner.num_workers", "must be > 0", le.num_workers)
     need(le.lr > 0, "learner.lr", "must be > 0", le.lr)
@@ -256,6 +261,12 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(le.weight_decay >= 0, "learner.weight_decay", "must be >= 0", le.weight_decay)
     need(le.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0", le.max_grad_norm)
     need(le.micro_batch_states > 0, "learner.micro_batch_states", "must be > 0", le.micro_batch_states)
+    for name, items in (("rollout.resources", ro.resources), ("learner.resources", le.resources)):
+        for item in items:
+            key, _, amount = item.partition("=")
+            need(bool(re.fullmatch(r"[A-Za-z_][\w.:/-]*", key)) and key not in ("CPU", "GPU", "memory")
+                 and bool(re.fullmatch(r"\d+\.?\d*|\.\d+", amount)) and float(amount or 0) > 0, name,
+                 "entries must look like name=amount with amount > 0 (CPU and GPU have their own fields)", item)
     need(c.deepspeed.zero_stage in (0, 1, 2), "deepspeed.zero_stage", "must be 0, 1 or 2 (LoRA params are small; "
          "ZeRO-3 partitions nothing useful here)", c.deepspeed.zero_stage)
     need(bool(c.run.output_dir), "run.output_dir", "must be a non-empty path", c.run.output_dir)

@@ -18,6 +18,7 @@ from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.diffusion.sampling import decode_latents, to_pil
 from drm_ray.models.lora import save_lora_diffusers
 from drm_ray.models.sd3 import VAE_SCALE, build_components, model_kwargs
+from drm_ray.placement import ensure_resources, learner_worker_resources, role_demands, rollout_actor_options
 from drm_ray.workers.learner_group import LearnerGroup
 from drm_ray.workers.rollout import RolloutWorker
 from drm_ray.workers.scorer import DRMScorer
@@ -34,10 +35,11 @@ class RLSetup:
         self.lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
 
+        ensure_resources(role_demands(cfg), ro.autoscale_wait_s)  # before the first GPU task or actor
         table = self._encode_prompts(prompts)
         self.prompts_ref = ray.put(table)  # serialized once; every actor reads rows by index
         drm_path = resolve_drm(cfg, out)
-        actor = dict(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)
+        actor = rollout_actor_options(ro)  # resources from the config, SPREAD over nodes
         self.scorers = [ray.remote(DRMScorer).options(**actor).remote(
             str(drm_path), m.dtype if ro.num_gpus else None, 64, threads, self.prompts_ref)
             for _ in range(ro.num_scorers)]
@@ -62,7 +64,7 @@ class RLSetup:
             resume_dir=str(resume_dir) if resume_dir else None, prompts=self.prompts_ref,
             publish_dtype=le.publish_dtype, guidance_scale=s.guidance_scale, noise_level=s.noise_level,
             clip_eps=cfg.grpo.clip_eps, beta=cfg.grpo.beta, torch_threads=threads)
-        resources = {"CPU": le.num_cpus, **({"GPU": 1} if le.use_gpu else {})}
+        resources = learner_worker_resources(le)  # Ray Train packs its workers (ScalingConfig's default PACK)
         self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
                                     resources_per_worker=resources)
 
