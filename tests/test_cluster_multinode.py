@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,8 +34,11 @@ def test_roles_are_placed_by_custom_resources_on_a_multinode_cluster(tmp_path):
            "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=540)
+    try:
+        proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=540)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     print(f"multi-node subprocess took {time.monotonic() - start:.1f}s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
