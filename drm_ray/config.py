@@ -104,6 +104,7 @@ class RolloutConfig:
     timeout_s: float = 600.0             # every wait on a remote call gives up after this
     resources: tuple[str, ...] = ()      # custom Ray resources per scorer / rollout worker, "name=amount"
     autoscale_wait_s: float = 0.0        # > 0: an autoscaling cluster; wait this long for missing resources
+    max_restarts: int = 3                # Ray restarts a dead rollout worker / scorer this often
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     micro_batch_states: int = 8          # recorded states per backward call
     resources: tuple[str, ...] = ()      # custom Ray resources per learner worker, "name=amount"
+    max_failures: int = 3                # Ray Train restarts of the learner's worker group
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(ro.num_gpus >= 0, "rollout.num_gpus", "must be >= 0", ro.num_gpus)
     need(ro.num_cpus >= 0, "rollout.num_cpus", "must be >= 0", ro.num_cpus)
     need(ro.groups_per_call > 0, "rollout.groups_per_call", "must be > 0", ro.groups_per_call)
+    need(ro.max_restarts >= 0, "rollout.max_restarts", "must be >= 0", ro.max_restarts)
     need(ro.timeout_s > 0, "rollout.timeout_s", "must be > 0", ro.timeout_s)
     need(ro.autoscale_wait_s >= 0, "rollout.autoscale_wait_s", "must be >= 0", ro.autoscale_wait_s)
     le = c.learner
@@ -260,6 +263,7 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
          "must be float32, bfloat16 or float16", le.publish_dtype)
     need(le.weight_decay >= 0, "learner.weight_decay", "must be >= 0", le.weight_decay)
     need(le.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0", le.max_grad_norm)
+    need(le.max_failures >= 0, "learner.max_failures", "must be >= 0", le.max_failures)
     need(le.micro_batch_states > 0, "learner.micro_batch_states", "must be > 0", le.micro_batch_states)
     for name, items in (("rollout.resources", ro.resources), ("learner.resources", le.resources)):
         for item in items:

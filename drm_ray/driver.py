@@ -25,6 +25,7 @@ import torch
 from drm_ray.algorithms.rl_batch import learner_batch, reward_stats, scoring_requests, split_scores
 from drm_ray.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, staging_dir
 from drm_ray.data.prompts import PromptSampler, load_prompts
+from drm_ray.dispatch import call_when_back, dispatch
 from drm_ray.models.lora import lora_checksum
 from drm_ray.runtime import init_ray
 from drm_ray.rl_setup import RLSetup
@@ -37,6 +38,10 @@ class StepGRPODriver:
         self.out = Path(cfg.run.output_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         init_ray()
+        if not Path(cfg.run.output_dir).is_absolute() and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+            print(f"[step_grpo] WARNING: run.output_dir={cfg.run.output_dir} is relative on a multi-node cluster; "
+                  "learner checkpoints land on each node's local disk and resume will not find them. Use a path "
+                  "on shared storage (e.g. /shared/runs/...).", flush=True)
         self.prompts = load_prompts(cfg.data.prompts)
         resume = latest_checkpoint(self.out)
         self.state, resume_lora = load_checkpoint(resume) if resume else ({}, None)
@@ -54,6 +59,8 @@ class StepGRPODriver:
         if not resume:
             self.tracker.log_params(cfg.flat())
             self.tracker.log_text(cfg.to_yaml(), "config.yaml")
+        self.restarts = {"rollout": 0, "scorer": 0}
+        self.max_failures = max(1, cfg.rollout.max_restarts * (cfg.rollout.num_workers + cfg.rollout.num_scorers))
         self.rl = RLSetup(cfg, self.out, self.prompts, resume_dir=resume / "learner" if resume else None,
                           start_version=self.version)
         self.lora_ref, _ = self.rl.learner.wait_version(self.version)
@@ -64,38 +71,46 @@ class StepGRPODriver:
     # ------------------------------------------------------------------------------------------ the loop
 
     def run(self) -> dict:
-        cfg, g = self.cfg, self.cfg.grpo
         if self.iteration == 0:
             self.log_panel(step=0)
         summary = {}
-        while self.iteration < g.iterations:
-            t = {}
-            start = time.perf_counter()
-            groups = self.sampler.next(g.prompts_per_iter)
-            rollouts = self.timed(t, "rollout", self.rollout, groups)
-            child_scores, final_scores = self.timed(t, "score", self.score, rollouts)
-            batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores,
-                                             len(self.rl.branch_steps), g.adv_clip)
-            self.iteration += 1
-            ckpt = staging_dir(self.out, self.iteration) if self.checkpoint_due() else None
-            self.lora_ref, train_stats = self.timed(t, "learn", self.rl.learner.update, self.version, batch,
-                                                    str(ckpt / "learner") if ckpt else None)
-            self.version += 1
-            self.timed(t, "sync", self.sync, self.lora_ref, self.version)
-            t["timing/iteration"] = time.perf_counter() - start
-            metrics = {**reward_stats(rollouts, g.algo, child_scores, final_scores, self.rl.branch_steps),
-                       **adv_stats, **train_stats, **t,
-                       "rollout/candidates_per_s": self.candidates(rollouts) / max(t["timing/rollout"], 1e-9),
-                       "rollout/policy_version": float(self.version - 1)}
-            self.tracker.log_metrics(metrics, self.iteration)
-            self.progress(metrics)
-            if self.iteration % g.eval_every == 0 or self.iteration == g.iterations:
-                summary["eval/drm_score"] = self.log_panel(self.iteration)
-            if ckpt:
-                self.checkpoint(ckpt)
-            summary.update(metrics)
+        while self.iteration < self.cfg.grpo.iterations:
+            summary.update(self.step())
         self.finish()
         return summary
+
+    def step(self) -> dict:
+        """One iteration: rollout, score, advantages, update, sync, log (and eval panel / checkpoint when due)."""
+        g = self.cfg.grpo
+        t = {}
+        start = time.perf_counter()
+        groups = self.sampler.next(g.prompts_per_iter)
+        rollouts = self.timed(t, "rollout", self.rollout, groups)
+        child_scores, final_scores = self.timed(t, "score", self.score, rollouts)
+        batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
+                                         g.adv_clip)
+        self.iteration += 1
+        ckpt = staging_dir(self.out, self.iteration) if self.checkpoint_due() else None
+        self.lora_ref, train_stats = self.timed(t, "learn", self.rl.learner.update, self.version, batch,
+                                                str(ckpt / "learner") if ckpt else None)
+        self.version += 1
+        self.timed(t, "sync", self.sync, self.lora_ref, self.version)
+        t["timing/iteration"] = time.perf_counter() - start
+        metrics = {**reward_stats(rollouts, g.algo, child_scores, final_scores, self.rl.branch_steps),
+                   **adv_stats, **train_stats, **t,
+                   "rollout/groups": float(len(rollouts)),
+                   "rollout/candidates_per_s": self.candidates(rollouts) / max(t["timing/rollout"], 1e-9),
+                   "rollout/policy_version": float(self.version - 1),
+                   "rollout/actor_restarts": float(self.restarts["rollout"]),
+                   "score/actor_restarts": float(self.restarts["scorer"]),
+                   "train/learner_restarts": float(self.rl.learner.restarts)}
+        self.tracker.log_metrics(metrics, self.iteration)
+        self.progress(metrics)
+        if self.iteration % g.eval_every == 0 or self.iteration == g.iterations:
+            metrics["eval/drm_score"] = self.log_panel(self.iteration)
+        if ckpt:
+            self.checkpoint(ckpt)
+        return metrics
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -110,39 +125,48 @@ class StepGRPODriver:
         """Chunks of `groups_per_call` groups over the workers, each worker taking the next chunk when free."""
         per_call = self.cfg.rollout.groups_per_call
         chunks = [groups[i:i + per_call] for i in range(0, len(groups), per_call)]
-        free, pending, results = list(self.rl.workers), {}, {}
-        while chunks or pending:
-            while free and chunks:
-                worker = free.pop()
-                pending[worker.rollout.remote(chunks[0])] = (worker, len(results) + len(pending))
-                chunks.pop(0)
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.rollout.timeout_s)
-            if not done:
-                raise TimeoutError(f"no rollout finished within rollout.timeout_s={self.cfg.rollout.timeout_s}s")
-            for ref in done:
-                worker, index = pending.pop(ref)
-                results[index] = ray.get(ref)
-                free.append(worker)
-        out = [r for index in sorted(results) for r in results[index]]
-        stale = {r.version for r in out} - {self.version}
-        if stale:
-            raise RuntimeError(f"rollouts came from policy versions {stale}, expected v{self.version}")
+        results, failures = dispatch(
+            self.rl.workers, chunks, lambda w, chunk: w.rollout.remote(chunk, self.version), self.recover_worker,
+            self.cfg.rollout.timeout_s, self.max_failures, "rollout")
+        self.restarts["rollout"] += failures
+        out = [r for chunk in results for r in chunk]
+        if [r.group_id for r in out] != [gid for gid, _, _ in groups]:  # every group exactly once, in order
+            raise RuntimeError("rollout results do not match the submitted groups")
         return out
 
     def score(self, rollouts) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One batched scoring pass over every child and final latent, split evenly over the scorers."""
         latents, levels, prompt_idx = scoring_requests(rollouts, self.cfg.grpo.algo, self.rl.sigmas)
         parts = torch.tensor_split(torch.arange(latents.shape[0]), len(self.rl.scorers))
-        refs = [s.score_indexed.remote(latents[p], levels[p], prompt_idx[p]) for s, p in zip(self.rl.scorers, parts)]
-        scores = torch.cat(ray.get(refs, timeout=self.cfg.rollout.timeout_s))
-        return split_scores(rollouts, self.cfg.grpo.algo, scores)
+        results, failures = dispatch(
+            self.rl.scorers, parts, lambda s, p: s.score_indexed.remote(latents[p], levels[p], prompt_idx[p]),
+            self.recover_scorer, self.cfg.rollout.timeout_s, self.max_failures, "scoring")
+        self.restarts["scorer"] += failures
+        return split_scores(rollouts, self.cfg.grpo.algo, torch.cat(results))
+
+    def recover_worker(self, index: int) -> None:
+        """Wait for a restarted rollout worker and give it the current LoRA before it takes work again."""
+        worker = self.rl.workers[index]
+        call_when_back(lambda: worker.set_lora.remote(self.version, self.lora_ref), self.cfg.rollout.timeout_s,
+                       f"rollout worker {index}")
+
+    def recover_scorer(self, index: int) -> None:
+        scorer = self.rl.scorers[index]
+        call_when_back(lambda: scorer.ready.remote(), self.cfg.rollout.timeout_s, f"DRM scorer {index}")
 
     def sync(self, lora_ref, version: int) -> None:
-        """Load LoRA `version` into every rollout worker (one object-store copy, one wait)."""
+        """Load LoRA `version` into every rollout worker (one object-store copy, one wait); a worker that died on the
+        way is waited for once and loaded again."""
         refs = [w.set_lora.remote(version, lora_ref) for w in self.rl.workers]
-        self.worker_checksums = ray.get(refs, timeout=self.cfg.rollout.timeout_s)
-        if len(set(self.worker_checksums)) != 1:
-            raise RuntimeError(f"rollout workers disagree on LoRA v{version}: {self.worker_checksums}")
+        try:
+            checksums = ray.get(refs, timeout=self.cfg.rollout.timeout_s)
+        except ray.exceptions.RayActorError:
+            self.restarts["rollout"] += 1
+            checksums = [call_when_back(lambda w=w: w.set_lora.remote(version, lora_ref), self.cfg.rollout.timeout_s,
+                                        "rollout worker") for w in self.rl.workers]  # sequential: recovery path only
+        self.worker_checksums = checksums
+        if len(set(checksums)) != 1:
+            raise RuntimeError(f"rollout workers disagree on LoRA v{version}: {checksums}")
 
     @staticmethod
     def candidates(rollouts) -> int:

@@ -40,6 +40,7 @@ class RLSetup:
         self.prompts_ref = ray.put(table)  # serialized once; every actor reads rows by index
         drm_path = resolve_drm(cfg, out)
         actor = rollout_actor_options(ro)  # resources from the config, SPREAD over nodes
+        actor["max_restarts"] = ro.max_restarts  # a dead actor comes back; the driver resubmits its work
         self.scorers = [ray.remote(DRMScorer).options(**actor).remote(
             str(drm_path), m.dtype if ro.num_gpus else None, 64, threads, self.prompts_ref)
             for _ in range(ro.num_scorers)]
@@ -66,7 +67,7 @@ class RLSetup:
             clip_eps=cfg.grpo.clip_eps, beta=cfg.grpo.beta, torch_threads=threads)
         resources = learner_worker_resources(le)  # Ray Train packs its workers (ScalingConfig's default PACK)
         self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
-                                    resources_per_worker=resources)
+                                    max_failures=le.max_failures, resources_per_worker=resources)
 
         n_eval = min(EVAL_PANEL_SIZE, len(prompts))
         self.eval_prompts = list(range(n_eval))

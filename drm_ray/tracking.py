@@ -8,16 +8,20 @@ into the same run.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+
+
+def redact(value: str) -> str:
+    """Hide the password of a URI (`scheme://user:secret@host` -> `scheme://user:***@host`) before it is logged."""
+    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", value)
 
 
 def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | Path) -> str:
@@ -56,7 +60,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         # MLflow caps a param value at 6000 characters; ours are short, long lists are truncated visibly.
         for key, value in params.items():
-            text = str(value)
+            text = redact(str(value))
             self.client.log_param(self.run_id, key, text if len(text) < 6000 else text[:5990] + "...")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

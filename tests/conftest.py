@@ -31,7 +31,27 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": never attach to a `ray start` cluster that another process left on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_drm_dir(tmp_path_factory):
+    """An untrained tiny DRM directory: an arbitrary but fixed scoring function, enough to exercise the machinery."""
+    from drm_ray.models.drm import build_drm
+    from drm_ray.models.sd3 import build_tiny
+
+    path = tmp_path_factory.mktemp("drm") / "drm"
+    build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8, seed=3).save_pretrained(path)
+    return path
+
+
+def rl_config(out, drm_dir, *overrides):
+    """The tiny Step-GRPO config the RL tests share: one iteration of 4 prompts unless overridden."""
+    from drm_ray.config import load_config
+
+    return load_config("tiny", [f"run.output_dir={out}", f"reward.drm_path={drm_dir}", "grpo.iterations=1",
+                                "grpo.prompts_per_iter=4", "grpo.eval_every=100", *overrides], job="step_grpo")

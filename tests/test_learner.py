@@ -40,7 +40,7 @@ def process_group():
 
 def _rollouts(algo, prompts):
     worker = RolloutWorker("tiny", KWARGS, LORA, prompts, SAMPLING, algo=algo)
-    return worker.rollout([(0, 0, 11), (1, 1, 12)])
+    return worker.rollout([(0, 0, 11), (1, 1, 12)], version=-1)  # no LoRA loaded yet: v-1
 
 
 @pytest.mark.parametrize("algo", ["step_grpo", "grpo"])

@@ -9,28 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_ray.config import load_config
-from drm_ray.models.drm import build_drm
+from conftest import rl_config
 from drm_ray.models.sd3 import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def drm_dir(tmp_path_factory):
-    """An untrained DRM: its scores are an arbitrary but fixed function, enough to exercise the machinery."""
-    path = tmp_path_factory.mktemp("drm") / "drm"
-    build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8, seed=3).save_pretrained(path)
-    return path
+@pytest.fixture
+def drm_dir(tiny_drm_dir):
+    return tiny_drm_dir
 
 
 def _run(out, drm_dir, *overrides):
     from drm_ray.driver import StepGRPODriver
 
-    cfg = load_config("tiny", [f"run.output_dir={out}", f"reward.drm_path={drm_dir}", "grpo.iterations=1",
-                               "grpo.prompts_per_iter=4", "grpo.eval_every=100", *overrides], job="step_grpo")
-    driver = StepGRPODriver(cfg)
+    driver = StepGRPODriver(rl_config(out, drm_dir, *overrides))
     summary = driver.run()
     return driver, summary
 

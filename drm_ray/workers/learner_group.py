@@ -25,8 +25,32 @@ class Coordinator:
         self.queues = [asyncio.Queue() for _ in range(world_size)]
         self.published: dict[int, tuple[list, dict]] = {}
         self.changed = asyncio.Condition()
+        self.generation = 0  # learner worker-group starts; > 1 means Ray Train restarted it
+        self.members: dict[int, dict] = {}
+        self.events: list[str] = []  # a short history for operators: submits, hand-outs, starts
+
+    async def started(self, version: int, state_ref: list, stats: dict) -> None:
+        """Rank 0 of a (re)started worker group: drop shards dealt to the old group, publish the restored state."""
+        self.generation += 1
+        self.queues = [asyncio.Queue() for _ in range(self.world_size)]
+        self._event(f"generation {self.generation} started at v{version}")
+        await self.publish(version, state_ref, stats)
+
+    async def get_generation(self) -> int:
+        return self.generation
+
+    async def register(self, rank: int, pid: int, node_id: str) -> None:
+        self.members[rank] = {"pid": pid, "node_id": node_id}
+
+    async def get_members(self) -> dict:
+        """{rank: {pid, node_id}} of the current worker group (for operators and fault-injection tests)."""
+        return dict(self.members)
 
     async def submit(self, version: int, batch: dict, checkpoint_dir: str | None = None) -> None:
+        if version + 1 in self.published:  # already applied (a resubmission that raced a restart)
+            self._event(f"submit v{version} ignored: v{version + 1} is published")
+            return
+        self._event(f"submit v{version} (generation {self.generation})")
         n = batch["states"].shape[0]
         bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
         for rank, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -35,7 +59,17 @@ class Coordinator:
                                           "checkpoint_dir": checkpoint_dir})
 
     async def next_work(self, rank: int):
-        return await self.queues[rank].get()
+        # A call from a worker that has since died keeps waiting on its generation's queue and may swallow a
+        # shard sent before the restart was noticed; the driver re-sends on the new generation.
+        work = await self.queues[rank].get()
+        self._event(f"rank {rank} took {'stop' if work is None else 'v%d' % work['version']}")
+        return work
+
+    def _event(self, text: str) -> None:
+        self.events = (self.events + [text])[-100:]
+
+    async def get_events(self) -> list[str]:
+        return list(self.events)
 
     async def stop(self) -> None:
         for q in self.queues:
@@ -71,19 +105,25 @@ class LearnerGroup:
 
         from drm_ray.workers.learner import learner_loop
 
-        name = f"drm-ray-coordinator-{uuid.uuid4().hex[:8]}"
+        run_id = uuid.uuid4().hex[:8]
+        name = f"drm-ray-coordinator-{run_id}"
         namespace = ray.get_runtime_context().namespace
         self.coordinator = ray.remote(Coordinator).options(name=name, num_cpus=0).remote(num_workers)
         self.timeout_s = timeout_s
         trainer = TorchTrainer(
-            learner_loop, train_loop_config={**loop_config, "coordinator": name, "namespace": namespace},
+            learner_loop,
+            train_loop_config={**loop_config, "coordinator": name, "namespace": namespace,
+                               # per job run: restarts within this job restore from it, a new job does not
+                               "state_dir": (f"{storage_path}/learner-{run_id}/learner_state"
+                                             if max_failures > 0 else None)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, placement_strategy="PACK",
                                          resources_per_worker=resources_per_worker),
-            run_config=RunConfig(name=f"learner-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
+            run_config=RunConfig(name=f"learner-{run_id}", storage_path=storage_path,
                                  failure_config=FailureConfig(max_failures=max_failures)),
         )
         self.result: dict = {}
+        self.restarts = 0
         self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
         self.thread.start()
 
@@ -98,15 +138,29 @@ class LearnerGroup:
             err = self.result.get("error") or getattr(self.result.get("result"), "error", None)
             raise RuntimeError(f"the learner (Ray Train fit) stopped: {err!r}") from err
 
-    def wait_version(self, version: int) -> tuple[ray.ObjectRef, dict]:
-        """The LoRA state reference and stats of `version`; raises on learner death or after `timeout_s`."""
+    def wait_version(self, version: int, resend=None) -> tuple[ray.ObjectRef, dict]:
+        """The LoRA state reference and stats of `version`; raises on learner death or after `timeout_s`.
+
+        `resend()` is called when the learner's worker group restarted meanwhile (Ray Train's FailureConfig): the
+        new group restored the last acknowledged version from its checkpoint and needs the update again.
+        """
         deadline = time.monotonic() + self.timeout_s
+        generation = ray.get(self.coordinator.get_generation.remote(), timeout=self.timeout_s)
         while True:
             self._check_alive()
             got = ray.get(self.coordinator.wait_version.remote(version, 2.0), timeout=self.timeout_s)
             if got is not None:
                 refs, stats = got
                 return refs[0], stats
+            now = ray.get(self.coordinator.get_generation.remote(), timeout=self.timeout_s)
+            if now != generation and generation > 0:
+                self.restarts += now - generation
+                deadline = time.monotonic() + self.timeout_s
+                if resend is not None:
+                    print(f"[learner] worker group restarted (generation {now}); re-sending the update to "
+                          f"v{version}", flush=True)
+                    resend()
+            generation = now
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the learner did not publish LoRA version {version} within "
                                    f"{self.timeout_s:.0f}s (rollout.timeout_s)")
@@ -114,8 +168,12 @@ class LearnerGroup:
     def update(self, version: int, batch: dict, checkpoint_dir: str | None = None) -> tuple[ray.ObjectRef, dict]:
         """Train on `batch` (rolled out by policy `version`); returns the reference and stats of `version + 1`."""
         self._check_alive()
-        ray.get(self.coordinator.submit.remote(version, batch, checkpoint_dir), timeout=self.timeout_s)
-        return self.wait_version(version + 1)
+
+        def send():
+            ray.get(self.coordinator.submit.remote(version, batch, checkpoint_dir), timeout=self.timeout_s)
+
+        send()
+        return self.wait_version(version + 1, resend=send)
 
     def shutdown(self) -> None:
         try:

@@ -36,6 +36,10 @@ class GroupRollout:
     final: torch.Tensor       # [F, C, h, w] final latents (F = 1 for step_grpo, k for grpo)
 
 
+class StaleLoRAError(RuntimeError):
+    """The worker does not hold the policy version the driver asked for (e.g. it restarted and lost its LoRA)."""
+
+
 def group_generators(seed: int, count: int) -> list[torch.Generator]:
     """Independent generators for the `count` trajectories of one group."""
     return [torch.Generator().manual_seed(seed * 1000 + j) for j in range(count)]
@@ -81,8 +85,10 @@ class RolloutWorker:
         return ray.get(self.scorer.score.remote(latents, noise_levels, embeds, pooled))
 
     @torch.no_grad()
-    def rollout(self, groups: list[tuple[int, int, int]]) -> list[GroupRollout]:
-        """groups: (group_id, prompt_index, seed) -> one GroupRollout each, in order."""
+    def rollout(self, groups: list[tuple[int, int, int]], version: int) -> list[GroupRollout]:
+        """groups: (group_id, prompt_index, seed) -> one GroupRollout each, in order, sampled by policy `version`."""
+        if version != self.version:
+            raise StaleLoRAError(f"rollout asked for policy v{version} but this worker holds v{self.version}")
         s, k = self.s, self.s["k"]
         per_group = 1 if self.algo == "step_grpo" else k
         idx = [p for _, p, _ in groups for _ in range(per_group)]

@@ -1,0 +1,69 @@
+"""Work over a pool of actors that may die: submit everything, wait once per completion, resubmit what was lost.
+
+The driver hands each free actor the next task and waits with `ray.wait` (never a `ray.get` in a loop over actors).
+A task whose actor died (Ray restarts it: `max_restarts`) or answered that it holds a stale policy is resubmitted
+after `recover(actor_index)` has brought that actor back; every task's result is kept exactly once, in task order,
+so no group is lost or counted twice. Every wait has a timeout that names what was outstanding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable
+
+import ray
+
+from drm_ray.workers.rollout import StaleLoRAError
+
+log = logging.getLogger(__name__)
+RECOVERABLE = (ray.exceptions.RayActorError, StaleLoRAError)
+
+
+def dispatch(actors: list, tasks: list, submit: Callable[[Any, Any], ray.ObjectRef],
+             recover: Callable[[int], None], timeout_s: float, max_failures: int, what: str) -> tuple[list, int]:
+    """Run every task on some actor; returns (results in task order, number of recovered failures)."""
+    todo, free = deque(range(len(tasks))), deque(range(len(actors)))
+    pending: dict[ray.ObjectRef, tuple[int, int]] = {}
+    results: list = [None] * len(tasks)
+    failures = 0
+    while todo or pending:
+        while free and todo:
+            a, t = free.popleft(), todo.popleft()
+            pending[submit(actors[a], tasks[t])] = (a, t)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+        if not done:
+            busy = sorted({a for a, _ in pending.values()})
+            raise TimeoutError(f"no {what} call finished within {timeout_s:.0f}s (rollout.timeout_s); "
+                               f"{len(pending)} outstanding on actors {busy}, {len(todo)} not started")
+        for ref in done:
+            a, t = pending.pop(ref)
+            try:
+                results[t] = ray.get(ref)
+            except RECOVERABLE as err:
+                failures += 1
+                if failures > max_failures:
+                    raise RuntimeError(f"{what}: {failures} actor failures in one call, more than "
+                                       f"{max_failures}; giving up") from err
+                log.warning("%s actor %d failed (%s); recovering it and resubmitting task %d", what, a,
+                            type(err).__name__, t)
+                recover(a)
+                todo.appendleft(t)
+            free.append(a)
+    return results, failures
+
+
+def call_when_back(make_call: Callable[[], ray.ObjectRef], timeout_s: float, what: str):
+    """`ray.get(make_call())`, retried while the actor is still restarting (ActorUnavailableError), up to
+    `timeout_s`; a permanently dead actor raises at once with a message naming it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(make_call(), timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not come back within {timeout_s:.0f}s") from None
+            time.sleep(0.5)
+        except ray.exceptions.ActorDiedError as err:
+            raise RuntimeError(f"{what} died and will not restart (rollout.max_restarts exhausted)") from err
