@@ -38,3 +38,17 @@ def init_engine(model: torch.nn.Module, params, lr: float, weight_decay: float, 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                    config=config, dist_init_required=False)
     return engine, optimizer
+
+
+def train_worker_setup(config: dict):
+    """Inside a Ray Train worker: (rank, world size, device, SD3 components without text encoders or VAE)."""
+    import ray.train
+    import ray.train.torch
+
+    from drm_ray.models.sd3 import build_components
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(config["torch_threads"])
+    device = ray.train.torch.get_device()
+    comps = build_components(config["preset"], text=False, vae=False, device=device, **config["model_kwargs"])
+    return ctx.get_world_rank(), ctx.get_world_size(), device, comps

@@ -25,8 +25,7 @@ from drm_ray.algorithms.losses import accuracy_by_noise_bucket, bradley_terry_lo
 from drm_ray.data.cache import iter_pairs
 from drm_ray.diffusion.flow import add_noise, sample_noise_levels
 from drm_ray.models.drm import build_drm
-from drm_ray.models.sd3 import build_components
-from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
+from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine, train_worker_setup
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
@@ -53,13 +52,8 @@ def noised_pair_rewards(model, batch, generator: torch.Generator, zero_prob: flo
 def drm_train_loop(config: dict) -> None:
     """Ray Train `train_loop_per_worker`; `config` holds plain values (see reward_trainer.train_drm)."""
     import ray.train
-    import ray.train.torch
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["torch_threads"])
-    device = ray.train.torch.get_device()
-    comps = build_components(config["preset"], text=False, vae=False, device=device, **config["model_kwargs"])
+    rank, world, device, comps = train_worker_setup(config)
     model = build_drm(comps.transformer, n_drop=config["n_drop"], head=config["head"], head_dim=config["head_dim"],
                       init=config["init"], latent_size=config["latent_size"], seed=config["seed"])
     model.requires_grad_(True).train()

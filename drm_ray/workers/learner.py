@@ -25,8 +25,8 @@ from drm_ray.algorithms.losses import clipped_policy_loss
 from drm_ray.diffusion.flow import gaussian_kl, gaussian_log_prob, sde_mean_per_item, schedule_sigmas
 from drm_ray.diffusion.sampling import predict_velocity
 from drm_ray.models.lora import adapter_disabled, add_lora, lora_norm, lora_state
-from drm_ray.models.sd3 import build_components, torch_dtype
-from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
+from drm_ray.models.sd3 import torch_dtype
+from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine, train_worker_setup
 
 DS_TAG = "learner"
 
@@ -105,14 +105,8 @@ def train_update(engine, transformer, shard: dict, total_states: int, world: int
 def learner_loop(config: dict) -> None:
     """Ray Train `train_loop_per_worker`: serve updates from the Coordinator until it says stop."""
     import ray
-    import ray.train
-    import ray.train.torch
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["torch_threads"])
-    device = ray.train.torch.get_device()
-    comps = build_components(config["preset"], text=False, vae=False, device=device, **config["model_kwargs"])
+    rank, world, _, comps = train_worker_setup(config)
     transformer = comps.transformer
     lora = config["lora"]
     params = add_lora(transformer, lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
