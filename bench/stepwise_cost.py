@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 def print_table(table, cfg, args, drm_note, n_blocks, n_drm, n_items) -> None:
     s = cfg.sampling
     base = table[0]["t"]
-    print(f"\nStep-wise Sampling cost, preset {cfg.model.preset} ({cfg.model.dtype}, "
+    print(f"\nStep-wise Sampling cost, preset {args.config} ({cfg.model.dtype}, "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {torch.get_num_threads()} thread(s)); {drm_note}")
     print(f"{n_items} images = {n_items // args.seeds} prompts x {args.seeds} seeds, {s.num_steps} steps, "
           f"CFG {s.guidance_scale}, noise level {s.noise_level}, batch {args.batch_size}, best of {args.repeats}; "

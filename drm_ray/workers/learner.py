@@ -118,10 +118,10 @@ def learner_loop(config: dict) -> None:
     state_dir = config.get("state_dir")
     if state_dir and (Path(state_dir) / "latest").is_file():
         # Ray Train restarted this worker group after a failure: continue from the last acknowledged update
-        _, client_state = engine.load_checkpoint(state_dir)
+        _, client_state = engine.load_checkpoint(state_dir, load_module_strict=False)
         version = client_state["version"]
     elif config.get("resume_dir"):
-        engine.load_checkpoint(config["resume_dir"], tag=DS_TAG)
+        engine.load_checkpoint(config["resume_dir"], tag=DS_TAG, load_module_strict=False)
     prompts = config["prompts"]  # PromptTable (an object-store value, resolved once here)
     if isinstance(prompts, ray.ObjectRef):
         prompts = ray.get(prompts)
@@ -141,7 +141,8 @@ def learner_loop(config: dict) -> None:
         stats = train_update(engine, transformer, work["shard"], work["total_states"], world, prompts, sigmas,
                              config)
         if work.get("checkpoint_dir"):
-            engine.save_checkpoint(work["checkpoint_dir"], tag=DS_TAG)  # every rank: optimizer shards
+            # every rank: optimizer shards; the frozen base weights are rebuilt from the preset, never saved
+            engine.save_checkpoint(work["checkpoint_dir"], tag=DS_TAG, exclude_frozen_parameters=True)
         version = work["version"] + 1
         if state_dir:
             save_learner_state(engine, state_dir, rank, version)
@@ -158,9 +159,10 @@ def save_learner_state(engine, state_dir: str, rank: int, version: int, keep: in
     version the driver may have seen, and the driver re-sends the one update that was not acknowledged. This is our
     own directory rather than `ray.train.report` checkpoints: Ray Train V2 registers a reported checkpoint only at
     its next health-check poll (2 s), so a failure right after an update would restore an older one. DeepSpeed
-    writes `latest` after the tag directory is complete. Tens of MB per update at SD3.5 rank 32.
+    writes `latest` after the tag directory is complete. Frozen base weights are left out (LoRA + optimizer only).
     """
-    engine.save_checkpoint(state_dir, tag=f"v{version:06d}", client_state={"version": version})
+    engine.save_checkpoint(state_dir, tag=f"v{version:06d}", client_state={"version": version},
+                           exclude_frozen_parameters=True)  # LoRA + optimizer only: 1.6 MB vs 19.5 MB on `small`
     if rank == 0:
         import shutil
 
