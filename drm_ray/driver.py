@@ -188,8 +188,7 @@ class StepGRPODriver:
         """ODE samples of the fixed evaluation prompts and seeds: mean DRM score (s = 0) and an image grid."""
         score, grid = self.rl.eval_panel()
         self.tracker.log_metrics({"eval/drm_score": score}, step)
-        if grid is not None:
-            self.tracker.log_image(grid, f"panel/iter_{step:06d}.png")
+        self.tracker.log_image(grid, f"panel/iter_{step:06d}.png")
         return score
 
     def progress(self, m: dict) -> None:

@@ -17,7 +17,7 @@ import torch
 from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.diffusion.sampling import decode_latents, to_pil
 from drm_ray.models.lora import save_lora_diffusers
-from drm_ray.models.sd3 import VAE_SCALE, build_components, model_kwargs
+from drm_ray.models.sd3 import VAE_SCALE, load_vae, model_kwargs
 from drm_ray.placement import ensure_resources, learner_worker_resources, role_demands, rollout_actor_options
 from drm_ray.workers.learner_group import LearnerGroup
 from drm_ray.workers.rollout import RolloutWorker
@@ -72,8 +72,7 @@ class RLSetup:
         n_eval = min(EVAL_PANEL_SIZE, len(prompts))
         self.eval_prompts = list(range(n_eval))
         self.eval_seeds = [cfg.run.seed + 10_000 + j for j in range(n_eval)]
-        self.vae = build_components(m.preset, text=False, vae=True, device="cpu", **self.kwargs).vae \
-            if m.preset == "tiny" else None
+        self.vae = load_vae(m.preset, m.path, s.resolution, m.seed)  # decodes the image panel on the driver
 
     def _encode_prompts(self, prompts):
         cfg = self.cfg
@@ -90,10 +89,7 @@ class RLSetup:
                                                               self.cfg.sampling.eval_num_steps), timeout=ro.timeout_s)
         scores = ray.get(self.scorers[0].score_indexed.remote(latents, torch.zeros(len(latents)),
                                                               torch.tensor(self.eval_prompts)), timeout=ro.timeout_s)
-        grid = None
-        if self.vae is not None:
-            grid = image_grid(to_pil(decode_latents(self.vae, latents)))
-        return scores.mean().item(), grid
+        return scores.mean().item(), image_grid(to_pil(decode_latents(self.vae, latents)))
 
     def save_lora(self, state: dict, directory: Path) -> Path:
         return save_lora_diffusers(state, directory, self.cfg.lora.rank, self.cfg.lora.alpha,

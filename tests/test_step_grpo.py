@@ -71,6 +71,8 @@ def test_grpo_baseline_runs_and_logs_to_mlflow(ray_session, tmp_path, drm_dir):
     assert run.data.params["grpo.algo"] == "grpo"
     history = client.get_metric_history(run.info.run_id, "eval/drm_score")
     assert [m.step for m in history] == [0, 2]
+    panels = [a.path for a in client.list_artifacts(run.info.run_id, "panel")]
+    assert panels == ["panel/iter_000000.png", "panel/iter_000002.png"]
     for key in ("timing/rollout", "timing/score", "timing/learn", "timing/sync", "train/clip_frac",
                 "train/approx_kl", "train/kl_ref", "lora/norm", "rollout/candidates_per_s", "adv/zero_std_frac"):
         assert key in run.data.metrics, key

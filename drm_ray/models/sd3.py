@@ -164,6 +164,13 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, text: bool =
     return SD3Components(transformer=transformer, scheduler=scheduler, **parts)
 
 
+def load_vae(preset: str, path: str | None, resolution: int = 64, seed: int = 0) -> AutoencoderKL:
+    """The preset's VAE alone, float32 on CPU (the driver decodes image panels with it; no transformer is built)."""
+    if preset == "tiny":
+        return build_tiny(seed=seed, resolution=resolution, text=False).vae
+    return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval()
+
+
 def build_components(preset: str, *, path: str | None = None, dtype: str = "float32", seed: int = 0,
                      num_layers: int = 4, num_attention_heads: int = 2, attention_head_dim: int = 16,
                      resolution: int = 64, max_sequence_length: int = 32, shift: float = 3.0,
