@@ -65,7 +65,7 @@ def run(args) -> tuple[str, dict]:
     torch.set_num_threads(1)
     g, s, kw = cfg.grpo, cfg.sampling, model_kwargs(cfg.model, cfg.sampling)
     branch = cfg.branch_steps()
-    prompts = load_prompts(cfg.data.prompts)
+    prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
     table = encode_prompt_table(prompts, s.negative_prompt, cfg.model.preset, kw)
     scorer = DRMScorer(str(untrained_drm(cfg, out / "drm")), None, 64, 1, table)
     groups = PromptSampler(len(prompts), cfg.run.seed).next(args.groups)

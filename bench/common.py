@@ -34,7 +34,7 @@ def setup_env() -> None:
 def untrained_drm(cfg, directory: Path) -> Path:
     """An untrained DRM for `cfg`'s architecture (timings only: its scores mean nothing); reused if present."""
     from drm_ray.models.drm import build_drm
-    from drm_ray.models.sd3 import VAE_SCALE, build_components, model_kwargs
+    from drm_ray.models.sd3 import build_components, latent_size, model_kwargs
 
     if (directory / "drm_config.json").is_file():
         return directory
@@ -42,7 +42,7 @@ def untrained_drm(cfg, directory: Path) -> Path:
                              device="cpu")
     r = cfg.reward
     drm = build_drm(comps.transformer, n_drop=r.n_drop, head=r.head, head_dim=r.head_dim, init=r.init,
-                    latent_size=cfg.sampling.resolution // VAE_SCALE, seed=cfg.run.seed)
+                    latent_size=latent_size(cfg.model.preset, cfg.sampling.resolution), seed=cfg.run.seed)
     return drm.save_pretrained(directory)
 
 

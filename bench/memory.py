@@ -56,7 +56,7 @@ def prepare(cfg, work: Path) -> None:
     from drm_ray.workers.scorer import DRMScorer
 
     kw = model_kwargs(cfg.model, cfg.sampling)
-    prompts = load_prompts(cfg.data.prompts)
+    prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
     table = encode_prompt_table(prompts, cfg.sampling.negative_prompt, cfg.model.preset, kw)
     worker = RolloutWorker(cfg.model.preset, kw, lora_args(cfg), table, sampling_args(cfg), cfg.grpo.algo, 1)
     groups = PromptSampler(len(prompts), cfg.run.seed).next(cfg.grpo.prompts_per_iter)
@@ -122,7 +122,7 @@ def driver_role(cfg, work: Path, payload: dict) -> None:
     from drm_ray.tracking import Tracker
 
     kw = model_kwargs(cfg.model, cfg.sampling)
-    encode_prompt_table(load_prompts(cfg.data.prompts), cfg.sampling.negative_prompt, cfg.model.preset, kw)
+    encode_prompt_table(load_prompts(cfg.data.prompts, cfg.model.preset), cfg.sampling.negative_prompt, cfg.model.preset, kw)
     vae = build_components(cfg.model.preset, text=False, vae=True, device="cpu", **kw).vae
     tracker = Tracker(None, "drm-ray-bench-memory", work / "driver")
     rollouts = payload["rollouts"]

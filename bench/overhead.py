@@ -67,7 +67,7 @@ def run_single(args, out: Path) -> dict:
     torch.set_num_threads(1)
     g, s, kw = cfg.grpo, cfg.sampling, model_kwargs(cfg.model, cfg.sampling)
     branch = cfg.branch_steps()
-    prompts = load_prompts(cfg.data.prompts)
+    prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
     table = encode_prompt_table(prompts, s.negative_prompt, cfg.model.preset, kw)
     sampling = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level, "k": s.k,
                 "branch_steps": list(branch), "continuation": g.continuation}

@@ -45,7 +45,7 @@ from drm_ray.diffusion.sampling import decode_latents, initial_latents  # noqa: 
 from drm_ray.diffusion.stepwise import stepwise_sample  # noqa: E402
 from drm_ray.diversity import prompt_diversity  # noqa: E402
 from drm_ray.models.drm import build_drm  # noqa: E402
-from drm_ray.models.sd3 import VAE_SCALE, build_components, encode_prompts, model_kwargs  # noqa: E402
+from drm_ray.models.sd3 import build_components, encode_prompts, latent_size, model_kwargs  # noqa: E402
 from drm_ray.sample_driver import make_batches, plan_items  # noqa: E402
 from drm_ray.workers.scorer import DRMScorer  # noqa: E402
 
@@ -76,7 +76,7 @@ def get_drm(args, cfg, out: Path) -> tuple[Path, str]:
     comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, cfg.sampling), text=False, vae=False)
     r = cfg.reward
     drm = build_drm(comps.transformer, n_drop=r.n_drop, head=r.head, head_dim=r.head_dim, init=r.init,
-                    latent_size=cfg.sampling.resolution // VAE_SCALE, seed=cfg.run.seed)
+                    latent_size=latent_size(cfg.model.preset, cfg.sampling.resolution), seed=cfg.run.seed)
     return drm.save_pretrained(out / "untrained_drm"), "UNTRAINED DRM (scores meaningless)"
 
 
@@ -86,7 +86,7 @@ def run_k(comps, scorer, sigmas, cond, items, k: int, s, batch_size: int) -> tup
     latents, spreads, seconds = [], [], 0.0
     for idx in make_batches(len(items), batch_size):
         gens = [torch.Generator().manual_seed(items[i].seed) for i in idx]
-        x1 = initial_latents(len(idx), comps.transformer.config.in_channels, s.resolution // VAE_SCALE, gens,
+        x1 = initial_latents(len(idx), comps.transformer.config.in_channels, latent_size(cfg.model.preset, s.resolution), gens,
                              comps.transformer.device)
         rows = torch.tensor([items[i].prompt_index for i in idx])
         start = time.perf_counter()
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
 
     comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, s))
     scorer = DRMScorer(str(drm_dir), dtype=cfg.model.dtype)
-    scorer.check_compatible(dict(comps.transformer.config), s.resolution // VAE_SCALE)
-    prompts = load_prompts(args.prompts)[:args.num_prompts]
+    scorer.check_compatible(dict(comps.transformer.config), latent_size(cfg.model.preset, s.resolution))
+    prompts = load_prompts(args.prompts, cfg.model.preset)[:args.num_prompts]
     items = plan_items(prompts, args.seeds, cfg.run.seed)
     sigmas = schedule_sigmas(comps.scheduler, s.num_steps)
     embeds, pooled = encode_prompts(comps, prompts, cfg.model.max_sequence_length)  # [P, L, D], [P, P']

@@ -35,8 +35,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "tiny"                 # tiny: random-init SD3 architecture; sd35m: pre-trained weights from `path`
-    path: str | None = None              # sd35m: local diffusers directory or hub id
+    preset: str = "tiny"                 # tiny: random-init SD3 architecture; toy: the toy world's pre-trained model;
+                                         # sd35m: pre-trained weights from `path`
+    path: str | None = None              # sd35m: local diffusers directory or hub id; toy: jobs/pretrain_toy.py output
     dtype: str = "float32"               # float32 | bfloat16 | float16 (the flow math is float32 regardless)
     seed: int = 0                        # tiny: init seed, so every process builds the same weights
     num_layers: int = 4                  # tiny architecture; the DRM drops 3 blocks, so at least 4
@@ -54,7 +55,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    resolution: int = 64                 # pixels; latents are resolution / 8
+    resolution: int = 64                 # pixels; latents are resolution / 8 (toy: / 4)
     num_steps: int = 4                   # denoising steps for rollouts and step-wise sampling
     eval_num_steps: int = 4              # ODE steps for evaluation panels
     guidance_scale: float = 4.5          # CFG weight w; <= 1 disables CFG
@@ -75,6 +76,7 @@ class GRPOConfig:
     beta: float = 0.004                  # KL-to-reference weight
     adv_clip: float = 5.0
     eval_every: int = 5                  # image panel every N iterations
+    eval_panel_size: int = 8             # panel images: prompts in order (cycling), one fixed seed each
     checkpoint_every: int = 5
 
 
@@ -197,9 +199,11 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
             e.append(f"{name} = {value!r}: {rule}")
 
     m, s, g, r = c.model, c.sampling, c.grpo, c.reward
-    need(m.preset in ("tiny", "sd35m"), "model.preset", "must be one of tiny, sd35m", m.preset)
+    need(m.preset in ("tiny", "toy", "sd35m"), "model.preset", "must be one of tiny, toy, sd35m", m.preset)
     need(m.preset != "sd35m" or bool(m.path), "model.path", "is required for the sd35m preset "
          "(a local diffusers directory or a hub id)", m.path)
+    need(m.preset != "toy" or bool(m.path), "model.path", "is required for the toy preset (the directory "
+         "jobs/pretrain_toy.py writes)", m.path)
     need(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "must be float32, bfloat16 or float16", m.dtype)
     need(m.num_layers >= r.n_drop + 1, "model.num_layers", f"must exceed reward.n_drop ({r.n_drop})", m.num_layers)
     need(m.num_attention_heads > 0, "model.num_attention_heads", "must be > 0", m.num_attention_heads)
@@ -208,8 +212,9 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(c.lora.rank > 0, "lora.rank", "must be > 0", c.lora.rank)
     need(c.lora.alpha > 0, "lora.alpha", "must be > 0", c.lora.alpha)
     need(len(c.lora.target_modules) > 0, "lora.target_modules", "must name at least one module", c.lora.target_modules)
-    need(s.resolution > 0 and s.resolution % 16 == 0, "sampling.resolution", "must be a positive multiple of 16 "
-         "(VAE factor 8 times patch size 2)", s.resolution)
+    factor = 8 if m.preset == "toy" else 16
+    need(s.resolution > 0 and s.resolution % factor == 0, "sampling.resolution", f"must be a positive multiple of "
+         f"{factor} (VAE factor {factor // 2} times patch size 2)", s.resolution)
     need(s.num_steps >= 2, "sampling.num_steps", "must be >= 2", s.num_steps)
     need(s.eval_num_steps >= 1, "sampling.eval_num_steps", "must be >= 1", s.eval_num_steps)
     need(s.guidance_scale >= 0, "sampling.guidance_scale", "must be >= 0", s.guidance_scale)
@@ -235,6 +240,7 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(g.beta >= 0, "grpo.beta", "must be >= 0", g.beta)
     need(g.adv_clip > 0, "grpo.adv_clip", "must be > 0", g.adv_clip)
     need(g.eval_every > 0, "grpo.eval_every", "must be > 0", g.eval_every)
+    need(g.eval_panel_size > 0, "grpo.eval_panel_size", "must be > 0", g.eval_panel_size)
     need(g.checkpoint_every > 0, "grpo.checkpoint_every", "must be > 0", g.checkpoint_every)
     need(r.n_drop >= 0, "reward.n_drop", "must be >= 0", r.n_drop)
     need(r.head in ("mlp", "mean"), "reward.head", "must be mlp or mean", r.head)

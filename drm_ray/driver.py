@@ -25,10 +25,11 @@ import torch
 from drm_ray.algorithms.rl_batch import learner_batch, reward_stats, scoring_requests, split_scores
 from drm_ray.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, staging_dir
 from drm_ray.data.prompts import PromptSampler, load_prompts
+from drm_ray.diffusion.sampling import to_pil
 from drm_ray.dispatch import call_when_back, dispatch
 from drm_ray.models.lora import lora_checksum
 from drm_ray.runtime import init_ray
-from drm_ray.rl_setup import RLSetup
+from drm_ray.rl_setup import RLSetup, image_grid
 from drm_ray.tracking import Tracker
 
 
@@ -42,7 +43,7 @@ class StepGRPODriver:
             print(f"[step_grpo] WARNING: run.output_dir={cfg.run.output_dir} is relative on a multi-node cluster; "
                   "learner checkpoints land on each node's local disk and resume will not find them. Use a path "
                   "on shared storage (e.g. /shared/runs/...).", flush=True)
-        self.prompts = load_prompts(cfg.data.prompts)
+        self.prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
         resume = latest_checkpoint(self.out)
         self.state, resume_lora = load_checkpoint(resume) if resume else ({}, None)
         self.iteration = self.state.get("iteration", 0)
@@ -60,6 +61,10 @@ class StepGRPODriver:
             self.tracker.log_params(cfg.flat())
             self.tracker.log_text(cfg.to_yaml(), "config.yaml")
         self.restarts = {"rollout": 0, "scorer": 0}
+        # Cumulative work, for comparisons at equal compute: transformer forwards (CFG pair = 1) while sampling
+        # rollouts, DRM forwards while scoring them.
+        self.compute = self.state.get("compute", {"policy_forwards": 0, "drm_forwards": 0})
+        self.eval_history = self.state.get("eval_history", [])
         self.max_failures = max(1, cfg.rollout.max_restarts * (cfg.rollout.num_workers + cfg.rollout.num_scorers))
         self.rl = RLSetup(cfg, self.out, self.prompts, resume_dir=resume / "learner" if resume else None,
                           start_version=self.version)
@@ -87,6 +92,7 @@ class StepGRPODriver:
         groups = self.sampler.next(g.prompts_per_iter)
         rollouts = self.timed(t, "rollout", self.rollout, groups)
         child_scores, final_scores = self.timed(t, "score", self.score, rollouts)
+        self.count_compute(rollouts)
         batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
                                          g.adv_clip)
         self.iteration += 1
@@ -107,7 +113,7 @@ class StepGRPODriver:
         self.tracker.log_metrics(metrics, self.iteration)
         self.progress(metrics)
         if self.iteration % g.eval_every == 0 or self.iteration == g.iterations:
-            metrics["eval/drm_score"] = self.log_panel(self.iteration)
+            metrics.update(self.log_panel(self.iteration))
         if ckpt:
             self.checkpoint(ckpt)
         return metrics
@@ -168,6 +174,11 @@ class StepGRPODriver:
         if len(set(checksums)) != 1:
             raise RuntimeError(f"rollout workers disagree on LoRA v{version}: {checksums}")
 
+    def count_compute(self, rollouts) -> None:
+        trajectories = sum(r.final.shape[0] for r in rollouts)
+        self.compute["policy_forwards"] += trajectories * self.cfg.sampling.num_steps
+        self.compute["drm_forwards"] += self.candidates(rollouts) + trajectories
+
     @staticmethod
     def candidates(rollouts) -> int:
         return sum(r.children.shape[0] * r.children.shape[1] for r in rollouts)
@@ -179,17 +190,26 @@ class StepGRPODriver:
     def checkpoint(self, staging: Path) -> None:
         state = {"iteration": self.iteration, "version": self.version, "sampler": self.sampler.state(),
                  "torch_rng": torch.get_rng_state().tolist(), "mlflow_run_id": self.tracker.run_id,
-                 "algo": self.cfg.grpo.algo}
+                 "algo": self.cfg.grpo.algo, "compute": self.compute, "eval_history": self.eval_history}
         path = commit_checkpoint(self.out, self.iteration, staging, state, ray.get(self.lora_ref),
                                  self.rl.lora_cfg)
         print(f"[step_grpo] checkpoint {path}", flush=True)
 
-    def log_panel(self, step: int) -> float:
-        """ODE samples of the fixed evaluation prompts and seeds: mean DRM score (s = 0) and an image grid."""
-        score, grid = self.rl.eval_panel()
-        self.tracker.log_metrics({"eval/drm_score": score}, step)
-        self.tracker.log_image(grid, f"panel/iter_{step:06d}.png")
-        return score
+    def log_panel(self, step: int) -> dict:
+        """ODE samples of the fixed evaluation prompts and seeds: mean DRM score (s = 0), an image grid, and on the
+        toy preset the hidden oracle's grade of the same images."""
+        score, images = self.rl.eval_panel()
+        metrics = {"eval/drm_score": score}
+        if self.cfg.model.preset == "toy":
+            from drm_ray.toy.oracle import oracle_scores
+
+            graded = oracle_scores(images, [self.prompts[i] for i in self.rl.eval_prompts])
+            metrics.update({"eval/oracle_score": float(graded.score.mean()),
+                            "eval/oracle_correct": float(graded.correct.mean())})
+        self.tracker.log_metrics(metrics, step)
+        self.tracker.log_image(image_grid(to_pil(images)), f"panel/iter_{step:06d}.png")
+        self.eval_history.append({"iteration": step, **self.compute, **metrics})
+        return metrics
 
     def progress(self, m: dict) -> None:
         g = self.cfg.grpo
@@ -203,8 +223,9 @@ class StepGRPODriver:
         self.final_lora_checksum = lora_checksum(state)
         lora_dir = self.rl.save_lora(state, self.out / "lora")
         self.tracker.log_artifacts(lora_dir, "lora")
-        (self.out / "summary.json").write_text(json.dumps({"iteration": self.iteration, "version": self.version,
-                                                           "mlflow_run_id": self.tracker.run_id}, indent=2))
+        (self.out / "summary.json").write_text(json.dumps({
+            "iteration": self.iteration, "version": self.version, "algo": self.cfg.grpo.algo,
+            "mlflow_run_id": self.tracker.run_id, "compute": self.compute, "eval": self.eval_history}, indent=2))
         self.rl.shutdown()
         self.tracker.end()
         print(f"[step_grpo] done: LoRA in {lora_dir}, MLflow run {self.tracker.run_id} ({self.tracker.uri})",

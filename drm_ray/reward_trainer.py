@@ -19,7 +19,7 @@ import ray
 from ray.util.queue import Queue
 
 from drm_ray.data.cache import read_meta
-from drm_ray.models.sd3 import VAE_SCALE, model_kwargs
+from drm_ray.models.sd3 import latent_size, model_kwargs
 from drm_ray.tracking import Tracker
 from drm_ray.workers.drm_trainer import drm_train_loop
 
@@ -31,7 +31,8 @@ def train_loop_config(cfg, cache_dir: str | Path) -> dict:
     r = cfg.reward
     return dict(
         preset=cfg.model.preset, model_kwargs=model_kwargs(cfg.model, cfg.sampling), n_drop=r.n_drop,
-        head=r.head, head_dim=r.head_dim, init=r.init, latent_size=cfg.sampling.resolution // VAE_SCALE,
+        head=r.head, head_dim=r.head_dim, init=r.init, 
+        latent_size=latent_size(cfg.model.preset, cfg.sampling.resolution),
         seed=cfg.run.seed, lr=r.lr, batch_size=r.batch_size, train_steps=r.train_steps,
         zero_noise_prob=r.zero_noise_prob, shift=cfg.sampling.shift, log_every=r.log_every,
         checkpoint_every=r.checkpoint_every, zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16,

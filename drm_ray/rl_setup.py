@@ -15,15 +15,13 @@ import ray
 import torch
 
 from drm_ray.data.prompt_table import encode_prompt_table
-from drm_ray.diffusion.sampling import decode_latents, to_pil
+from drm_ray.diffusion.sampling import decode_latents
 from drm_ray.models.lora import save_lora_diffusers
-from drm_ray.models.sd3 import VAE_SCALE, load_vae, model_kwargs
+from drm_ray.models.sd3 import latent_size, load_vae, model_kwargs
 from drm_ray.placement import ensure_resources, learner_worker_resources, role_demands, rollout_actor_options
 from drm_ray.workers.learner_group import LearnerGroup
 from drm_ray.workers.rollout import RolloutWorker
 from drm_ray.workers.scorer import DRMScorer
-
-EVAL_PANEL_SIZE = 8
 
 
 class RLSetup:
@@ -51,7 +49,7 @@ class RLSetup:
             self.scorers[i % len(self.scorers)]) for i in range(ro.num_workers)]
         ray.get([a.ready.remote() for a in self.scorers + self.workers], timeout=ro.timeout_s)
         policy_cfg = ray.get(self.workers[0].transformer_config.remote(), timeout=ro.timeout_s)
-        ray.get(self.scorers[0].check_compatible.remote(policy_cfg, s.resolution // VAE_SCALE), timeout=ro.timeout_s)
+        ray.get(self.scorers[0].check_compatible.remote(policy_cfg, latent_size(m.preset, s.resolution)), timeout=ro.timeout_s)
         self.sigmas = ray.get(self.workers[0].schedule.remote(), timeout=ro.timeout_s)
 
         per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)
@@ -69,8 +67,8 @@ class RLSetup:
         self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
                                     max_failures=le.max_failures, resources_per_worker=resources)
 
-        n_eval = min(EVAL_PANEL_SIZE, len(prompts))
-        self.eval_prompts = list(range(n_eval))
+        n_eval = cfg.grpo.eval_panel_size
+        self.eval_prompts = [j % len(prompts) for j in range(n_eval)]
         self.eval_seeds = [cfg.run.seed + 10_000 + j for j in range(n_eval)]
         self.vae = load_vae(m.preset, m.path, s.resolution, m.seed)  # decodes the image panel on the driver
 
@@ -82,14 +80,14 @@ class RLSetup:
         task = ray.remote(encode_prompt_table).options(num_gpus=1, num_cpus=1)
         return ray.get(task.remote(*args), timeout=cfg.rollout.timeout_s)
 
-    def eval_panel(self):
-        """(mean DRM score at s = 0 of ODE samples of the panel, an image grid or None)."""
+    def eval_panel(self) -> tuple[float, torch.Tensor]:
+        """(mean DRM score at s = 0 of ODE samples of the panel, the images [N, 3, H, W] in [0, 1])."""
         ro = self.cfg.rollout
         latents = ray.get(self.workers[0].sample_panel.remote(self.eval_prompts, self.eval_seeds,
                                                               self.cfg.sampling.eval_num_steps), timeout=ro.timeout_s)
         scores = ray.get(self.scorers[0].score_indexed.remote(latents, torch.zeros(len(latents)),
                                                               torch.tensor(self.eval_prompts)), timeout=ro.timeout_s)
-        return scores.mean().item(), image_grid(to_pil(decode_latents(self.vae, latents)))
+        return scores.mean().item(), decode_latents(self.vae, latents)
 
     def save_lora(self, state: dict, directory: Path) -> Path:
         return save_lora_diffusers(state, directory, self.cfg.lora.rank, self.cfg.lora.alpha,
@@ -121,9 +119,11 @@ def resolve_drm(cfg, out: Path) -> Path:
     return train_drm(cfg, cache)
 
 
-def image_grid(images, columns: int = 4):
+def image_grid(images, columns: int | None = None):
+    """PIL images in a grid: `columns` wide, or about square (at least 4 wide)."""
     from PIL import Image
 
+    columns = columns or max(4, math.ceil(math.sqrt(len(images))))
     w, h = images[0].size
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (w * columns, h * rows))

@@ -12,13 +12,16 @@ WORKER_ENV = {
 }
 
 
+CPU_PRESETS = ("tiny", "toy")  # built in code or loaded from a local checkpoint; never a model hub
+
+
 def job_env(preset: str) -> None:
-    """Environment defaults for a job process; the tiny preset never touches a model hub."""
+    """Environment defaults for a job process; the CPU presets never touch a model hub."""
     for key, value in WORKER_ENV.items():
-        if key == "DS_ACCELERATOR" and preset != "tiny":
+        if key == "DS_ACCELERATOR" and preset not in CPU_PRESETS:
             continue
         os.environ.setdefault(key, value)
-    if preset == "tiny":
+    if preset in CPU_PRESETS:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> list:
 
     from drm_ray.data.preprocess import cache_dir_for, ensure_synthetic_cache, preprocess_pairs
     from drm_ray.models.drm import DiffusionRewardModel
-    from drm_ray.models.sd3 import VAE_SCALE, default_device, model_kwargs
+    from drm_ray.models.sd3 import default_device, latent_size, model_kwargs
     from drm_ray.reward_eval import accuracy_plot, evaluate_drm, format_table
     from drm_ray.tracking import Tracker
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> list:
     drm_dir = Path(args.drm or cfg.reward.drm_path or out / "drm")
     drm = DiffusionRewardModel.from_pretrained(drm_dir, device=default_device())
     kwargs = model_kwargs(cfg.model, cfg.sampling)
-    drm.check_compatible(drm.transformer_config, cfg.sampling.resolution // VAE_SCALE)
+    drm.check_compatible(drm.transformer_config, latent_size(cfg.model.preset, cfg.sampling.resolution))
     cache = args.cache
     if cache is None:
         init_ray()

@@ -88,7 +88,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, cfg.model.preset)
     import torch
 
     from drm_ray.models.sd3 import model_kwargs

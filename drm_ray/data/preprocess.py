@@ -34,7 +34,7 @@ from drm_ray.data.cache import CacheError, PairBatch, pair_rows, read_meta, writ
 from drm_ray.data.preferences import SCHEMA, PreferenceDataError, PreferenceReader, decode_pairs, read_row_group
 from drm_ray.data.synthetic import write_synthetic_parquet
 from drm_ray.diffusion.sampling import encode_images
-from drm_ray.models.sd3 import VAE_SCALE, build_components, default_device, encode_prompts
+from drm_ray.models.sd3 import build_components, latent_size, default_device, encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class PairEncoder:
     """
 
     def __init__(self, path: str, preset: str, model_kwargs: dict):
-        self.path = path
+        self.path, self.preset = path, preset
         self.resolution = model_kwargs["resolution"]
         self.max_sequence_length = model_kwargs["max_sequence_length"]
         # The device comes from torch, never from Ray's GPU ids (which are fake on CPU test clusters).
@@ -87,7 +87,7 @@ class PairEncoder:
                                                 self.resolution, on_bad_image="skip")  # [B', 3, R, R] each
         prompts = [str(p) for p in batch["prompt"]]
         embeds, pooled = encode_prompts(self.comps, prompts, self.max_sequence_length)  # [B, L, D], [B, P]
-        latent = self.resolution // VAE_SCALE
+        latent = latent_size(self.preset, self.resolution)
         latent_win = torch.zeros(len(rows), self.comps.vae.config.latent_channels, latent, latent)  # [B, C, h, w]
         latent_lose = torch.zeros_like(latent_win)  # rows in `skipped` stay zero
         if kept:

@@ -1,4 +1,4 @@
-"""Prompt sets: a text file (one prompt per line), a Parquet file with a `prompt` column, or the built-in set."""
+"""Prompt sets: a text file (one prompt per line), a Parquet file with a `prompt` column, or a preset's built-in set."""
 
 from __future__ import annotations
 
@@ -17,10 +17,18 @@ class PromptFileError(ValueError):
     """A prompt file that is missing, empty or unreadable; the message names the file."""
 
 
-def load_prompts(path: str | Path | None) -> list[str]:
-    """Prompts from `path` (.txt or .parquet), or the built-in set when `path` is None."""
+def builtin_prompts(preset: str = "tiny") -> list[str]:
+    """The built-in prompt set of a preset: the toy world's 90 captions for `toy`, else the tiny set."""
+    if preset == "toy":
+        from drm_ray.toy.world import caption_texts
+        return caption_texts()
+    return list(BUILTIN_PROMPTS)
+
+
+def load_prompts(path: str | Path | None, preset: str = "tiny") -> list[str]:
+    """Prompts from `path` (.txt or .parquet), or the preset's built-in set when `path` is None."""
     if path is None:
-        return list(BUILTIN_PROMPTS)
+        return builtin_prompts(preset)
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")

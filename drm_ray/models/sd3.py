@@ -4,16 +4,19 @@
   32, a 4-level VAE with 16 latent channels, two 2-layer CLIPs and a 2-layer T5). Tokenizers are built in code: a
   byte-level CLIP vocabulary (256 byte symbols, their `</w>` variants, start/end; no merges) and a character-level
   T5 unigram vocabulary. Nothing is downloaded.
+- `toy`: the toy world's pre-trained transformer, PCA patch codec and word-level text stack (drm_ray/toy/model.py;
+  a checkpoint written by jobs/pretrain_toy.py, loaded from model.path).
 - `sd35m`: Stable Diffusion 3.5-Medium through diffusers' / transformers' `from_pretrained` from a local directory
   or a hub id (standard subfolders).
 
-Prompt encoding goes through diffusers' own `StableDiffusion3Pipeline.encode_prompt`, so both presets produce SD3's
-`(prompt_embeds [B, 77 + T5 tokens, D], pooled [B, 2 * clip_proj])` exactly as the stock pipeline does.
+Prompt encoding goes through diffusers' own `StableDiffusion3Pipeline.encode_prompt`, so every preset produces SD3's
+`(prompt_embeds [B, CLIP tokens (77; toy 16) + T5 tokens, D], pooled [B, 2 * clip_proj])` as the stock pipeline does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -23,13 +26,13 @@ from transformers import (
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLIP_MAX_LENGTH = 77
-VAE_SCALE = 8  # pixels per latent cell for every SD3 VAE
+VAE_SCALE = 8  # pixels per latent cell for every SD3 VAE (the toy preset's codec: 4; see vae_scale)
 
 
 @dataclass
 class SD3Components:
     transformer: SD3Transformer2DModel
-    vae: AutoencoderKL | None
+    vae: AutoencoderKL | None             # or the toy preset's PatchPCACodec
     text_encoder: CLIPTextModelWithProjection | None
     text_encoder_2: CLIPTextModelWithProjection | None
     text_encoder_3: T5EncoderModel | None
@@ -40,8 +43,9 @@ class SD3Components:
 
     def pipeline(self) -> StableDiffusion3Pipeline:
         """A stock diffusers pipeline over these modules (shares the weights, copies nothing)."""
+        vae = self.vae if isinstance(self.vae, AutoencoderKL) else None  # the toy codec is not a diffusers VAE
         return StableDiffusion3Pipeline(
-            transformer=self.transformer, scheduler=self.scheduler, vae=self.vae,
+            transformer=self.transformer, scheduler=self.scheduler, vae=vae,
             text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
             text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3,
@@ -94,11 +98,27 @@ def _seeded(seed: int, build):
         return build()
 
 
+def tiny_text_encoders(seed: int, clip_vocab: int = 514, t5_vocab: int = 98,
+                       clip_length: int = CLIP_MAX_LENGTH) -> dict:
+    """Seeded random-init CLIP-with-projection x2 (hidden 32, projection 32) and T5 (d_model 64), 2 layers each."""
+    def clip_config():
+        return CLIPTextConfig(vocab_size=clip_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, projection_dim=32, max_position_embeddings=clip_length,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+    return dict(
+        text_encoder=_seeded(seed + 2, lambda: CLIPTextModelWithProjection(clip_config())),
+        text_encoder_2=_seeded(seed + 3, lambda: CLIPTextModelWithProjection(clip_config())),
+        text_encoder_3=_seeded(seed + 4, lambda: T5EncoderModel(T5Config(
+            vocab_size=t5_vocab, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))),
+    )
+
+
 def build_tiny(seed: int = 0, num_layers: int = 4, num_attention_heads: int = 2, attention_head_dim: int = 16,
                resolution: int = 64, max_sequence_length: int = 32, text: bool = True, vae: bool = True,
                shift: float = 3.0) -> SD3Components:
     """Seeded random-init SD3 components; the same arguments give bit-identical weights in every process."""
-    clip_hidden, clip_proj, t5_dim = 32, 32, 64
+    clip_proj, t5_dim = 32, 64
     width = num_attention_heads * attention_head_dim
     latent = resolution // VAE_SCALE
     transformer = _seeded(seed, lambda: SD3Transformer2DModel(
@@ -117,16 +137,7 @@ def build_tiny(seed: int = 0, num_layers: int = 4, num_attention_heads: int = 2,
             shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
         ))
     if text:
-        def clip_config():
-            return CLIPTextConfig(vocab_size=514, hidden_size=clip_hidden, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, projection_dim=clip_proj,
-                                  max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=0, eos_token_id=1,
-                                  pad_token_id=1, hidden_act="gelu")
-        parts["text_encoder"] = _seeded(seed + 2, lambda: CLIPTextModelWithProjection(clip_config()))
-        parts["text_encoder_2"] = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(clip_config()))
-        parts["text_encoder_3"] = _seeded(seed + 4, lambda: T5EncoderModel(T5Config(
-            vocab_size=98, d_model=t5_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
-            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)))
+        parts.update(tiny_text_encoders(seed))
         parts["tokenizer"] = tiny_clip_tokenizer()
         parts["tokenizer_2"] = tiny_clip_tokenizer()
         parts["tokenizer_3"] = tiny_t5_tokenizer(max_sequence_length)
@@ -168,6 +179,9 @@ def load_vae(preset: str, path: str | None, resolution: int = 64, seed: int = 0)
     """The preset's VAE alone, float32 on CPU (the driver decodes image panels with it; no transformer is built)."""
     if preset == "tiny":
         return build_tiny(seed=seed, resolution=resolution, text=False).vae
+    if preset == "toy":
+        from drm_ray.toy.model import load_codec
+        return load_codec(path)
     return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval()
 
 
@@ -182,12 +196,17 @@ def build_components(preset: str, *, path: str | None = None, dtype: str = "floa
                            max_sequence_length=max_sequence_length, text=text, vae=vae, shift=shift)
         if dtype != "float32":
             comps.transformer.to(torch_dtype(dtype))
+    elif preset == "toy":
+        from drm_ray.toy.model import build_toy
+        comps = build_toy(path, seed=seed, max_sequence_length=max_sequence_length, shift=shift, text=text, vae=vae)
+        if dtype != "float32":
+            comps.transformer.to(torch_dtype(dtype))
     elif preset == "sd35m":
         if not path:
             raise ValueError("model.path is required for the sd35m preset")
         comps = load_pretrained(path, dtype=torch_dtype(dtype), text=text, vae=vae)
     else:
-        raise ValueError(f"unknown model preset {preset!r} (expected tiny or sd35m)")
+        raise ValueError(f"unknown model preset {preset!r} (expected tiny, toy or sd35m)")
     device = torch.device(device) if device is not None else default_device()
     for module in (comps.transformer, comps.vae, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3):
         if module is not None:
@@ -195,9 +214,23 @@ def build_components(preset: str, *, path: str | None = None, dtype: str = "floa
     return comps
 
 
+def vae_scale(preset: str) -> int:
+    """Pixels per latent cell: 8 for SD3 VAEs, 4 for the toy preset's patch codec."""
+    return 4 if preset == "toy" else VAE_SCALE
+
+
+def latent_size(preset: str, resolution: int) -> int:
+    return resolution // vae_scale(preset)
+
+
 def model_kwargs(model_cfg, sampling_cfg) -> dict:
-    """`build_components` arguments from the config sections (the one place that reads them)."""
-    return dict(path=model_cfg.path, dtype=model_cfg.dtype, seed=model_cfg.seed, num_layers=model_cfg.num_layers,
+    """`build_components` arguments from the config sections (the one place that reads them).
+
+    A relative local model.path becomes absolute here, on the driver, so actors started elsewhere find it."""
+    path = model_cfg.path
+    if path and model_cfg.preset == "toy":
+        path = str(Path(path).resolve())
+    return dict(path=path, dtype=model_cfg.dtype, seed=model_cfg.seed, num_layers=model_cfg.num_layers,
                 num_attention_heads=model_cfg.num_attention_heads, attention_head_dim=model_cfg.attention_head_dim,
                 resolution=sampling_cfg.resolution, max_sequence_length=model_cfg.max_sequence_length,
                 shift=sampling_cfg.shift)

@@ -20,7 +20,7 @@ from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.diffusion.rollout import branching_rollout
 from drm_ray.diffusion.sampling import denoise, initial_latents
 from drm_ray.models.lora import add_lora, load_lora_state, lora_checksum, lora_state
-from drm_ray.models.sd3 import VAE_SCALE, build_components
+from drm_ray.models.sd3 import build_components, latent_size
 
 
 @dataclass
@@ -60,7 +60,7 @@ class RolloutWorker:
         self.algo = algo
         self.sigmas = schedule_sigmas(comps.scheduler, sampling["num_steps"])
         self.scheduler = comps.scheduler
-        self.latent_size = model_kwargs["resolution"] // VAE_SCALE
+        self.latent_size = latent_size(preset, model_kwargs["resolution"])
         self.scorer = scorer
         self.version = -1  # no adapter state loaded from the learner yet
 

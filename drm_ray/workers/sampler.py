@@ -21,7 +21,7 @@ import torch
 from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.diffusion.sampling import decode_latents, initial_latents
 from drm_ray.diffusion.stepwise import stepwise_sample
-from drm_ray.models.sd3 import VAE_SCALE, build_components, encode_prompts
+from drm_ray.models.sd3 import build_components, encode_prompts, latent_size
 
 
 class Scorer(Protocol):
@@ -92,7 +92,7 @@ class StepwiseSampler:
             raise ValueError(f"k={k} needs a DRM scorer (--drm): it picks the best of the k children")
         self.comps = build_components(preset, **model_kwargs)
         self.max_sequence_length = model_kwargs["max_sequence_length"]
-        self.latent_size = model_kwargs["resolution"] // VAE_SCALE
+        self.latent_size = latent_size(preset, model_kwargs["resolution"])
         self.sigmas = schedule_sigmas(self.comps.scheduler, num_steps)
         self.k, self.noise_level, self.guidance_scale = k, noise_level, guidance_scale
         self.scorer = scorer

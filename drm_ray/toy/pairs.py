@@ -1,0 +1,77 @@
+"""Oracle-labelled preference pairs from the pre-trained toy model's own samples (the DRM's training data).
+
+For every caption the model draws `samples_per_caption` images (ODE sampling with CFG from different seeds, the
+distribution a policy starts RL from); the oracle grades each; pairs are drawn at random within a caption and kept
+when the oracle scores differ by more than `margin` (closer pairs are label noise, and the DRM trainer drops ties).
+The winner is the higher-scored image. Samples depend only on (seed, caption index, sample index), pairs only on
+(seed, caption index), so a set is deterministic per seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drm_ray.data.preferences import image_to_bytes, write_preference_parquet
+from drm_ray.diffusion.flow import schedule_sigmas
+from drm_ray.diffusion.sampling import decode_latents, denoise, initial_latents, to_pil
+from drm_ray.models.sd3 import encode_prompts, latent_size
+from drm_ray.toy.oracle import oracle_scores
+from drm_ray.toy.world import RESOLUTION, caption_texts
+
+SOURCE = "toy_oracle"
+
+
+@torch.no_grad()
+def sample_captions(comps, captions: list[str], samples_per_caption: int, seed: int, num_steps: int,
+                    guidance_scale: float, max_sequence_length: int, noise_level: float = 0.0) -> torch.Tensor:
+    """Images [len(captions), samples_per_caption, 3, H, W] in [0, 1] from the model in `comps`."""
+    embeds, pooled = encode_prompts(comps, captions, max_sequence_length)     # [P, L, D], [P, P']
+    neg, neg_pooled = encode_prompts(comps, [""], max_sequence_length)
+    n = len(captions)
+    sigmas = schedule_sigmas(comps.scheduler, num_steps)
+    out = []
+    for j in range(samples_per_caption):
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + p * 1_009 + j) for p in range(n)]
+        x1 = initial_latents(n, comps.transformer.config.in_channels, latent_size("toy", RESOLUTION), gens)
+        lat = denoise(comps.transformer, sigmas, embeds, pooled, neg.expand(n, -1, -1), neg_pooled.expand(n, -1),
+                      guidance_scale, noise_level, x1, gens if noise_level > 0 else None)
+        out.append(decode_latents(comps.vae, lat))
+    return torch.stack(out, dim=1)
+
+
+def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: int, margin: float,
+                 seed: int) -> tuple[list[dict], dict]:
+    """Preference rows from images [P, S, 3, H, W] graded by the oracle, and statistics of the labelling."""
+    p, s = images.shape[:2]
+    scores = oracle_scores(images.flatten(0, 1), [c for c in captions for _ in range(s)]).score.reshape(p, s)
+    rows, considered = [], 0
+    for ci, caption in enumerate(captions):
+        rng = np.random.default_rng([seed, ci])
+        pil = None
+        for _ in range(pairs_per_caption):
+            a, b = rng.choice(s, size=2, replace=False)
+            considered += 1
+            if abs(scores[ci, a] - scores[ci, b]) <= margin:
+                continue
+            win, lose = (a, b) if scores[ci, a] > scores[ci, b] else (b, a)
+            pil = pil or to_pil(images[ci])
+            rows.append({"prompt": caption, "image_win": image_to_bytes(pil[win]),
+                         "image_lose": image_to_bytes(pil[lose]), "source": SOURCE, "tie": False})
+    stats = {"images": p * s, "oracle_mean": float(scores.mean()), "oracle_std": float(scores.std()),
+             "pairs": len(rows), "pairs_considered": considered, "margin": margin}
+    return rows, stats
+
+
+def write_oracle_pairs(path: str | Path, comps, *, samples_per_caption: int, pairs_per_caption: int, seed: int,
+                       num_steps: int, guidance_scale: float, max_sequence_length: int,
+                       margin: float = 0.05) -> dict:
+    """Sample, grade, pair and write a preference Parquet at `path`; returns the labelling statistics."""
+    captions = caption_texts()
+    images = sample_captions(comps, captions, samples_per_caption, seed, num_steps, guidance_scale,
+                             max_sequence_length)
+    rows, stats = oracle_pairs(images, captions, pairs_per_caption, margin, seed)
+    write_preference_parquet(path, rows)
+    return stats

@@ -1,0 +1,133 @@
+"""The toy world's scenes: captions over a small vocabulary and the 32x32 images that show them, made in code.
+
+A scene is one shape at a named position ("a red circle on the left") or two shapes of one kind anywhere
+("two blue squares"): 5 colours x 3 shapes x (5 positions + a count of two) = 90 captions. Images are drawn on a
+black background with 4x supersampled anti-aliasing; size, exact position (jitter around the named anchor) and a
+faint colour jitter vary per image. Scene i of a seed depends only on (seed, i), so a dataset is deterministic per
+seed and a longer one extends a shorter one.
+
+The vocabulary is the single source of truth for the dataset, the oracle (drm_ray/toy/oracle.py) and the toy
+tokenizers (drm_ray/toy/model.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RESOLUTION = 32
+SUPERSAMPLE = 4
+BACKGROUND = (0.0, 0.0, 0.0)
+COLOURS = {  # far apart in RGB, so the oracle's nearest-palette-colour test is unambiguous
+    "red": (0.90, 0.10, 0.10), "green": (0.10, 0.80, 0.15), "blue": (0.15, 0.30, 1.00),
+    "yellow": (0.95, 0.90, 0.10), "white": (0.95, 0.95, 0.95),
+}
+SHAPES = ("circle", "square", "triangle")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+POSITIONS = {  # name -> (phrase, anchor (x, y) in pixels of the 32x32 image)
+    "left": ("on the left", (8.0, 16.0)), "right": ("on the right", (24.0, 16.0)),
+    "top": ("at the top", (16.0, 8.0)), "bottom": ("at the bottom", (16.0, 24.0)),
+    "center": ("in the center", (16.0, 16.0)),
+}
+JITTER = 2.0           # pixels around the anchor
+SIZE_RANGE = (4.0, 6.0)  # half-extent of a single shape, pixels
+PAIR_SIZE_RANGE = (3.0, 4.5)
+
+
+@dataclass(frozen=True)
+class Caption:
+    colour: str
+    shape: str
+    position: str | None  # None for a count of two
+    count: int
+
+    @property
+    def text(self) -> str:
+        if self.count == 2:
+            return f"two {self.colour} {PLURAL[self.shape]}"
+        return f"a {self.colour} {self.shape} {POSITIONS[self.position][0]}"
+
+
+def all_captions() -> list[Caption]:
+    """The 90 captions in a fixed order."""
+    out = [Caption(c, s, p, 1) for c in COLOURS for s in SHAPES for p in POSITIONS]
+    return out + [Caption(c, s, None, 2) for c in COLOURS for s in SHAPES]
+
+
+def caption_texts() -> list[str]:
+    return [c.text for c in all_captions()]
+
+
+def parse_caption(text: str) -> Caption:
+    """The inverse of `Caption.text`; a ValueError names a caption outside the toy vocabulary."""
+    for cap in all_captions():
+        if cap.text == text.strip():
+            return cap
+    raise ValueError(f"{text!r} is not a toy-world caption (see drm_ray.toy.world.all_captions)")
+
+
+def vocabulary() -> list[str]:
+    """Every word of every caption."""
+    words = sorted({w for t in caption_texts() for w in t.split()})
+    return words
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+
+_GRID = (np.arange(RESOLUTION * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # supersampled pixel centres, in pixels
+
+
+def shape_mask(shape: str, cx: float, cy: float, half: float) -> np.ndarray:
+    """Anti-aliased coverage [32, 32] in [0, 1] of a shape centred at (cx, cy) with half-extent `half`."""
+    x, y = np.meshgrid(_GRID, _GRID)  # [4H, 4W]
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        inside = dx ** 2 + dy ** 2 <= half ** 2
+    elif shape == "square":
+        inside = (np.abs(dx) <= half * 0.9) & (np.abs(dy) <= half * 0.9)  # same area scale as the circle
+    elif shape == "triangle":  # pointing up: apex at the top, base at the bottom
+        t = (dy + half) / (2 * half)  # 0 at the apex row, 1 at the base row
+        inside = (t >= 0) & (t <= 1) & (np.abs(dx) <= t * half)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    s = SUPERSAMPLE
+    return inside.reshape(RESOLUTION, s, RESOLUTION, s).mean(axis=(1, 3))
+
+
+def _paint(canvas: np.ndarray, mask: np.ndarray, colour) -> None:
+    canvas *= 1 - mask[..., None]
+    canvas += mask[..., None] * np.asarray(colour, dtype=np.float64)
+
+
+def render_scene(cap: Caption, rng: np.random.Generator) -> np.ndarray:
+    """A float image [32, 32, 3] in [0, 1] that shows `cap`, with random size, jitter and colour jitter."""
+    canvas = np.zeros((RESOLUTION, RESOLUTION, 3)) + np.asarray(BACKGROUND)
+    colour = np.clip(np.asarray(COLOURS[cap.colour]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
+    if cap.count == 1:
+        ax, ay = POSITIONS[cap.position][1]
+        cx, cy = ax + rng.uniform(-JITTER, JITTER), ay + rng.uniform(-JITTER, JITTER)
+        _paint(canvas, shape_mask(cap.shape, cx, cy, rng.uniform(*SIZE_RANGE)), colour)
+        return canvas
+    halves = rng.uniform(*PAIR_SIZE_RANGE, size=2)
+    for _ in range(100):  # two shapes apart from each other, inside the frame
+        centres = rng.uniform(6, RESOLUTION - 6, size=(2, 2))
+        if np.linalg.norm(centres[0] - centres[1]) > halves.sum() + 4:
+            break
+    for (cx, cy), half in zip(centres, halves):
+        _paint(canvas, shape_mask(cap.shape, cx, cy, half), colour)
+    return canvas
+
+
+def scene(seed: int, index: int) -> tuple[Caption, np.ndarray]:
+    """Scene `index` of dataset `seed`: a uniformly drawn caption and an image of it."""
+    rng = np.random.default_rng([seed, index])
+    caps = all_captions()
+    cap = caps[int(rng.integers(len(caps)))]
+    return cap, render_scene(cap, rng)
+
+
+def scene_batch(seed: int, start: int, count: int) -> tuple[list[str], np.ndarray]:
+    """Scenes start..start+count-1 as (caption texts, images [N, 32, 32, 3] float32 in [0, 1])."""
+    caps, images = zip(*(scene(seed, i) for i in range(start, start + count)))
+    return [c.text for c in caps], np.stack(images).astype(np.float32)

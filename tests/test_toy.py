@@ -1,0 +1,176 @@
+"""The toy world: scenes, the pixel oracle, the PCA codec, word-level tokenizers, checkpoints of the toy preset."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from drm_ray.toy.oracle import label_components, oracle_scores
+from drm_ray.toy.world import (
+    COLOURS, Caption, all_captions, caption_texts, parse_caption, render_scene, scene_batch, shape_mask,
+)
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(tmp_path_factory):
+    """A toy checkpoint from a few pre-training steps (weak, but in the real format the toy preset loads)."""
+    from drm_ray.toy.pretrain import pretrain_toy
+
+    path = tmp_path_factory.mktemp("toy") / "pretrained"
+    meta = pretrain_toy(path, steps=3, dataset_size=128, codec_images=256, eval_steps=2, eval_seeds=1, warmup=1)
+    return path, meta
+
+
+def _image(colour="red", shape="circle", x=8.0, y=16.0, half=5.0):
+    canvas = np.zeros((32, 32, 3))
+    m = shape_mask(shape, x, y, half)[..., None]
+    return canvas * (1 - m) + m * np.asarray(COLOURS[colour])
+
+
+def test_captions_cover_the_vocabulary_and_parse_back():
+    caps = all_captions()
+    assert len(caps) == 90 and len(set(caption_texts())) == 90
+    assert all(parse_caption(c.text) == c for c in caps)
+    assert Caption("red", "circle", "left", 1).text == "a red circle on the left"
+    assert Caption("blue", "square", None, 2).text == "two blue squares"
+    with pytest.raises(ValueError, match="not a toy-world caption"):
+        parse_caption("a purple hexagon")
+
+
+def test_dataset_generator_is_deterministic_per_seed_and_extends():
+    caps_a, img_a = scene_batch(7, 0, 20)
+    caps_b, img_b = scene_batch(7, 0, 20)
+    caps_c, img_c = scene_batch(7, 10, 10)
+    caps_d, img_d = scene_batch(8, 0, 20)
+    assert caps_a == caps_b and np.array_equal(img_a, img_b)
+    assert caps_a[10:] == caps_c and np.array_equal(img_a[10:], img_c)  # scene i depends only on (seed, i)
+    assert not np.array_equal(img_a, img_d)
+    assert img_a.shape == (20, 32, 32, 3) and img_a.dtype == np.float32 and 0 <= img_a.min() <= img_a.max() <= 1
+
+
+def test_oracle_orders_hand_made_images():
+    cap = ["a red circle on the left"]
+    right = oracle_scores(_image()[None], cap)
+    assert right.correct[0] and right.score[0] > 0.95
+    candidates = {
+        "slightly off position": _image(x=12.0),                         # 4 px from the anchor
+        "wrong position": _image(x=24.0),                                # the right anchor
+        "wrong shape": _image(shape="square"),
+        "wrong colour": _image(colour="blue"),
+        "blurred": np.clip(_image() * 0.5 + 0.1, 0, 1),                  # washed-out colour: off the palette
+        "empty": np.zeros((32, 32, 3)),
+    }
+    s = {k: float(oracle_scores(v[None], cap).score[0]) for k, v in candidates.items()}
+    assert right.score[0] > s["slightly off position"] > s["wrong position"] > s["wrong colour"]
+    assert s["wrong position"] > s["wrong colour"] and s["wrong shape"] > s["wrong colour"]
+    assert s["wrong colour"] < 0.3 and s["blurred"] < 0.3 and s["empty"] <= 0.25
+    assert not any(oracle_scores(v[None], cap).correct[0] for k, v in candidates.items() if k != "slightly off position")
+    # counts: two circles satisfy "two red circles", one does not
+    two = np.maximum(_image(x=8.0, y=8.0, half=4), _image(x=24.0, y=24.0, half=4))
+    r = oracle_scores(np.stack([two, _image(half=4)]), ["two red circles"] * 2)
+    assert r.correct.tolist() == [True, False] and r.placement.tolist() == [1.0, 0.5]
+
+
+def test_oracle_grades_the_dataset_as_nearly_perfect_and_mismatched_captions_low():
+    caps, imgs = scene_batch(3, 0, 200)
+    good = oracle_scores(imgs, caps)
+    shuffled = [caps[(i + 1) % len(caps)] for i in range(len(caps))]
+    bad = oracle_scores(imgs, shuffled)
+    assert good.correct.mean() > 0.97 and good.score.mean() > 0.95
+    assert bad.score.mean() < good.score.mean() - 0.2
+    # channels-first tensors are accepted too
+    assert np.allclose(oracle_scores(torch.from_numpy(imgs[:4]).permute(0, 3, 1, 2), caps[:4]).score, good.score[:4])
+
+
+def test_connected_components():
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[0:2, 0:2] = True
+    mask[4:6, 3:6] = True
+    mask[3, 0] = True
+    labels, n = label_components(mask)
+    assert n == 3 and sorted(np.bincount(labels.ravel())[1:].tolist()) == [1, 4, 6]
+
+
+def test_codec_round_trip():
+    from drm_ray.diffusion.sampling import decode_latents, encode_images
+    from drm_ray.toy.codec import fit_codec
+
+    _, imgs = scene_batch(1, 0, 256)
+    codec, kept = fit_codec(imgs)
+    x = torch.from_numpy(imgs[:16]).permute(0, 3, 1, 2)
+    z = encode_images(codec, x)
+    assert z.shape == (16, 16, 8, 8) and kept > 0.95
+    rmse = (decode_latents(codec, z) - x).pow(2).mean().sqrt()
+    assert rmse < 0.05
+    zz = torch.randn(2, 16, 8, 8)  # decode is linear, encode its left inverse (before clamping to [0, 1])
+    raw = codec.decode(zz * 1e-3, return_dict=False)[0]
+    assert torch.allclose(codec.encode(raw).latent_dist.mode(), zz * 1e-3, atol=1e-5)
+
+
+def test_toy_tokenizers_are_word_level():
+    from drm_ray.toy.model import toy_clip_tokenizer, toy_t5_tokenizer
+
+    clip, t5 = toy_clip_tokenizer(), toy_t5_tokenizer(16)
+    for text in caption_texts():
+        assert len(clip.tokenize(text)) == len(text.split()) == len(t5.tokenize(text))
+    assert len(clip("two white triangles").input_ids) == 5  # start, 3 words, end
+
+
+def test_toy_preset_loads_the_checkpoint_and_samples(toy_ckpt):
+    from diffusers import SD3Transformer2DModel
+
+    from drm_ray.config import load_config
+    from drm_ray.diffusion.flow import schedule_sigmas
+    from drm_ray.diffusion.sampling import decode_latents, denoise, initial_latents
+    from drm_ray.models.sd3 import build_components, encode_prompts, latent_size, model_kwargs
+
+    path, meta = toy_ckpt
+    assert json.loads((path / "toy_meta.json").read_text())["training"]["steps"] == 3
+    assert 0 <= meta["samples"]["oracle_mean"] <= 1 and meta["codec"]["variance_kept"] > 0.9
+    cfg = load_config("toy", [f"model.path={path}"])
+    comps = build_components("toy", device="cpu", **model_kwargs(cfg.model, cfg.sampling))
+    saved = SD3Transformer2DModel.from_pretrained(path / "transformer")
+    assert all(torch.equal(a, b) for a, b in zip(comps.transformer.state_dict().values(),
+                                                 saved.state_dict().values()))
+    assert comps.transformer.config.num_layers == cfg.model.num_layers
+    prompts = ["a red circle on the left", "two blue squares"]
+    embeds, pooled = encode_prompts(comps, prompts, cfg.model.max_sequence_length)
+    neg, neg_pooled = encode_prompts(comps, ["", ""], cfg.model.max_sequence_length)
+    assert embeds.shape == (2, 32, 64)  # 16 CLIP + 16 T5 tokens
+    size = latent_size("toy", cfg.sampling.resolution)
+    x1 = initial_latents(2, 16, size, torch.Generator().manual_seed(0))
+    lat = denoise(comps.transformer, schedule_sigmas(comps.scheduler, 3), embeds, pooled, neg, neg_pooled, 4.5,
+                  0.7, x1, torch.Generator().manual_seed(1))
+    images = decode_latents(comps.vae, lat)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert oracle_scores(images, prompts).score.shape == (2,)
+
+
+def test_toy_preset_without_checkpoint_says_how_to_make_one(tmp_path):
+    from drm_ray.config import ConfigError, load_config
+    from drm_ray.models.sd3 import build_components, model_kwargs
+    from drm_ray.toy.model import ToyCheckpointError
+
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config("toy", ["model.path=null"])
+    cfg = load_config("toy", [f"model.path={tmp_path / 'missing'}"])
+    with pytest.raises(ToyCheckpointError, match="pretrain_toy.py"):
+        build_components("toy", device="cpu", **model_kwargs(cfg.model, cfg.sampling))
+
+
+def test_oracle_pairs_prefer_the_higher_grade():
+    from drm_ray.toy.pairs import oracle_pairs
+
+    good = torch.from_numpy(render_scene(parse_caption("a red circle on the left"), np.random.default_rng(0)))
+    bad = torch.zeros_like(good)
+    images = torch.stack([good, bad, good * 0.5]).permute(0, 3, 1, 2)[None]  # [1 caption, 3 samples, 3, H, W]
+    rows, stats = oracle_pairs(images, ["a red circle on the left"], pairs_per_caption=20, margin=0.05, seed=0)
+    assert stats["pairs"] == len(rows) > 0 and stats["pairs_considered"] == 20
+    for r in rows:
+        win, lose = (np.asarray(Image.open(io.BytesIO(r[c])).convert("RGB"), dtype=np.float64) / 255
+                     for c in ("image_win", "image_lose"))
+        graded = oracle_scores(np.stack([win, lose]), [r["prompt"]] * 2).score
+        assert graded[0] > graded[1] + 0.05
