@@ -25,6 +25,7 @@ measured ratio does not follow block counts: fixed per-call costs (embeddings, t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -80,14 +81,14 @@ def get_drm(args, cfg, out: Path) -> tuple[Path, str]:
     return drm.save_pretrained(out / "untrained_drm"), "UNTRAINED DRM (scores meaningless)"
 
 
-def run_k(comps, scorer, sigmas, cond, items, k: int, s, batch_size: int) -> tuple[float, torch.Tensor, dict]:
+def run_k(comps, scorer, sigmas, cond, items, k: int, s, batch_size: int,
+          size: int) -> tuple[float, torch.Tensor, dict]:
     """Denoise every item with k candidates: (denoising seconds, final latents [N, C, h, w], step stats)."""
     embeds, pooled, neg, neg_pooled = cond
     latents, spreads, seconds = [], [], 0.0
     for idx in make_batches(len(items), batch_size):
         gens = [torch.Generator().manual_seed(items[i].seed) for i in idx]
-        x1 = initial_latents(len(idx), comps.transformer.config.in_channels, latent_size(cfg.model.preset, s.resolution), gens,
-                             comps.transformer.device)
+        x1 = initial_latents(len(idx), comps.transformer.config.in_channels, size, gens, comps.transformer.device)
         rows = torch.tensor([items[i].prompt_index for i in idx])
         start = time.perf_counter()
         res = stepwise_sample(comps.transformer, sigmas, embeds[rows], pooled[rows], x1, k=k,
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per k; the least is reported")
     parser.add_argument("--out", default=None, help="work directory (default <run.output_dir>/bench_stepwise)")
+    parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
     args = parser.parse_intermixed_args(argv)
     ks = [int(v) for v in args.ks.split(",")]
     if min(ks) < 1 or args.num_prompts < 1 or args.seeds < 2 or args.repeats < 1:
@@ -136,25 +138,46 @@ def main(argv: list[str] | None = None) -> None:
     n_blocks, n_drm = comps.transformer.config.num_layers, len(scorer.drm.blocks)
     cfg_latents = 2 if s.guidance_scale > 1 else 1
 
-    run_k(comps, scorer, sigmas, cond, items[:2], max(ks), s, args.batch_size)  # warm-up
-    table, first = [], None
+    size = latent_size(cfg.model.preset, s.resolution)
+    run_k(comps, scorer, sigmas, cond, items[:2], max(ks), s, args.batch_size, size)  # warm-up
+    table, first, first_images = [], None, None
     for k in ks:
         times = []
         for _ in range(args.repeats):
-            seconds, latents, stats = run_k(comps, scorer, sigmas, cond, items, k, s, args.batch_size)
+            seconds, latents, stats = run_k(comps, scorer, sigmas, cond, items, k, s, args.batch_size, size)
             times.append(seconds)
         final = scorer.score(latents, torch.zeros(len(items)), embeds[rows_all], pooled[rows_all])  # [N]
         first = final if first is None else first
         gain = final - first                                                 # [N], paired with the first k
         images = torch.cat([decode_latents(comps.vae, latents[lo:lo + 16]) for lo in range(0, len(items), 16)])
         div = prompt_diversity(images, [it.prompt_index for it in items])
-        table.append(dict(k=k, t=min(times) / len(items), implied=implied_ratio(k, n_blocks, n_drm, s.num_steps,
+        captions = [prompts[it.prompt_index] for it in items]
+        table.append(oracle_columns(cfg.model.preset, images, captions, first_images))
+        first_images = images if first_images is None else first_images
+        table[-1].update(dict(k=k, t=min(times) / len(items), implied=implied_ratio(k, n_blocks, n_drm, s.num_steps,
                                                                                 cfg_latents),
                           score=float(final.mean()), sem=float(final.std() / len(final) ** 0.5),
                           gain=float(gain.mean()), gain_sem=float(gain.std() / len(gain) ** 0.5),
                           spread=stats["spread"], rms=div["diversity/pairwise_rms"],
                           dssim=div["diversity/one_minus_ssim"]))
     print_table(table, cfg, args, drm_note, n_blocks, n_drm, len(items))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"drm": drm_note, "images": len(items), "rows": table}, indent=2))
+
+
+def oracle_columns(preset: str, images: torch.Tensor, captions: list[str], first: torch.Tensor | None) -> dict:
+    """The toy world's hidden oracle on the final images: mean +- s.e., paired gain over the first k, % correct."""
+    if preset != "toy":
+        return {}
+    from drm_ray.toy.oracle import oracle_scores
+
+    result = oracle_scores(images, captions)
+    graded = torch.from_numpy(result.score)
+    base = torch.from_numpy(oracle_scores(first, captions).score) if first is not None else graded
+    gain = graded - base
+    return dict(oracle=float(graded.mean()), oracle_sem=float(graded.std() / len(graded) ** 0.5),
+                oracle_gain=float(gain.mean()), oracle_gain_sem=float(gain.std() / len(gain) ** 0.5),
+                oracle_correct=float(result.correct.mean()))
 
 
 def print_table(table, cfg, args, drm_note, n_blocks, n_drm, n_items) -> None:
@@ -173,6 +196,12 @@ def print_table(table, cfg, args, drm_note, n_blocks, n_drm, n_items) -> None:
         print(f"{r['k']:>3} | {r['t']:>9.4f} | {r['t'] / base:>7.2f}x | {r['implied']:>6.2f}x | "
               f"{r['score']:>+13.4f} +- {r['sem']:.4f} | {r['gain']:>+13.4f} +- {r['gain_sem']:.4f} | "
               f"{r['spread']:>11.4f} | {r['rms']:>12.4f} | {r['dssim']:>8.4f}")
+    if "oracle" in table[0]:
+        print(f"\ntoy-world oracle (independent of the DRM) on the same images:\n{'k':>3} | {'oracle':>17} | "
+              f"{f'gain vs k={k0} (paired)':>22} | {'correct':>7}")
+        for r in table:
+            print(f"{r['k']:>3} | {r['oracle']:>8.4f} +- {r['oracle_sem']:.4f} | {r['oracle_gain']:>+13.4f} +- "
+                  f"{r['oracle_gain_sem']:.4f} | {100 * r['oracle_correct']:>6.1f}%")
     sd35m_steps = load_config("sd35m").sampling.num_steps
     ratio = implied_ratio(6, SD35M_BLOCKS, SD35M_BLOCKS - cfg.reward.n_drop, sd35m_steps)
     print(f"implied for SD3.5-Medium ({SD35M_BLOCKS} blocks, DRM {SD35M_BLOCKS - cfg.reward.n_drop}, "

@@ -11,6 +11,8 @@ The synthetic held-out set of the tiny preset uses a different seed from trainin
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--cache", help="held-out embedding cache")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 250, 500, 750, 950])
     parser.add_argument("--eval-pairs", type=int, default=512, help="size of the synthetic held-out set")
+    parser.add_argument("--json", help="also write the rows (t, accuracy, pairs, ties, ...) to this JSON file")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     job_env(cfg.model.preset)
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> list:
     tracker.log_text(table, "accuracy_vs_t.txt")
     tracker.log_figure(accuracy_plot(rows), "accuracy_vs_t.png")
     tracker.end()
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
     return rows
 
 

@@ -6,7 +6,8 @@
 Then every job takes `--config toy`: `jobs/toy_pairs.py` (oracle-labelled pairs), `jobs/train_drm.py --config toy
 --pairs ...`, `jobs/step_grpo.py --config toy reward.drm_path=...`, `jobs/sample.py --config toy`, and
 `bench/reproduce.py` runs the whole chain. The job logs the loss to MLflow and writes `<model.path>/toy_meta.json`
-with the oracle's grade of ODE samples of every caption (how often the checkpoint follows its caption).
+with the oracle's grade of ODE samples of every caption (how often the checkpoint follows its caption) and
+`<model.path>/samples.png`, one sample per caption (rows of 15: each colour x shape at the 5 positions, then counts).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     tracker.log_metrics({"eval/oracle_score": q["oracle_mean"], "eval/oracle_correct": q["correct_fraction"],
                          "train/minutes": meta["training"]["total_seconds"] / 60}, args.steps)
     tracker.log_text(json.dumps(meta, indent=2), "toy_meta.json")
+    from PIL import Image
+
+    tracker.log_image(Image.open(target / "samples.png"), "samples.png")  # one ODE sample per caption
     tracker.end()
     print(f"[pretrain_toy] checkpoint in {target} ({meta['training']['total_seconds'] / 60:.1f} min); ODE samples "
           f"follow their caption {100 * q['correct_fraction']:.0f}% of the time (oracle {q['oracle_mean']:.3f}; "

@@ -67,7 +67,8 @@ def test_oracle_orders_hand_made_images():
     assert right.score[0] > s["slightly off position"] > s["wrong position"] > s["wrong colour"]
     assert s["wrong position"] > s["wrong colour"] and s["wrong shape"] > s["wrong colour"]
     assert s["wrong colour"] < 0.3 and s["blurred"] < 0.3 and s["empty"] <= 0.25
-    assert not any(oracle_scores(v[None], cap).correct[0] for k, v in candidates.items() if k != "slightly off position")
+    wrong = [v for k, v in candidates.items() if k != "slightly off position"]
+    assert not any(oracle_scores(v[None], cap).correct[0] for v in wrong)
     # counts: two circles satisfy "two red circles", one does not
     two = np.maximum(_image(x=8.0, y=8.0, half=4), _image(x=24.0, y=24.0, half=4))
     r = oracle_scores(np.stack([two, _image(half=4)]), ["two red circles"] * 2)
@@ -174,3 +175,27 @@ def test_oracle_pairs_prefer_the_higher_grade():
                      for c in ("image_win", "image_lose"))
         graded = oracle_scores(np.stack([win, lose]), [r["prompt"]] * 2).score
         assert graded[0] > graded[1] + 0.05
+
+
+@pytest.mark.slow
+def test_step_grpo_on_the_toy_preset_grades_the_panel_with_the_oracle(ray_session, toy_ckpt, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from drm_ray.config import load_config
+    from drm_ray.driver import StepGRPODriver
+    from drm_ray.models.drm import build_drm
+
+    path, _ = toy_ckpt
+    drm_dir = build_drm(SD3Transformer2DModel.from_pretrained(path / "transformer"), latent_size=8,
+                        seed=0).save_pretrained(tmp_path / "drm")
+    cfg = load_config("toy", [f"model.path={path}", f"reward.drm_path={drm_dir}", f"run.output_dir={tmp_path / 'rl'}",
+                              "grpo.iterations=1", "grpo.prompts_per_iter=2", "grpo.eval_panel_size=6",
+                              "grpo.eval_every=1", "sampling.num_steps=3", "sampling.eval_num_steps=2"],
+                      job="step_grpo")
+    summary = StepGRPODriver(cfg).run()
+    assert 0 <= summary["eval/oracle_score"] <= 1 and 0 <= summary["eval/oracle_correct"] <= 1
+    written = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    assert [e["iteration"] for e in written["eval"]] == [0, 1]
+    # 2 prompts x 1 trajectory x 3 steps; DRM: 2 branching steps x k=4 children + 1 final, per prompt
+    assert written["compute"] == {"policy_forwards": 6, "drm_forwards": 2 * (2 * 4 + 1)}
+    assert written["eval"][1]["eval/oracle_score"] == summary["eval/oracle_score"]

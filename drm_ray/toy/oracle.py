@@ -15,8 +15,9 @@
   for pixels in other caption colours (stray objects), saturating at 20 such pixels.
 
 `correct` is the binary version a person would give: the colour present, the shape classified right, and the
-object within 5 px of its anchor (placement >= 0.5) or exactly two objects. Nothing here looks at a generator's internals; the same function grades the dataset, samples of
-the pre-trained model, RL evaluation panels and Step-wise Sampling.
+object within 5 px of its anchor (placement >= 0.5) or exactly two objects. Nothing here looks at a generator's
+internals; the same function grades the dataset, samples of the pre-trained model, RL evaluation panels and
+Step-wise Sampling.
 """
 
 from __future__ import annotations

@@ -58,23 +58,25 @@ def flow_matching_loss(transformer, x0: torch.Tensor, embeds: torch.Tensor, pool
 
 @torch.no_grad()
 def evaluate_samples(comps, embeds: torch.Tensor, pooled: torch.Tensor, texts: list[str], seeds_per_caption: int,
-                     num_steps: int, guidance_scale: float, seed: int = 1234) -> dict:
-    """ODE samples of every caption x `seeds_per_caption`, graded by the oracle."""
+                     num_steps: int, guidance_scale: float, seed: int = 1234) -> tuple[dict, torch.Tensor]:
+    """ODE samples of every caption x `seeds_per_caption`, graded by the oracle; and the first seed's images."""
     n = len(texts) - 1
     sigmas = schedule_sigmas(comps.scheduler, num_steps)
-    scores, correct = [], []
+    scores, correct, first = [], [], None
     for rep in range(seeds_per_caption):
         gen = torch.Generator().manual_seed(seed + rep)
         x1 = initial_latents(n, comps.transformer.config.in_channels, RESOLUTION // VAE_SCALE, gen)
         lat = denoise(comps.transformer, sigmas, embeds[:n], pooled[:n], embeds[n:].expand(n, -1, -1),
                       pooled[n:].expand(n, -1), guidance_scale, 0.0, x1)
-        res = oracle_scores(decode_latents(comps.vae, lat), texts[:n])
+        images = decode_latents(comps.vae, lat)
+        first = images if first is None else first
+        res = oracle_scores(images, texts[:n])
         scores.append(res.score)
         correct.append(res.correct)
     scores, correct = np.concatenate(scores), np.concatenate(correct)
     return {"oracle_mean": float(scores.mean()), "oracle_std": float(scores.std()),
             "correct_fraction": float(correct.mean()), "samples": int(len(scores)),
-            "num_steps": num_steps, "guidance_scale": guidance_scale}
+            "num_steps": num_steps, "guidance_scale": guidance_scale}, first
 
 
 def pretrain_toy(out_dir: str | Path, *, seed: int = 0, data_seed: int = 1, dataset_size: int = 20_000,
@@ -117,17 +119,20 @@ def pretrain_toy(out_dir: str | Path, *, seed: int = 0, data_seed: int = 1, data
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
         sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early weights must not linger in a short run
         with torch.no_grad():
             for e, p in zip(ema.parameters(), transformer.parameters()):
-                e.lerp_(p, 1 - ema_decay)
+                e.lerp_(p, 1 - decay)
         losses.append(loss.item())
         if log and ((step + 1) % log_every == 0 or step + 1 == steps):
             log({"train/loss": float(np.mean(losses[-log_every:])), "train/lr": sched.get_last_lr()[0],
                  "train/steps_per_s": (step + 1) / (time.perf_counter() - train_start)}, step + 1)
     train_seconds = time.perf_counter() - train_start
 
+    transformer.eval().requires_grad_(False)
+    raw_quality, _ = evaluate_samples(comps, embeds, pooled, texts, 1, eval_steps, eval_guidance)
     comps.transformer = ema
-    quality = evaluate_samples(comps, embeds, pooled, texts, eval_seeds, eval_steps, eval_guidance)
+    quality, images_seed0 = evaluate_samples(comps, embeds, pooled, texts, eval_seeds, eval_steps, eval_guidance)
     data_quality = oracle_scores(images[:512], captions[:512])
     meta = {
         "architecture": {"num_layers": num_layers, "num_attention_heads": num_attention_heads,
@@ -139,15 +144,25 @@ def pretrain_toy(out_dir: str | Path, *, seed: int = 0, data_seed: int = 1, data
                      "data_seconds": data_seconds, "total_seconds": time.perf_counter() - start},
         "codec": {"variance_kept": kept, "reconstruction_rmse": recon_rmse},
         "samples": quality,
+        "samples_without_ema": raw_quality,
         "dataset": {"oracle_mean": float(data_quality.score.mean()),
                     "correct_fraction": float(data_quality.correct.mean())},
     }
-    save_checkpoint(out_dir, ema, codec, meta)
+    save_checkpoint(out_dir, ema, codec, meta, sample_grid(images_seed0))
     return meta
 
 
-def save_checkpoint(out_dir: Path, transformer, codec, meta: dict) -> None:
-    """transformer/ and vae/ in diffusers layout plus toy_meta.json, assembled beside and renamed into place."""
+def sample_grid(images: torch.Tensor, columns: int = 15, scale: int = 2):
+    """One sample per caption, in caption order (rows of 15: the 5 positions of each colour x shape, then counts)."""
+    from drm_ray.diffusion.sampling import to_pil
+    from drm_ray.rl_setup import image_grid
+
+    grid = image_grid(to_pil(images), columns)
+    return grid.resize((grid.width * scale, grid.height * scale), resample=0)
+
+
+def save_checkpoint(out_dir: Path, transformer, codec, meta: dict, grid=None) -> None:
+    """transformer/ and vae/ in diffusers layout, toy_meta.json and samples.png, assembled beside and renamed."""
     import shutil
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -155,6 +170,8 @@ def save_checkpoint(out_dir: Path, transformer, codec, meta: dict) -> None:
     transformer.save_pretrained(tmp / "transformer")
     codec.save_pretrained(tmp / "vae")
     (tmp / "toy_meta.json").write_text(json.dumps(meta, indent=2))
+    if grid is not None:
+        grid.save(tmp / "samples.png")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

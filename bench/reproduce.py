@@ -1,0 +1,159 @@
+"""Benchmark: the paper's claims in the toy world, end to end through the real jobs (a benchmark, not a test).
+
+    python bench/reproduce.py                      # the whole chain (~50 min on 2 CPU cores) -> docs/REPRODUCTION.md
+    python bench/reproduce.py --quick              # a smoke run of every stage (~6 min) -> <out>/REPRODUCTION.md
+    python bench/reproduce.py --stages rl,report   # re-run some stages; finished runs are reused unless --force
+
+Stages, each a subprocess of a job (so the chain is exactly what a user runs), outputs under --out:
+1. pretrain   jobs/pretrain_toy.py: the toy transformer (flow matching on procedural scenes).
+2. pairs      jobs/toy_pairs.py: the pre-trained model's own samples, labelled by the hidden oracle.
+3. drm        jobs/preprocess.py encodes both pair sets once; jobs/train_drm.py with reward.init=pretrained and
+              =random (equal steps, data, seeds), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500,
+              750, 950.
+4. rl         jobs/step_grpo.py --algo grpo and --algo step_grpo against the first pretrained-init DRM, several
+              seeds, at equal rollout compute per iteration: GRPO samples k trajectories for each of B/k prompts,
+              Step-GRPO one trajectory for each of B prompts (the same number of transformer forwards, and the same
+              number of trained states); the oracle grades the fixed 180-image evaluation panel every few iterations.
+5. stepwise   bench/stepwise_cost.py: Step-wise Sampling with the DRM for several k on every caption x several seeds,
+              graded by the oracle (the DRM selects, the oracle judges), with diversity across seeds.
+6. report     tables and plots -> REPRODUCTION.md, everything logged to one MLflow run ("reproduce") in
+              <out>/mlflow.db beside the jobs' own runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STAGES = ("pretrain", "pairs", "drm", "rl", "stepwise", "report")
+FULL = dict(pretrain_steps=2500, samples=32, pairs=48, drm_steps=1500, drm_seeds=2, rl_seeds=3, iterations=60,
+            eval_every=5, prompts=8, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90)
+QUICK = dict(pretrain_steps=150, samples=6, pairs=10, drm_steps=60, drm_seeds=1, rl_seeds=1, iterations=4,
+             eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10)
+
+
+class Chain:
+    def __init__(self, out: Path, p: dict, force: bool):
+        self.out, self.p, self.force = out, p, force
+        self.model = f"model.path={out / 'pretrained'}"
+        self.tracking = f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"
+        self.timings_file = out / "timings.json"
+        self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+
+    def run(self, name: str, cmd: list[str], done: Path) -> None:
+        """Run a job unless its output exists; record its wall time under `name`."""
+        if done.exists() and not self.force:
+            print(f"[reproduce] {name}: reusing {done}", flush=True)
+            return
+        print(f"[reproduce] {name}: {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        log = self.out / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as fh:
+            proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        if proc.returncode != 0 or not done.exists():
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise SystemExit(f"[reproduce] {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        self.timings[name] = time.perf_counter() - start
+        self.timings_file.write_text(json.dumps(self.timings, indent=2))
+        print(f"[reproduce] {name}: {self.timings[name]:.0f} s", flush=True)
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def pretrain(self) -> None:
+        self.run("pretrain", ["jobs/pretrain_toy.py", "--steps", str(self.p["pretrain_steps"]), self.model,
+                              f"run.output_dir={self.out / 'pretrain'}", self.tracking],
+                 self.out / "pretrained" / "toy_meta.json")
+
+    def pairs(self) -> None:
+        self.run("pairs", ["jobs/toy_pairs.py", "--out", str(self.out / "pairs"), "--samples", str(self.p["samples"]),
+                           "--pairs", str(self.p["pairs"]), self.model], self.out / "pairs" / "pairs_meta.json")
+
+    def drm_dir(self, init: str, seed: int) -> Path:
+        return self.out / "drm" / f"{init}-s{seed}"
+
+    def drm(self) -> None:
+        caches = {}
+        for split in ("train", "heldout"):  # encoded once, shared by every DRM run
+            caches[split] = self.out / "cache" / split
+            self.run(f"cache-{split}", ["jobs/preprocess.py", "--config", "toy", self.model, "--pairs",
+                                        str(self.out / "pairs" / f"{split}.parquet"), "--out", str(caches[split]),
+                                        "--batch-size", "64", "--overwrite"], caches[split] / "meta.json")
+        for seed in range(self.p["drm_seeds"]):
+            for init in ("pretrained", "random"):
+                run = self.drm_dir(init, seed)
+                common = ["--config", "toy", self.model, f"run.output_dir={run}", f"run.seed={seed}", self.tracking]
+                self.run(f"drm-{init}-s{seed}", ["jobs/train_drm.py", *common, "--cache", str(caches["train"]),
+                                                 f"reward.init={init}",
+                                                 f"reward.train_steps={self.p['drm_steps']}",
+                                                 f"tracking.run_name=train_drm-{init}-s{seed}"],
+                         run / "drm" / "drm_config.json")
+                self.run(f"eval-{init}-s{seed}", ["jobs/eval_drm.py", *common, "--drm", str(run / "drm"), "--cache",
+                                                  str(caches["heldout"]), "--json",
+                                                  str(run / "eval.json"), f"tracking.run_name=eval_drm-{init}-s{seed}"],
+                         run / "eval.json")
+
+    def rl(self) -> None:
+        k = 4
+        for seed in range(self.p["rl_seeds"]):
+            for algo in ("grpo", "step_grpo"):
+                run = self.out / "rl" / f"{algo}-s{seed}"
+                prompts = self.p["prompts"] // k if algo == "grpo" else self.p["prompts"]
+                self.run(f"rl-{algo}-s{seed}", [
+                    "jobs/step_grpo.py", "--config", "toy", "--algo", algo, self.model, self.tracking,
+                    f"reward.drm_path={self.drm_dir('pretrained', 0) / 'drm'}", f"run.output_dir={run}",
+                    f"run.seed={seed}", f"sampling.k={k}", f"grpo.prompts_per_iter={prompts}",
+                    f"grpo.iterations={self.p['iterations']}", f"grpo.eval_every={self.p['eval_every']}",
+                    f"grpo.checkpoint_every={self.p['iterations']}", f"tracking.run_name={algo}-s{seed}"],
+                    run / "summary.json")
+
+    def stepwise(self) -> None:
+        self.run("stepwise", ["bench/stepwise_cost.py", "--config", "toy", self.model,
+                              "--drm", str(self.drm_dir("pretrained", 0) / "drm"), "--ks", self.p["ks"],
+                              "--num-prompts", str(self.p["stepwise_prompts"]), "--seeds",
+                              str(self.p["stepwise_seeds"]), "--batch-size", "90", "--repeats", "1",
+                              "--out", str(self.out / "stepwise"), "--json", str(self.out / "stepwise.json")],
+                 self.out / "stepwise.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="work directory (default outputs/reproduce[_quick])")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every stage with tiny budgets")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    parser.add_argument("--force", action="store_true", help="re-run stages whose outputs exist")
+    parser.add_argument("--report", default=None, help="report path (default docs/REPRODUCTION.md; "
+                                                         "<out>/REPRODUCTION.md with --quick)")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; known: {list(STAGES)}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = QUICK if args.quick else FULL
+    out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    chain = Chain(out, p, args.force)
+    for stage in STAGES[:-1]:
+        if stage in stages:
+            getattr(chain, stage)()
+    if "report" in stages:
+        from bench.reproduce_report import write_report
+
+        report = Path(args.report) if args.report else (out / "REPRODUCTION.md" if args.quick
+                                                        else ROOT / "docs" / "REPRODUCTION.md")
+        write_report(out, p, chain.timings, report, quick=args.quick)
+        print(f"[reproduce] report written to {report}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
