@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 250, 500, 750, 950])
     parser.add_argument("--eval-pairs", type=int, default=512, help="size of the synthetic held-out set")
     parser.add_argument("--json", help="also write the rows (t, accuracy, pairs, ties, ...) to this JSON file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     job_env(cfg.model.preset)
     bad = [t for t in args.timesteps if not 0 <= t <= 1000]

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                         help="a row whose image does not decode: fail (default) or skip it and count it")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete cache at --out")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=2500, help="optimizer steps (batch 64; ~0.18 s each on 2 cores)")
     parser.add_argument("--dataset-size", type=int, default=20_000, help="procedural scenes drawn once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (one process uses the whole machine)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.model.preset != "toy":
         parser.error(f"pretrain_toy pre-trains the toy preset; --config {args.config} has model.preset="

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--algo", choices=["step_grpo", "grpo"], help="shorthand for grpo.algo=...")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"grpo.algo={args.algo}"] if args.algo else [])
     cfg = load_config(args.config, overrides, job="step_grpo")
     job_env(cfg.model.preset)

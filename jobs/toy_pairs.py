@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heldout-pairs", type=int, default=8)
     parser.add_argument("--margin", type=float, default=0.05, help="minimum oracle difference of a pair")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.model.preset != "toy":
         parser.error(f"toy_pairs needs the toy preset; --config {args.config} has model.preset={cfg.model.preset}")

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--cache", help="a prebuilt embedding cache (jobs/preprocess.py)")
     parser.add_argument("--eval-cache", help="held-out embedding cache, scored at t = 0 at the end")
     parser.add_argument("--synthetic-pairs", type=int, default=2048, help="size of the synthetic training set")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     job_env(cfg.model.preset)
 
