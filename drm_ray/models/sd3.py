@@ -77,13 +77,15 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def byte_clip_vocab() -> dict[str, int]:
+    """start, end, the 256 byte symbols and their end-of-word variants: 514 tokens."""
+    symbols = _byte_symbols()
+    return {"<|startoftext|>": 0, "<|endoftext|>": 1, **{s: i + 2 for i, s in enumerate(symbols)},
+            **{s + "</w>": i + 258 for i, s in enumerate(symbols)}}
+
+
 def tiny_clip_tokenizer() -> CLIPTokenizer:
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for sym in _byte_symbols():
-        vocab[sym] = len(vocab)
-    for sym in _byte_symbols():
-        vocab[sym + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)  # 514 tokens
+    return CLIPTokenizer(vocab=byte_clip_vocab(), merges=[], model_max_length=CLIP_MAX_LENGTH)  # 514 tokens
 
 
 def tiny_t5_tokenizer(max_length: int) -> T5Tokenizer:

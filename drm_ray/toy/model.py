@@ -31,13 +31,9 @@ class ToyCheckpointError(FileNotFoundError):
 
 
 def toy_clip_tokenizer() -> CLIPTokenizer:
-    from drm_ray.models.sd3 import _byte_symbols
+    from drm_ray.models.sd3 import byte_clip_vocab
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for sym in _byte_symbols():
-        vocab[sym] = len(vocab)
-    for sym in _byte_symbols():
-        vocab[sym + "</w>"] = len(vocab)
+    vocab = byte_clip_vocab()
     merges: list[tuple[str, str]] = []
     for word in vocabulary():
         # Add merges at the lowest priority until BPE (with every merge so far) yields the whole word; earlier words
