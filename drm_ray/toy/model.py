@@ -90,7 +90,10 @@ def toy_transformer(seed: int = 0, num_layers: int = 6, num_attention_heads: int
         sample_size=latent, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
         joint_attention_dim=64, caption_projection_dim=num_attention_heads * attention_head_dim,
-        pooled_projection_dim=64, pos_embed_max_size=latent // 2,  # the token grid: neighbours 1 unit apart
+        # pos_embed_max_size = the 4x4 token grid, so neighbouring tokens sit 1 unit apart in the sin-cos embedding.
+        # With a 16-wide grid (0.25 apart) the same 2500-step pre-training gave fragmented shapes scattered over the
+        # image: 2% of samples correct instead of 56%.
+        pooled_projection_dim=64, pos_embed_max_size=latent // 2,
     ))
 
 
