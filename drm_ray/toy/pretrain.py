@@ -79,6 +79,40 @@ def evaluate_samples(comps, embeds: torch.Tensor, pooled: torch.Tensor, texts: l
             "num_steps": num_steps, "guidance_scale": guidance_scale}, first
 
 
+def train_flow_matching(transformer, latents: torch.Tensor, caption_ids: torch.Tensor, embeds: torch.Tensor,
+                        pooled: torch.Tensor, empty: int, *, steps: int, batch_size: int, lr: float, warmup: int,
+                        ema_decay: float, cfg_dropout: float, seed: int, log=None,
+                        log_every: int = 100) -> tuple[torch.nn.Module, list[float], float]:
+    """Train `transformer` in place on latents [N, C, h, w] with caption rows `caption_ids` [N] of (embeds, pooled)
+    (`empty` = the "" row); returns (the EMA copy, per-step losses, seconds)."""
+    transformer.train().requires_grad_(True)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))))
+    gen = torch.Generator().manual_seed(seed)
+    start, losses = time.perf_counter(), []
+    for step in range(steps):
+        idx = torch.randint(len(latents), (batch_size,), generator=gen)
+        ids = torch.where(torch.rand(batch_size, generator=gen) < cfg_dropout, empty, caption_ids[idx])
+        loss = flow_matching_loss(transformer, latents[idx], embeds[ids], pooled[ids], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early weights must not linger in a short run
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), transformer.parameters()):
+                e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if log and ((step + 1) % log_every == 0 or step + 1 == steps):
+            log({"train/loss": float(np.mean(losses[-log_every:])), "train/lr": sched.get_last_lr()[0],
+                 "train/steps_per_s": (step + 1) / (time.perf_counter() - start)}, step + 1)
+    transformer.eval().requires_grad_(False)
+    return ema, losses, time.perf_counter() - start
+
+
 def pretrain_toy(out_dir: str | Path, *, seed: int = 0, data_seed: int = 1, dataset_size: int = 20_000,
                  num_layers: int = 6, num_attention_heads: int = 4, attention_head_dim: int = 24,
                  max_sequence_length: int = 16, steps: int = 2500, batch_size: int = 64, lr: float = 1e-3,
@@ -103,33 +137,10 @@ def pretrain_toy(out_dir: str | Path, *, seed: int = 0, data_seed: int = 1, data
     caption_ids = torch.tensor([index[c] for c in captions])
     empty = len(texts) - 1
 
-    transformer.train().requires_grad_(True)
-    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))))
-    gen = torch.Generator().manual_seed(seed)
-    train_start, losses = time.perf_counter(), []
-    for step in range(steps):
-        idx = torch.randint(len(latents), (batch_size,), generator=gen)
-        ids = torch.where(torch.rand(batch_size, generator=gen) < cfg_dropout, empty, caption_ids[idx])
-        loss = flow_matching_loss(transformer, latents[idx], embeds[ids], pooled[ids], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early weights must not linger in a short run
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), transformer.parameters()):
-                e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        if log and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log({"train/loss": float(np.mean(losses[-log_every:])), "train/lr": sched.get_last_lr()[0],
-                 "train/steps_per_s": (step + 1) / (time.perf_counter() - train_start)}, step + 1)
-    train_seconds = time.perf_counter() - train_start
+    ema, losses, train_seconds = train_flow_matching(
+        transformer, latents, caption_ids, embeds, pooled, empty, steps=steps, batch_size=batch_size, lr=lr,
+        warmup=warmup, ema_decay=ema_decay, cfg_dropout=cfg_dropout, seed=seed, log=log, log_every=log_every)
 
-    transformer.eval().requires_grad_(False)
     raw_quality, _ = evaluate_samples(comps, embeds, pooled, texts, 1, eval_steps, eval_guidance)
     comps.transformer = ema
     quality, images_seed0 = evaluate_samples(comps, embeds, pooled, texts, eval_seeds, eval_steps, eval_guidance)
