@@ -107,6 +107,10 @@ def resolve_drm(cfg, out: Path) -> Path:
     if (local / "drm_config.json").is_file():
         print(f"[step_grpo] using the DRM in {local}", flush=True)
         return local
+    if cfg.model.preset == "toy":
+        raise ValueError("reward.drm_path is required for the toy preset: make oracle-labelled pairs with "
+                         "jobs/toy_pairs.py, then train one with jobs/train_drm.py --config toy --pairs "
+                         "outputs/toy/pairs/train.parquet")
     if cfg.model.preset != "tiny":
         raise ValueError("reward.drm_path is required for this preset: train one with jobs/train_drm.py")
     print(f"[step_grpo] no reward.drm_path given: training a tiny DRM on the synthetic preference set "
