@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(config="toy")
     parser.add_argument("--out", help="output directory (default <run.output_dir>/pairs)")
     parser.add_argument("--samples", type=int, default=32, help="images per caption (train set)")
-    parser.add_argument("--pairs", type=int, default=48, help="candidate pairs per caption (train set)")
-    parser.add_argument("--heldout-samples", type=int, default=8)
-    parser.add_argument("--heldout-pairs", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=200,
+                        help="candidate pairs per caption (train set); about a quarter pass --margin")
+    parser.add_argument("--heldout-samples", type=int, default=16)
+    parser.add_argument("--heldout-pairs", type=int, default=64)
     parser.add_argument("--margin", type=float, default=0.05, help="minimum oracle difference of a pair")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_intermixed_args(argv)
