@@ -69,6 +69,9 @@ def test_grpo_baseline_runs_and_logs_to_mlflow(ray_session, tmp_path, drm_dir):
     client = MlflowClient(f"sqlite:///{tmp_path / 'grpo' / 'mlflow.db'}")
     run = client.get_run(json.loads((tmp_path / "grpo" / "summary.json").read_text())["mlflow_run_id"])
     assert run.data.params["grpo.algo"] == "grpo"
+    # GRPO scores final images only: 2 iterations x 4 prompts x k=4 images; 4 steps each
+    compute = json.loads((tmp_path / "grpo" / "summary.json").read_text())["compute"]
+    assert compute == {"policy_forwards": 2 * 16 * 4, "drm_forwards": 2 * 16}
     history = client.get_metric_history(run.info.run_id, "eval/drm_score")
     assert [m.step for m in history] == [0, 2]
     panels = [a.path for a in client.list_artifacts(run.info.run_id, "panel")]
@@ -86,3 +89,11 @@ def test_step_grpo_job_runs_as_a_subprocess(tmp_path, drm_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "iter 2/2" in proc.stdout and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["iteration"] == 2
+
+
+def test_two_learner_workers_apply_the_update(ray_session, tmp_path, drm_dir):
+    # rank 1 must not wait for work before rank 0 has opened the generation's queues (this hung before)
+    driver, summary = _run(tmp_path / "two", drm_dir, "learner.num_workers=2", "learner.num_cpus=0.5",
+                           "rollout.timeout_s=120")
+    assert driver.version == 1 and torch.isfinite(torch.tensor(summary["train/loss"]))
+    assert summary["train/states"] == 4 * 3  # every state trained once across the two ranks

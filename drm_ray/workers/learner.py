@@ -131,6 +131,9 @@ def learner_loop(config: dict) -> None:
     if rank == 0:
         state = lora_state(transformer, publish_dtype)
         ray.get(coordinator.started.remote(version, [ray.put(state)], {"lora/norm": lora_norm(state)}))
+    # started() gives the coordinator fresh queues for this generation: no rank may wait for work before that, or it
+    # waits on a queue nothing is sent to any more (with 2 learner workers, the first update hung without this)
+    dist.barrier()
     while True:
         work = ray.get(coordinator.next_work.remote(rank))
         if work is None:
