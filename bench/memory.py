@@ -122,7 +122,8 @@ def driver_role(cfg, work: Path, payload: dict) -> None:
     from drm_ray.tracking import Tracker
 
     kw = model_kwargs(cfg.model, cfg.sampling)
-    encode_prompt_table(load_prompts(cfg.data.prompts, cfg.model.preset), cfg.sampling.negative_prompt, cfg.model.preset, kw)
+    prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
+    encode_prompt_table(prompts, cfg.sampling.negative_prompt, cfg.model.preset, kw)
     vae = build_components(cfg.model.preset, text=False, vae=True, device="cpu", **kw).vae
     tracker = Tracker(None, "drm-ray-bench-memory", work / "driver")
     rollouts = payload["rollouts"]

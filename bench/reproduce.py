@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STAGES = ("pretrain", "pairs", "drm", "rl", "stepwise", "report")
-FULL = dict(pretrain_steps=2500, samples=32, pairs=200, heldout=16, heldout_pairs=64, drm_steps=1500, drm_seeds=2, rl_seeds=3, iterations=60,
-            eval_every=5, prompts=8, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90)
-QUICK = dict(pretrain_steps=150, samples=6, pairs=10, heldout=4, heldout_pairs=4, drm_steps=60, drm_seeds=1, rl_seeds=1, iterations=4,
-             eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10)
+FULL = dict(pretrain_steps=2500, samples=32, pairs=200, heldout=16, heldout_pairs=64, drm_steps=1500, drm_seeds=2,
+            rl_seeds=3, iterations=60, eval_every=5, prompts=8, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90)
+QUICK = dict(pretrain_steps=150, samples=6, pairs=10, heldout=4, heldout_pairs=4, drm_steps=60, drm_seeds=1,
+             rl_seeds=1, iterations=4, eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10)
 
 
 class Chain:

@@ -302,12 +302,12 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     if drm and rl:
         acc0 = float(drm["mean"]["pretrained"][0])
         c = rl["curves"]
+        delta = {(a, key): c[a][key][:, -1].mean() - c[a][key][:, 0].mean() for a in c for key in ("drm", "oracle")}
         md += ["", f"Reading: the pre-trained-init DRMs (RL and Step-wise Sampling use the first) rank held-out "
-               f"oracle pairs right {100 * acc0:.0f}% of the time at t=0 (mean over seeds; 50% is chance). Both RL methods raise the DRM's score of the "
-               f"panel (GRPO {c['grpo']['drm'][:, -1].mean() - c['grpo']['drm'][:, 0].mean():+.3f}, Step-GRPO "
-               f"{c['step_grpo']['drm'][:, -1].mean() - c['step_grpo']['drm'][:, 0].mean():+.3f}) while the oracle "
-               f"moves by {c['grpo']['oracle'][:, -1].mean() - c['grpo']['oracle'][:, 0].mean():+.4f} and "
-               f"{c['step_grpo']['oracle'][:, -1].mean() - c['step_grpo']['oracle'][:, 0].mean():+.4f}: where the "
+               f"oracle pairs right {100 * acc0:.0f}% of the time at t=0 (mean over seeds; 50% is chance). Both RL "
+               f"methods raise the DRM's score of the panel (GRPO {delta['grpo', 'drm']:+.3f}, Step-GRPO "
+               f"{delta['step_grpo', 'drm']:+.3f}) while the oracle moves by {delta['grpo', 'oracle']:+.4f} and "
+               f"{delta['step_grpo', 'oracle']:+.4f}: where the "
                "proxy rises and the truth does not, the gain is the reward model's error being optimized, not "
                "better images."]
     md += ["", "Parameters of this run: " + ", ".join(f"{k}={v}" for k, v in p.items()) + "."]

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     size = latent_size(cfg.model.preset, s.resolution)
     run_k(comps, scorer, sigmas, cond, items[:2], max(ks), s, args.batch_size, size)  # warm-up
-    table, first, first_images = [], None, None
+    table, first, first_oracle = [], None, None
     for k in ks:
         times = []
         for _ in range(args.repeats):
@@ -152,32 +152,32 @@ def main(argv: list[str] | None = None) -> None:
         images = torch.cat([decode_latents(comps.vae, latents[lo:lo + 16]) for lo in range(0, len(items), 16)])
         div = prompt_diversity(images, [it.prompt_index for it in items])
         captions = [prompts[it.prompt_index] for it in items]
-        table.append(oracle_columns(cfg.model.preset, images, captions, first_images))
-        first_images = images if first_images is None else first_images
-        table[-1].update(dict(k=k, t=min(times) / len(items), implied=implied_ratio(k, n_blocks, n_drm, s.num_steps,
-                                                                                cfg_latents),
-                          score=float(final.mean()), sem=float(final.std() / len(final) ** 0.5),
-                          gain=float(gain.mean()), gain_sem=float(gain.std() / len(gain) ** 0.5),
-                          spread=stats["spread"], rms=div["diversity/pairwise_rms"],
-                          dssim=div["diversity/one_minus_ssim"]))
+        row, graded = oracle_columns(cfg.model.preset, images, captions, first_oracle)
+        first_oracle = graded if first_oracle is None else first_oracle
+        row.update(k=k, t=min(times) / len(items), implied=implied_ratio(k, n_blocks, n_drm, s.num_steps, cfg_latents),
+                   score=float(final.mean()), sem=float(final.std() / len(final) ** 0.5),
+                   gain=float(gain.mean()), gain_sem=float(gain.std() / len(gain) ** 0.5),
+                   spread=stats["spread"], rms=div["diversity/pairwise_rms"], dssim=div["diversity/one_minus_ssim"])
+        table.append(row)
     print_table(table, cfg, args, drm_note, n_blocks, n_drm, len(items))
     if args.json:
         Path(args.json).write_text(json.dumps({"drm": drm_note, "images": len(items), "rows": table}, indent=2))
 
 
-def oracle_columns(preset: str, images: torch.Tensor, captions: list[str], first: torch.Tensor | None) -> dict:
-    """The toy world's hidden oracle on the final images: mean +- s.e., paired gain over the first k, % correct."""
+def oracle_columns(preset: str, images: torch.Tensor, captions: list[str],
+                   first: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+    """The toy world's hidden oracle on the final images: (mean +- s.e., paired gain over the first k's grades
+    `first`, % correct; these grades [N]). Other presets have no oracle: ({}, None)."""
     if preset != "toy":
-        return {}
+        return {}, None
     from drm_ray.toy.oracle import oracle_scores
 
     result = oracle_scores(images, captions)
     graded = torch.from_numpy(result.score)
-    base = torch.from_numpy(oracle_scores(first, captions).score) if first is not None else graded
-    gain = graded - base
+    gain = graded - (first if first is not None else graded)
     return dict(oracle=float(graded.mean()), oracle_sem=float(graded.std() / len(graded) ** 0.5),
                 oracle_gain=float(gain.mean()), oracle_gain_sem=float(gain.std() / len(gain) ** 0.5),
-                oracle_correct=float(result.correct.mean()))
+                oracle_correct=float(result.correct.mean())), graded
 
 
 def print_table(table, cfg, args, drm_note, n_blocks, n_drm, n_items) -> None:

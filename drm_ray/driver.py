@@ -92,7 +92,7 @@ class StepGRPODriver:
         groups = self.sampler.next(g.prompts_per_iter)
         rollouts = self.timed(t, "rollout", self.rollout, groups)
         child_scores, final_scores = self.timed(t, "score", self.score, rollouts)
-        self.count_compute(rollouts)
+        self.compute["policy_forwards"] += sum(r.final.shape[0] for r in rollouts) * self.cfg.sampling.num_steps
         batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
                                          g.adv_clip)
         self.iteration += 1
@@ -143,6 +143,7 @@ class StepGRPODriver:
     def score(self, rollouts) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One batched scoring pass over every child and final latent, split evenly over the scorers."""
         latents, levels, prompt_idx = scoring_requests(rollouts, self.cfg.grpo.algo, self.rl.sigmas)
+        self.compute["drm_forwards"] += latents.shape[0]  # what is scored: GRPO sends final latents only
         parts = torch.tensor_split(torch.arange(latents.shape[0]), len(self.rl.scorers))
         results, failures = dispatch(
             self.rl.scorers, parts, lambda s, p: s.score_indexed.remote(latents[p], levels[p], prompt_idx[p]),
@@ -173,11 +174,6 @@ class StepGRPODriver:
         self.worker_checksums = checksums
         if len(set(checksums)) != 1:
             raise RuntimeError(f"rollout workers disagree on LoRA v{version}: {checksums}")
-
-    def count_compute(self, rollouts) -> None:
-        trajectories = sum(r.final.shape[0] for r in rollouts)
-        self.compute["policy_forwards"] += trajectories * self.cfg.sampling.num_steps
-        self.compute["drm_forwards"] += self.candidates(rollouts) + trajectories
 
     @staticmethod
     def candidates(rollouts) -> int:

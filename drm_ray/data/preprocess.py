@@ -34,7 +34,7 @@ from drm_ray.data.cache import CacheError, PairBatch, pair_rows, read_meta, writ
 from drm_ray.data.preferences import SCHEMA, PreferenceDataError, PreferenceReader, decode_pairs, read_row_group
 from drm_ray.data.synthetic import write_synthetic_parquet
 from drm_ray.diffusion.sampling import encode_images
-from drm_ray.models.sd3 import build_components, latent_size, default_device, encode_prompts
+from drm_ray.models.sd3 import build_components, default_device, encode_prompts, latent_size
 
 log = logging.getLogger(__name__)
 

@@ -218,7 +218,10 @@ def build_components(preset: str, *, path: str | None = None, dtype: str = "floa
 
 def vae_scale(preset: str) -> int:
     """Pixels per latent cell: 8 for SD3 VAEs, 4 for the toy preset's patch codec."""
-    return 4 if preset == "toy" else VAE_SCALE
+    if preset == "toy":
+        from drm_ray.toy.model import VAE_SCALE as TOY_SCALE
+        return TOY_SCALE
+    return VAE_SCALE
 
 
 def latent_size(preset: str, resolution: int) -> int:
