@@ -193,7 +193,7 @@ def run_ray(args, out: Path, workers: int) -> dict:
     from drm_ray.runtime import job_env
 
     cfg = bench_config(args, out, workers)
-    job_env(cfg.model.preset)
+    job_env(cfg.model.preset, cfg.model.path)
     rl_setup.RolloutWorker, rl_setup.DRMScorer = timed_classes()  # in-actor timing; the logic is unchanged
     from drm_ray.driver import StepGRPODriver
 

@@ -7,7 +7,7 @@
 Stages, each a subprocess of a job (so the chain is exactly what a user runs), outputs under --out:
 1. pretrain   jobs/pretrain_toy.py: the toy transformer (flow matching on procedural scenes).
 2. pairs      jobs/toy_pairs.py: the pre-trained model's own samples, labelled by the hidden oracle.
-3. drm        jobs/preprocess.py encodes both pair sets once; jobs/train_drm.py with reward.init=pretrained and
+3. drm        jobs/preprocess.py encodes both pair sets once; jobs/train_drm.py with drm.init=pretrained and
               =random (equal steps, data, seeds), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500,
               750, 950.
 4. rl         jobs/step_grpo.py --algo grpo and --algo step_grpo against the first pretrained-init DRM, several
@@ -94,8 +94,8 @@ class Chain:
                 run = self.drm_dir(init, seed)
                 common = ["--config", "toy", self.model, f"run.output_dir={run}", f"run.seed={seed}", self.tracking]
                 self.run(f"drm-{init}-s{seed}", ["jobs/train_drm.py", *common, "--cache", str(caches["train"]),
-                                                 f"reward.init={init}",
-                                                 f"reward.train_steps={self.p['drm_steps']}",
+                                                 f"drm.init={init}",
+                                                 f"drm.train_steps={self.p['drm_steps']}",
                                                  f"tracking.run_name=train_drm-{init}-s{seed}"],
                          run / "drm" / "drm_config.json")
                 self.run(f"eval-{init}-s{seed}", ["jobs/eval_drm.py", *common, "--drm", str(run / "drm"), "--cache",

@@ -82,17 +82,33 @@ class GRPOConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    drm_path: str | None = None          # a directory written by jobs/train_drm.py
+    drm_path: str | None = None          # the DRM the RL job and Step-wise Sampling score with (jobs/train_drm.py)
+
+
+@dataclass(frozen=True)
+class DRMConfig:
+    """Training the DRM (jobs/train_drm.py): the model, the Bradley-Terry loop and its own Ray Train workers."""
     n_drop: int = 3                      # transformer blocks removed from the end
     head: str = "mlp"                    # mlp (fixed resolution) | mean (any resolution)
     head_dim: int = 4                    # per-token features of the mlp head
     init: str = "pretrained"             # pretrained | random (the paper's ablation)
     lr: float = 1e-4
-    batch_size: int = 16                 # pairs per optimizer step (global)
+    batch_size: int = 16                 # pairs per optimizer step (global, over every rank and micro-step)
+    micro_batch: int | None = None       # pairs per rank per forward/backward; None: batch_size / num_workers.
+                                         # batch_size / (micro_batch * num_workers) micro-steps are accumulated
+    gradient_checkpointing: bool = False  # recompute each kept block in the backward pass (activation memory)
     train_steps: int = 300
     zero_noise_prob: float = 0.1         # chance that a pair is scored clean (s = 0)
+    max_grad_norm: float = 1.0
     log_every: int = 10                  # steps between metric lines
     checkpoint_every: int = 100          # steps between Ray Train checkpoints
+    val_every: int = 0                   # steps between held-out validations (0: never); needs data.heldout_data
+    val_pairs: int = 512                 # held-out pairs scored per validation (the first ones of the cache)
+    val_timesteps: tuple[int, ...] = (0, 250, 500, 750)  # noise levels t of the validation (s = t / 1000)
+    num_workers: int = 1                 # Ray Train workers (data parallel)
+    use_gpu: bool = False
+    num_cpus: float = 0.5                # per worker
+    resources: tuple[str, ...] = ()      # custom Ray resources per worker, "name=amount"
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,8 @@ class LearnerConfig:
     micro_batch_states: int = 8          # recorded states per backward call
     resources: tuple[str, ...] = ()      # custom Ray resources per learner worker, "name=amount"
     max_failures: int = 3                # Ray Train restarts of the learner's worker group
+    state_every: int = 1                 # save LoRA + optimizer state every N updates (fault tolerance); the driver
+                                         # keeps the batches since the last save and replays them after a restart
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,12 @@ class DataConfig:
     prompts: str | None = None           # a .txt (one per line) or .parquet (`prompt` column); None: built-in set
     preference_data: str | None = None   # Parquet of preference pairs; None: the built-in synthetic set (tiny)
     cache_dir: str | None = None         # latent / text-embedding cache
+    heldout_data: str | None = None      # held-out preference Parquet or cache: DRM validation during training
+    encoder_workers: int = 1             # preprocessing: encoder actors (VAE + text encoders), one model copy each
+    encoder_gpus: float = 0.0            # preprocessing: GPUs per encoder actor (1 on GPU presets)
+    encoder_batch_size: int = 16         # preprocessing: pairs per encoder call
+    shard_rows: int = 256                # cache: pairs per shard
+    latent_dtype: str = "float32"        # cache: dtype of stored latents (float32 | bfloat16 | float16)
 
 
 @dataclass(frozen=True)
@@ -156,6 +180,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    drm: DRMConfig = field(default_factory=DRMConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -176,6 +201,12 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """`section.field -> value`, for MLflow params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def drm_accumulation(self) -> tuple[int, int]:
+        """(pairs per rank per micro-step, micro-steps per optimizer step) of DRM training."""
+        d = self.drm
+        micro = d.micro_batch if d.micro_batch is not None else max(1, d.batch_size // d.num_workers)
+        return micro, max(1, d.batch_size // (micro * d.num_workers))
 
     def branch_steps(self) -> tuple[int, ...]:
         """Steps at which Step-GRPO branches; the last step is never trained."""
@@ -198,14 +229,13 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
         if not ok:
             e.append(f"{name} = {value!r}: {rule}")
 
-    m, s, g, r = c.model, c.sampling, c.grpo, c.reward
+    m, s, g = c.model, c.sampling, c.grpo
     need(m.preset in ("tiny", "toy", "sd35m"), "model.preset", "must be one of tiny, toy, sd35m", m.preset)
     need(m.preset != "sd35m" or bool(m.path), "model.path", "is required for the sd35m preset "
          "(a local diffusers directory or a hub id)", m.path)
     need(m.preset != "toy" or bool(m.path), "model.path", "is required for the toy preset (the directory "
          "jobs/pretrain_toy.py writes)", m.path)
     need(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "must be float32, bfloat16 or float16", m.dtype)
-    need(m.num_layers >= r.n_drop + 1, "model.num_layers", f"must exceed reward.n_drop ({r.n_drop})", m.num_layers)
     need(m.num_attention_heads > 0, "model.num_attention_heads", "must be > 0", m.num_attention_heads)
     need(m.attention_head_dim > 0, "model.attention_head_dim", "must be > 0", m.attention_head_dim)
     need(m.max_sequence_length > 0, "model.max_sequence_length", "must be > 0", m.max_sequence_length)
@@ -242,16 +272,36 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(g.eval_every > 0, "grpo.eval_every", "must be > 0", g.eval_every)
     need(g.eval_panel_size > 0, "grpo.eval_panel_size", "must be > 0", g.eval_panel_size)
     need(g.checkpoint_every > 0, "grpo.checkpoint_every", "must be > 0", g.checkpoint_every)
-    need(r.n_drop >= 0, "reward.n_drop", "must be >= 0", r.n_drop)
-    need(r.head in ("mlp", "mean"), "reward.head", "must be mlp or mean", r.head)
-    need(r.head_dim > 0, "reward.head_dim", "must be > 0", r.head_dim)
-    need(r.init in ("pretrained", "random"), "reward.init", "must be pretrained or random", r.init)
-    need(r.lr > 0, "reward.lr", "must be > 0", r.lr)
-    need(r.batch_size > 0, "reward.batch_size", "must be > 0", r.batch_size)
-    need(r.train_steps > 0, "reward.train_steps", "must be > 0", r.train_steps)
-    need(r.log_every > 0, "reward.log_every", "must be > 0", r.log_every)
-    need(r.checkpoint_every > 0, "reward.checkpoint_every", "must be > 0", r.checkpoint_every)
-    need(0 <= r.zero_noise_prob <= 1, "reward.zero_noise_prob", "must be in [0, 1]", r.zero_noise_prob)
+    d = c.drm
+    need(d.n_drop >= 0, "drm.n_drop", "must be >= 0", d.n_drop)
+    need(d.head in ("mlp", "mean"), "drm.head", "must be mlp or mean", d.head)
+    need(d.head_dim > 0, "drm.head_dim", "must be > 0", d.head_dim)
+    need(d.init in ("pretrained", "random"), "drm.init", "must be pretrained or random", d.init)
+    need(d.lr > 0, "drm.lr", "must be > 0", d.lr)
+    need(d.batch_size > 0, "drm.batch_size", "must be > 0", d.batch_size)
+    need(d.num_workers > 0, "drm.num_workers", "must be > 0", d.num_workers)
+    micro = d.micro_batch if d.micro_batch is not None else max(1, d.batch_size // max(d.num_workers, 1))
+    need(micro > 0 and d.batch_size % (micro * max(d.num_workers, 1)) == 0, "drm.micro_batch",
+         f"drm.batch_size ({d.batch_size}) must be a multiple of drm.micro_batch x drm.num_workers "
+         f"({micro} x {d.num_workers}): the accumulation count must be a whole number", d.micro_batch)
+    need(d.train_steps > 0, "drm.train_steps", "must be > 0", d.train_steps)
+    need(d.log_every > 0, "drm.log_every", "must be > 0", d.log_every)
+    need(d.checkpoint_every > 0, "drm.checkpoint_every", "must be > 0", d.checkpoint_every)
+    need(d.val_every >= 0, "drm.val_every", "must be >= 0 (0 disables validation)", d.val_every)
+    need(d.val_pairs > 0, "drm.val_pairs", "must be > 0", d.val_pairs)
+    need(len(d.val_timesteps) > 0 and all(0 <= t <= 1000 for t in d.val_timesteps), "drm.val_timesteps",
+         "must be a non-empty list of t in [0, 1000]", d.val_timesteps)
+    need(0 <= d.zero_noise_prob <= 1, "drm.zero_noise_prob", "must be in [0, 1]", d.zero_noise_prob)
+    need(d.max_grad_norm > 0, "drm.max_grad_norm", "must be > 0", d.max_grad_norm)
+    need(d.num_cpus >= 0, "drm.num_cpus", "must be >= 0", d.num_cpus)
+    need(m.num_layers >= d.n_drop + 1, "model.num_layers", f"must exceed drm.n_drop ({d.n_drop})", m.num_layers)
+    da = c.data
+    need(da.encoder_workers > 0, "data.encoder_workers", "must be > 0", da.encoder_workers)
+    need(da.encoder_gpus >= 0, "data.encoder_gpus", "must be >= 0", da.encoder_gpus)
+    need(da.encoder_batch_size > 0, "data.encoder_batch_size", "must be > 0", da.encoder_batch_size)
+    need(da.shard_rows > 0, "data.shard_rows", "must be > 0", da.shard_rows)
+    need(da.latent_dtype in ("float32", "bfloat16", "float16"), "data.latent_dtype",
+         "must be float32, bfloat16 or float16", da.latent_dtype)
     ro = c.rollout
     need(ro.num_workers > 0, "rollout.num_workers", "must be > 0", ro.num_workers)
     need(ro.num_scorers > 0, "rollout.num_scorers", "must be > 0", ro.num_scorers)
@@ -271,7 +321,9 @@ def _rule_errors(c: Config, rl: bool) -> list[str]:
     need(le.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0", le.max_grad_norm)
     need(le.max_failures >= 0, "learner.max_failures", "must be >= 0", le.max_failures)
     need(le.micro_batch_states > 0, "learner.micro_batch_states", "must be > 0", le.micro_batch_states)
-    for name, items in (("rollout.resources", ro.resources), ("learner.resources", le.resources)):
+    need(le.state_every > 0, "learner.state_every", "must be > 0", le.state_every)
+    for name, items in (("rollout.resources", ro.resources), ("learner.resources", le.resources),
+                        ("drm.resources", d.resources)):
         for item in items:
             key, _, amount = item.partition("=")
             need(bool(re.fullmatch(r"[A-Za-z_][\w.:/-]*", key)) and key not in ("CPU", "GPU", "memory")

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def train_loop_config(cfg, cache_dir: str | Path) -> dict:
     """The plain values the per-worker loop needs (workers never see the Config object)."""
-    r = cfg.reward
+    r = cfg.drm
     return dict(
         preset=cfg.model.preset, model_kwargs=model_kwargs(cfg.model, cfg.sampling), n_drop=r.n_drop,
         head=r.head, head_dim=r.head_dim, init=r.init, 
@@ -36,7 +36,7 @@ def train_loop_config(cfg, cache_dir: str | Path) -> dict:
         seed=cfg.run.seed, lr=r.lr, batch_size=r.batch_size, train_steps=r.train_steps,
         zero_noise_prob=r.zero_noise_prob, shift=cfg.sampling.shift, log_every=r.log_every,
         checkpoint_every=r.checkpoint_every, zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16,
-        max_grad_norm=cfg.learner.max_grad_norm, cache_dir=str(Path(cache_dir).resolve()),
+        max_grad_norm=r.max_grad_norm, cache_dir=str(Path(cache_dir).resolve()),
         torch_threads=int(os.environ.get("OMP_NUM_THREADS", "1")),
     )
 
@@ -57,10 +57,10 @@ def train_drm(cfg, cache_dir: str | Path, tracker: Tracker | None = None, max_fa
     loop_cfg["metrics_queue"] = metrics_queue
     trainer = TorchTrainer(
         drm_train_loop, train_loop_config=loop_cfg,
-        torch_config=TorchConfig(backend="nccl" if cfg.learner.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
-                                     resources_per_worker={"CPU": cfg.learner.num_cpus,
-                                                           **({"GPU": 1} if cfg.learner.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cfg.drm.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.drm.num_workers, use_gpu=cfg.drm.use_gpu,
+                                     resources_per_worker={"CPU": cfg.drm.num_cpus,
+                                                           **({"GPU": 1} if cfg.drm.use_gpu else {})}),
         run_config=RunConfig(name="drm", storage_path=str(out / "ray_train"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures)),
@@ -77,7 +77,7 @@ def train_drm(cfg, cache_dir: str | Path, tracker: Tracker | None = None, max_fa
         step = int(metrics.pop("step"))
         if tracker is not None:
             tracker.log_metrics(metrics, step)
-        print(f"[train_drm] step {step}/{cfg.reward.train_steps} loss {metrics['train/loss']:.4f} "
+        print(f"[train_drm] step {step}/{cfg.drm.train_steps} loss {metrics['train/loss']:.4f} "
               f"acc {metrics['train/accuracy']:.3f} {metrics['train/pairs_per_s']:.0f} pairs/s "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
     thread.join()

@@ -114,7 +114,7 @@ def resolve_drm(cfg, out: Path) -> Path:
     if cfg.model.preset != "tiny":
         raise ValueError("reward.drm_path is required for this preset: train one with jobs/train_drm.py")
     print(f"[step_grpo] no reward.drm_path given: training a tiny DRM on the synthetic preference set "
-          f"({cfg.reward.train_steps} steps) into {local}", flush=True)
+          f"({cfg.drm.train_steps} steps) into {local}", flush=True)
     from drm_ray.data.preprocess import ensure_synthetic_cache
     from drm_ray.reward_trainer import train_drm
 

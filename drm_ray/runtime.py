@@ -15,8 +15,10 @@ WORKER_ENV = {
 CPU_PRESETS = ("tiny", "toy")  # built in code or loaded from a local checkpoint; never a model hub
 
 
-def job_env(preset: str) -> None:
-    """Environment defaults for a job process; the CPU presets never touch a model hub."""
+def job_env(preset: str, model_path: str | None = None) -> None:
+    """Environment defaults for a job process, then (pre-trained presets) a check that model.path can provide the
+    weights, so a missing or gated model fails here with one clear line. Only the CPU presets force offline mode;
+    sd35m fetches from a local directory or the hub (HF_TOKEN for gated weights)."""
     for key, value in WORKER_ENV.items():
         if key == "DS_ACCELERATOR" and preset not in CPU_PRESETS:
             continue
@@ -26,6 +28,10 @@ def job_env(preset: str) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if preset not in CPU_PRESETS:
+        from drm_ray.models.sd3 import check_model_source
+
+        check_model_source(model_path)
 
 
 def init_ray(num_cpus: int | None = None) -> str:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--json", help="also write the rows (t, accuracy, pairs, ties, ...) to this JSON file")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    job_env(cfg.model.preset)
+    job_env(cfg.model.preset, cfg.model.path)
     bad = [t for t in args.timesteps if not 0 <= t <= 1000]
     if bad:
         parser.error(f"--timesteps must lie in [0, 1000], got {bad}")

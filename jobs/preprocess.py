@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from drm_ray.config import add_config_args, load_config  # noqa: E402
 from drm_ray.data.preprocess import preprocess_pairs  # noqa: E402
 from drm_ray.models.sd3 import model_kwargs  # noqa: E402
+from drm_ray.runtime import job_env  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    job_env(cfg.model.preset, cfg.model.path)  # sd35m: fails here, once, if model.path cannot provide weights
 
     start = time.perf_counter()
     num_gpus = cfg.rollout.num_gpus if args.num_gpus is None else args.num_gpus

@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
@@ -43,6 +42,7 @@ from PIL import Image  # noqa: E402
 
 from drm_ray.config import add_config_args, load_config  # noqa: E402
 from drm_ray.data.prompts import load_prompts  # noqa: E402
+from drm_ray.runtime import job_env  # noqa: E402
 
 # torch, diffusers, Ray and MLflow are imported after the arguments are checked, so a bad call fails in a second.
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     prompts = load_prompts(args.prompts, cfg.model.preset)
+    job_env(cfg.model.preset, cfg.model.path)  # sd35m: fails here, once, if model.path cannot provide weights
     import torch
 
     from drm_ray.models.sd3 import model_kwargs
@@ -140,6 +141,11 @@ def run_sampling(args, sampler_kwargs, items, workers, scorers, ro, dtype, threa
         batches = sample_local(sampler, items, args.batch_size)
         return batches, dict(startup_s=ready - start, sampling_s=time.perf_counter() - ready)
     print(f"[sample] {init_ray()}", flush=True)
+    from drm_ray.placement import RoleDemand, ensure_resources
+
+    bundle = {k: v for k, v in {"CPU": ro.num_cpus, "GPU": ro.num_gpus}.items() if v}
+    ensure_resources([RoleDemand("sampler actors", workers, bundle),
+                      RoleDemand("DRM scorers", scorers if args.drm else 0, bundle)], ro.autoscale_wait_s)
     samplers, scorer_actors = start_actors(sampler_kwargs, args.drm, num_workers=workers, num_scorers=scorers,
                                            num_cpus=ro.num_cpus, num_gpus=ro.num_gpus, timeout_s=ro.timeout_s,
                                            scorer_dtype=dtype, torch_threads=threads)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"grpo.algo={args.algo}"] if args.algo else [])
     cfg = load_config(args.config, overrides, job="step_grpo")
-    job_env(cfg.model.preset)
+    job_env(cfg.model.preset, cfg.model.path)
 
     from drm_ray.driver import StepGRPODriver
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--synthetic-pairs", type=int, default=2048, help="size of the synthetic training set")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    job_env(cfg.model.preset)
+    job_env(cfg.model.preset, cfg.model.path)
 
     from drm_ray.data.preprocess import cache_dir_for, ensure_synthetic_cache, preprocess_pairs
     from drm_ray.models.sd3 import model_kwargs
@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     drm_dir = train_drm(cfg, cache, tracker)
     minutes = (time.perf_counter() - start) / 60
-    tracker.log_metrics({"train/minutes": minutes}, cfg.reward.train_steps)
+    tracker.log_metrics({"train/minutes": minutes}, cfg.drm.train_steps)
     if eval_cache is not None:
         from drm_ray.models.drm import DiffusionRewardModel
         from drm_ray.reward_eval import evaluate_drm
 
         row = evaluate_drm(DiffusionRewardModel.from_pretrained(drm_dir), eval_cache, timesteps=(0,))[0]
-        tracker.log_metrics({"eval/accuracy_t0": row.accuracy}, cfg.reward.train_steps)
+        tracker.log_metrics({"eval/accuracy_t0": row.accuracy}, cfg.drm.train_steps)
         print(f"[train_drm] held-out accuracy at t=0: {row.accuracy:.3f} on {row.pairs} pairs", flush=True)
     tracker.log_artifacts(drm_dir, "drm")
     tracker.end()

@@ -9,7 +9,7 @@ def test_presets_load():
     sd = load_config("sd35m")
     assert (sd.sampling.k, sd.lora.rank, sd.lora.alpha, sd.sampling.num_steps, sd.sampling.eval_num_steps) == (
         6, 32, 64.0, 10, 40)
-    assert sd.reward.lr == 1e-5 and sd.deepspeed.bf16 and "attn.to_add_out" in sd.lora.target_modules
+    assert sd.drm.lr == 1e-5 and sd.deepspeed.bf16 and "attn.to_add_out" in sd.lora.target_modules
 
 
 def test_overrides_apply_and_keep_types():
@@ -40,8 +40,8 @@ def test_yaml_round_trip(tmp_path):
     ("grpo.continuation=worst", "grpo.continuation"),
     ("grpo.clip_eps=0", "grpo.clip_eps"),
     ("learner.lr=0", "learner.lr"),
-    ("reward.lr=-1e-5", "reward.lr"),
-    ("reward.head=attention", "reward.head"),
+    ("drm.lr=-1e-5", "drm.lr"),
+    ("drm.head=attention", "drm.head"),
     ("model.preset=sdxl", "model.preset"),
     ("model.dtype=int8", "model.dtype"),
     ("model.num_layers=3", "model.num_layers"),

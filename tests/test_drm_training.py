@@ -39,10 +39,10 @@ def test_training_lowers_the_loss_and_resumes(ray_session, tmp_path):
 
     cache = _learnable_cache(tmp_path / "cache")
     out = tmp_path / "run"
-    overrides = [f"run.output_dir={out}", "learner.num_workers=2", "reward.lr=1e-3", "reward.log_every=10",
-                 "reward.checkpoint_every=20", "reward.zero_noise_prob=0.5"]
+    overrides = [f"run.output_dir={out}", "drm.num_workers=2", "drm.lr=1e-3", "drm.log_every=10",
+                 "drm.checkpoint_every=20", "drm.zero_noise_prob=0.5"]
     tracker = Tracker(None, "t", out)
-    drm_dir = train_drm(load_config("tiny", overrides + ["reward.train_steps=60"]), cache, tracker)
+    drm_dir = train_drm(load_config("tiny", overrides + ["drm.train_steps=60"]), cache, tracker)
     client = MlflowClient(tracker.uri)
     losses = [m.value for m in sorted(client.get_metric_history(tracker.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
@@ -51,7 +51,7 @@ def test_training_lowers_the_loss_and_resumes(ray_session, tmp_path):
 
     # a resubmission with more steps continues from step 60 of the same Ray Train run
     resumed = Tracker(None, "t", out)
-    train_drm(load_config("tiny", overrides + ["reward.train_steps=80"]), cache, resumed)
+    train_drm(load_config("tiny", overrides + ["drm.train_steps=80"]), cache, resumed)
     steps = [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")]
     assert sorted(steps) == [70, 80]
 
@@ -60,7 +60,7 @@ def test_train_and_eval_jobs_run_end_to_end(tmp_path):
     out = tmp_path / "job"
     env = {**os.environ}
     train = subprocess.run([sys.executable, "jobs/train_drm.py", "--synthetic-pairs", "64", f"run.output_dir={out}",
-                            "reward.train_steps=20", "reward.log_every=10"],
+                            "drm.train_steps=20", "drm.log_every=10"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert train.returncode == 0, train.stderr[-4000:]
     assert "step 20/20" in train.stdout and "held-out accuracy at t=0" in train.stdout

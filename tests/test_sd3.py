@@ -1,6 +1,7 @@
 import torch
 
-from drm_ray.models.sd3 import build_components, build_tiny, encode_prompts, tiny_clip_tokenizer, tiny_t5_tokenizer
+from drm_ray.models.sd3 import build_components, build_tiny, encode_prompts
+from drm_ray.models.tiny_text import tiny_clip_tokenizer, tiny_t5_tokenizer
 
 
 def test_tiny_is_seeded_and_leaves_global_rng_alone():

@@ -15,105 +15,31 @@ Prompt encoding goes through diffusers' own `StableDiffusion3Pipeline.encode_pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import (
-    CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer,
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+from drm_ray.models.components import (  # noqa: F401  (torch_dtype, default_device: used by callers of this module)
+    DTYPES, SD3Components, default_device, empty_parts, seeded, torch_dtype,
 )
+from drm_ray.models.tiny_text import tiny_text_stack
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CLIP_MAX_LENGTH = 77
 VAE_SCALE = 8  # pixels per latent cell for every SD3 VAE (the toy preset's codec: 4; see vae_scale)
-
-
-@dataclass
-class SD3Components:
-    transformer: SD3Transformer2DModel
-    vae: AutoencoderKL | None             # or the toy preset's PatchPCACodec
-    text_encoder: CLIPTextModelWithProjection | None
-    text_encoder_2: CLIPTextModelWithProjection | None
-    text_encoder_3: T5EncoderModel | None
-    tokenizer: CLIPTokenizer | None
-    tokenizer_2: CLIPTokenizer | None
-    tokenizer_3: T5Tokenizer | None
-    scheduler: FlowMatchEulerDiscreteScheduler
-
-    def pipeline(self) -> StableDiffusion3Pipeline:
-        """A stock diffusers pipeline over these modules (shares the weights, copies nothing)."""
-        vae = self.vae if isinstance(self.vae, AutoencoderKL) else None  # the toy codec is not a diffusers VAE
-        return StableDiffusion3Pipeline(
-            transformer=self.transformer, scheduler=self.scheduler, vae=vae,
-            text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
-            text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3,
-        )
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
-
-
-def default_device() -> torch.device:
-    """The torch device, chosen from torch (never from Ray's GPU ids, which may be fake)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------- tiny
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2 / CLIP's reversible byte -> printable unicode map, in byte order of the printable run first."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
-def byte_clip_vocab() -> dict[str, int]:
-    """start, end, the 256 byte symbols and their end-of-word variants: 514 tokens."""
-    symbols = _byte_symbols()
-    return {"<|startoftext|>": 0, "<|endoftext|>": 1, **{s: i + 2 for i, s in enumerate(symbols)},
-            **{s + "</w>": i + 258 for i, s in enumerate(symbols)}}
-
-
-def tiny_clip_tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer(vocab=byte_clip_vocab(), merges=[], model_max_length=CLIP_MAX_LENGTH)  # 514 tokens
-
-
-def tiny_t5_tokenizer(max_length: int) -> T5Tokenizer:
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(chr(c), -1.0) for c in range(33, 127)] + [("\u2581", -2.0)]  # printable ASCII + the word marker
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)  # 98 tokens
-
-
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def tiny_text_encoders(seed: int, clip_vocab: int = 514, t5_vocab: int = 98,
-                       clip_length: int = CLIP_MAX_LENGTH) -> dict:
-    """Seeded random-init CLIP-with-projection x2 (hidden 32, projection 32) and T5 (d_model 64), 2 layers each."""
-    def clip_config():
-        return CLIPTextConfig(vocab_size=clip_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, projection_dim=32, max_position_embeddings=clip_length,
-                              bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
-    return dict(
-        text_encoder=_seeded(seed + 2, lambda: CLIPTextModelWithProjection(clip_config())),
-        text_encoder_2=_seeded(seed + 3, lambda: CLIPTextModelWithProjection(clip_config())),
-        text_encoder_3=_seeded(seed + 4, lambda: T5EncoderModel(T5Config(
-            vocab_size=t5_vocab, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
-            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))),
-    )
+def tiny_vae(seed: int = 0, resolution: int = 64) -> AutoencoderKL:
+    """Seeded random-init SD3-style VAE (16 latent channels, factor 8, SD3's scaling and shift factors)."""
+    return seeded(seed + 1, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=resolution, scaling_factor=1.5305,
+        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )).eval()
 
 
 def build_tiny(seed: int = 0, num_layers: int = 4, num_attention_heads: int = 2, attention_head_dim: int = 16,
@@ -123,26 +49,17 @@ def build_tiny(seed: int = 0, num_layers: int = 4, num_attention_heads: int = 2,
     clip_proj, t5_dim = 32, 64
     width = num_attention_heads * attention_head_dim
     latent = resolution // VAE_SCALE
-    transformer = _seeded(seed, lambda: SD3Transformer2DModel(
+    transformer = seeded(seed, lambda: SD3Transformer2DModel(
         sample_size=latent, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
         attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
         joint_attention_dim=t5_dim, caption_projection_dim=width, pooled_projection_dim=2 * clip_proj,
         pos_embed_max_size=max(32, latent // 2 * 2),
     ))
-    parts: dict = dict(vae=None, text_encoder=None, text_encoder_2=None, text_encoder_3=None,
-                       tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+    parts = empty_parts()
     if vae:
-        parts["vae"] = _seeded(seed + 1, lambda: AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-            latent_channels=16, norm_num_groups=4, sample_size=resolution, scaling_factor=1.5305,
-            shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-        ))
+        parts["vae"] = tiny_vae(seed, resolution)
     if text:
-        parts.update(tiny_text_encoders(seed))
-        parts["tokenizer"] = tiny_clip_tokenizer()
-        parts["tokenizer_2"] = tiny_clip_tokenizer()
-        parts["tokenizer_3"] = tiny_t5_tokenizer(max_sequence_length)
+        parts.update(tiny_text_stack(seed, max_sequence_length))
     for module in (transformer, *parts.values()):
         if isinstance(module, torch.nn.Module):
             module.eval()
@@ -152,13 +69,65 @@ def build_tiny(seed: int = 0, num_layers: int = 4, num_attention_heads: int = 2,
 # ---------------------------------------------------------------------------------------------- sd35m
 
 
+class ModelSourceError(FileNotFoundError):
+    """model.path names no usable weights (missing directory, missing subfolder, unknown or gated hub id)."""
+
+
+SD3_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                  "tokenizer_2", "tokenizer_3", "scheduler")
+
+
+def check_model_source(path: str | None, subfolders: tuple[str, ...] = SD3_SUBFOLDERS) -> str:
+    """Check on the driver, before any Ray work, that `path` (model.path) can provide `subfolders`; returns "local"
+    or "hub". Raises ModelSourceError with one short message naming model.path (and HF_TOKEN where a token could
+    help): actors would otherwise fail one by one, each retry burying the reason in a traceback."""
+    if not path:
+        raise ModelSourceError("model.path is empty: set it to a local diffusers directory of SD3.5-Medium or a hub "
+                               "id such as stabilityai/stable-diffusion-3.5-medium")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        missing = [sub for sub in subfolders if not (local / sub).is_dir()]
+        if missing:
+            raise ModelSourceError(f"model.path {path} is a directory but lacks {', '.join(missing)}/ (expected "
+                                   f"the diffusers layout of StableDiffusion3Pipeline.save_pretrained)")
+        return "local"
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") != 1:
+        raise ModelSourceError(f"model.path {path} does not exist (neither a local directory nor a hub id "
+                               f"of the form owner/name)")
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        if huggingface_hub.try_to_load_from_cache(path, "model_index.json") is None:
+            raise ModelSourceError(f"model.path {path} is a hub id, HF_HUB_OFFLINE is set and the local Hugging Face "
+                                   f"cache has no copy: download it first (huggingface-cli download {path}, with "
+                                   f"HF_TOKEN for a gated model) or set model.path to a local directory")
+        return "hub"
+    try:
+        huggingface_hub.auth_check(path)
+    except errors.GatedRepoError:
+        token = "HF_TOKEN is not set" if not huggingface_hub.get_token() else "the token in HF_TOKEN has no access"
+        raise ModelSourceError(f"model.path {path} is a gated model and {token}: accept its license on "
+                               f"https://huggingface.co/{path} and set HF_TOKEN on every node (or download it once "
+                               f"to shared storage and set model.path to that directory)") from None
+    except errors.RepositoryNotFoundError:
+        raise ModelSourceError(f"model.path {path} was not found on the hub (a typo, or a private repository: set "
+                               f"HF_TOKEN)") from None
+    except errors.HfHubHTTPError as err:
+        raise ModelSourceError(f"could not check model.path {path} on the hub ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0]}); set model.path to a local directory") from None
+    except OSError as err:  # no network, DNS, proxy
+        raise ModelSourceError(f"could not reach the hub to check model.path {path} ({type(err).__name__}); set "
+                               f"model.path to a local directory, or HF_HUB_OFFLINE=1 with a cached copy") from None
+    return "hub"
+
+
 def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, text: bool = True,
                     vae: bool = True) -> SD3Components:
     """SD3.5-Medium (or any SD3-family diffusers directory / hub id) in its standard subfolder layout."""
     def load(cls, sub, **kw):
         return cls.from_pretrained(path, subfolder=sub, **kw)
-    parts: dict = dict(vae=None, text_encoder=None, text_encoder_2=None, text_encoder_3=None,
-                       tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+    parts = empty_parts()
     transformer = load(SD3Transformer2DModel, "transformer", torch_dtype=dtype)
     if vae:
         # The VAE stays float32: SD3's VAE overflows in fp16 and latents are cached in fp32 anyway.
@@ -180,7 +149,7 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, text: bool =
 def load_vae(preset: str, path: str | None, resolution: int = 64, seed: int = 0) -> AutoencoderKL:
     """The preset's VAE alone, float32 on CPU (the driver decodes image panels with it; no transformer is built)."""
     if preset == "tiny":
-        return build_tiny(seed=seed, resolution=resolution, text=False).vae
+        return tiny_vae(seed, resolution)
     if preset == "toy":
         from drm_ray.toy.model import load_codec
         return load_codec(path)

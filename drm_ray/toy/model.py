@@ -18,6 +18,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTokenizer, T5Tokenizer
 
+from drm_ray.models.components import SD3Components, empty_parts, seeded
+from drm_ray.models.tiny_text import byte_clip_vocab, tiny_text_encoders
 from drm_ray.toy.codec import PatchPCACodec
 from drm_ray.toy.world import vocabulary
 
@@ -31,8 +33,6 @@ class ToyCheckpointError(FileNotFoundError):
 
 
 def toy_clip_tokenizer() -> CLIPTokenizer:
-    from drm_ray.models.sd3 import byte_clip_vocab
-
     vocab = byte_clip_vocab()
     merges: list[tuple[str, str]] = []
     for word in vocabulary():
@@ -73,8 +73,6 @@ def toy_t5_tokenizer(max_length: int) -> T5Tokenizer:
 
 def toy_text_stack(seed: int, max_sequence_length: int) -> dict:
     """The three text encoders (the tiny preset's, sized to the toy vocabularies) and their tokenizers."""
-    from drm_ray.models.sd3 import tiny_text_encoders
-
     clip, t5 = toy_clip_tokenizer(), toy_t5_tokenizer(max_sequence_length)
     encoders = tiny_text_encoders(seed, clip_vocab=len(clip), t5_vocab=len(t5), clip_length=CLIP_LENGTH)
     return dict(**encoders, tokenizer=clip, tokenizer_2=toy_clip_tokenizer(), tokenizer_3=t5)
@@ -83,10 +81,8 @@ def toy_text_stack(seed: int, max_sequence_length: int) -> dict:
 def toy_transformer(seed: int = 0, num_layers: int = 6, num_attention_heads: int = 4, attention_head_dim: int = 16,
                     resolution: int = 32) -> SD3Transformer2DModel:
     """A random-init SD3 transformer of the toy size (text dims of the tiny text stack)."""
-    from drm_ray.models.sd3 import _seeded
-
     latent = resolution // VAE_SCALE
-    return _seeded(seed, lambda: SD3Transformer2DModel(
+    return seeded(seed, lambda: SD3Transformer2DModel(
         sample_size=latent, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
         joint_attention_dim=64, caption_projection_dim=num_attention_heads * attention_head_dim,
@@ -111,10 +107,7 @@ def check_checkpoint(path: str | Path | None) -> Path:
 def build_toy(path: str | Path | None, seed: int = 0, max_sequence_length: int = 16, shift: float = 1.0,
               text: bool = True, vae: bool = True, transformer: SD3Transformer2DModel | None = None):
     """SD3Components of a pre-trained toy checkpoint (or around a given `transformer`, during pre-training)."""
-    from drm_ray.models.sd3 import SD3Components
-
-    parts: dict = dict(vae=None, text_encoder=None, text_encoder_2=None, text_encoder_3=None,
-                       tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+    parts = empty_parts()
     if transformer is None:
         transformer = SD3Transformer2DModel.from_pretrained(check_checkpoint(path) / "transformer")
     if vae:
