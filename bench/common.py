@@ -33,7 +33,7 @@ def setup_env() -> None:
 
 def untrained_drm(cfg, directory: Path) -> Path:
     """An untrained DRM for `cfg`'s architecture (timings only: its scores mean nothing); reused if present."""
-    from drm_ray.models.drm import build_drm
+    from drm_ray.reward.model import build_drm
     from drm_ray.models.sd3 import build_components, latent_size, model_kwargs
 
     if (directory / "drm_config.json").is_file():

@@ -161,7 +161,7 @@ class Check:
         self.add("policy", "CFG forward, 1 prompt (2 latents)", sec, f"{params:.1f}M params incl. LoRA")
 
     def drm(self):
-        from drm_ray.models.drm import build_drm
+        from drm_ray.reward.model import build_drm
 
         self.reset()
         drm = build_drm(self.transformer(), n_drop=3, head="mlp", latent_size=self.latent).eval()
@@ -218,7 +218,7 @@ class Check:
 
     def stepwise(self):
         from drm_ray.diffusion.stepwise import stepwise_sample
-        from drm_ray.models.drm import build_drm
+        from drm_ray.reward.model import build_drm
 
         self.reset()
         t = self.transformer()

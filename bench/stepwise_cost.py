@@ -45,7 +45,7 @@ from drm_ray.diffusion.flow import schedule_sigmas  # noqa: E402
 from drm_ray.diffusion.sampling import decode_latents, initial_latents  # noqa: E402
 from drm_ray.diffusion.stepwise import stepwise_sample  # noqa: E402
 from drm_ray.diversity import prompt_diversity  # noqa: E402
-from drm_ray.models.drm import build_drm  # noqa: E402
+from drm_ray.reward.model import build_drm  # noqa: E402
 from drm_ray.models.sd3 import build_components, encode_prompts, latent_size, model_kwargs  # noqa: E402
 from drm_ray.sample_driver import make_batches, plan_items  # noqa: E402
 from drm_ray.workers.scorer import DRMScorer  # noqa: E402

@@ -78,7 +78,7 @@ def parse_args(argv):
         parser.error(f"--k {args.k} needs --drm DIR (a DRM directory from jobs/train_drm.py): the DRM picks the best "
                      "of the k candidates at each step")
     if args.drm:
-        from drm_ray.models.drm import CONFIG_NAME, WEIGHTS_NAME
+        from drm_ray.reward.model import CONFIG_NAME, WEIGHTS_NAME
 
         if not ((Path(args.drm) / CONFIG_NAME).is_file() and (Path(args.drm) / WEIGHTS_NAME).is_file()):
             parser.error(f"--drm {args.drm} is not a DRM directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from drm_ray.data.preprocess import cache_dir_for, ensure_synthetic_cache, preprocess_pairs
     from drm_ray.models.sd3 import model_kwargs
-    from drm_ray.reward_trainer import train_drm
+    from drm_ray.reward.trainer import train_drm
     from drm_ray.tracking import Tracker
 
     out = Path(cfg.run.output_dir).resolve()
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> Path:
     minutes = (time.perf_counter() - start) / 60
     tracker.log_metrics({"train/minutes": minutes}, cfg.drm.train_steps)
     if eval_cache is not None:
-        from drm_ray.models.drm import DiffusionRewardModel
-        from drm_ray.reward_eval import evaluate_drm
+        from drm_ray.reward.model import DiffusionRewardModel
+        from drm_ray.reward.evaluate import evaluate_drm
 
         row = evaluate_drm(DiffusionRewardModel.from_pretrained(drm_dir), eval_cache, timesteps=(0,))[0]
         tracker.log_metrics({"eval/accuracy_t0": row.accuracy}, cfg.drm.train_steps)

@@ -41,7 +41,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_drm_dir(tmp_path_factory):
     """An untrained tiny DRM directory: an arbitrary but fixed scoring function, enough to exercise the machinery."""
-    from drm_ray.models.drm import build_drm
+    from drm_ray.reward.model import build_drm
     from drm_ray.models.sd3 import build_tiny
 
     path = tmp_path_factory.mktemp("drm") / "drm"

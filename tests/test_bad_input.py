@@ -6,7 +6,7 @@ import torch
 from drm_ray.algorithms.rl_batch import learner_batch
 from drm_ray.config import SD3_LORA_TARGETS
 from drm_ray.data.prompts import PromptFileError, load_prompts
-from drm_ray.models.drm import build_drm
+from drm_ray.reward.model import build_drm
 from drm_ray.models.lora import add_lora, load_lora_state, lora_state
 from drm_ray.models.sd3 import build_tiny
 from drm_ray.tracking import redact

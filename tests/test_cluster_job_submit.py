@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from drm_ray.models.drm import build_drm
+from drm_ray.reward.model import build_drm
 from drm_ray.models.sd3 import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -81,7 +81,7 @@ def main(out: Path) -> None:
 
     from drm_ray.config import load_config
     from drm_ray.driver import StepGRPODriver
-    from drm_ray.models.drm import build_drm
+    from drm_ray.reward.model import build_drm
     from drm_ray.models.sd3 import build_tiny
     from drm_ray.placement import ClusterResourcesError, ensure_resources, role_demands
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from drm_ray.config import load_config
 from drm_ray.data.cache import PairBatch, pair_rows, write_meta, write_shard
-from drm_ray.models.drm import DiffusionRewardModel
+from drm_ray.reward.model import DiffusionRewardModel
 from drm_ray.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _learnable_cache(path, n=256):
 
 
 def test_training_lowers_the_loss_and_resumes(ray_session, tmp_path):
-    from drm_ray.reward_trainer import train_drm
+    from drm_ray.reward.trainer import train_drm
 
     cache = _learnable_cache(tmp_path / "cache")
     out = tmp_path / "run"

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def drm_dir(tmp_path_factory):
-    from drm_ray.models.drm import build_drm
+    from drm_ray.reward.model import build_drm
     from drm_ray.models.sd3 import build_tiny
 
     path = tmp_path_factory.mktemp("drm") / "drm"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from drm_ray.data.cache import PairBatch, pair_rows, write_meta, write_shard
-from drm_ray.reward_eval import evaluate_drm, format_table, tie_aware_accuracy
+from drm_ray.reward.evaluate import evaluate_drm, format_table, tie_aware_accuracy
 
 
 class ChannelMean(torch.nn.Module):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from drm_ray.models.drm import build_drm
+from drm_ray.reward.model import build_drm
 from drm_ray.models.sd3 import build_tiny
 from drm_ray.sample_driver import plan_items, sample_local, sample_on_ray, start_actors, stop_actors
 from drm_ray.workers.sampler import StepwiseSampler

@@ -183,7 +183,7 @@ def test_step_grpo_on_the_toy_preset_grades_the_panel_with_the_oracle(ray_sessio
 
     from drm_ray.config import load_config
     from drm_ray.driver import StepGRPODriver
-    from drm_ray.models.drm import build_drm
+    from drm_ray.reward.model import build_drm
 
     path, _ = toy_ckpt
     drm_dir = build_drm(SD3Transformer2DModel.from_pretrained(path / "transformer"), latent_size=8,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from drm_ray.models.drm import DiffusionRewardModel
+from drm_ray.reward.model import DiffusionRewardModel
 from drm_ray.models.sd3 import default_device, torch_dtype
 
 

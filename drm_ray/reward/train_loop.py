@@ -24,7 +24,7 @@ import torch.distributed as dist
 from drm_ray.algorithms.losses import accuracy_by_noise_bucket, bradley_terry_loss
 from drm_ray.data.cache import iter_pairs
 from drm_ray.diffusion.flow import add_noise, sample_noise_levels
-from drm_ray.models.drm import build_drm
+from drm_ray.reward.model import build_drm
 from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine, train_worker_setup
 
 STATE_FILE = "trainer_state.json"
@@ -50,7 +50,7 @@ def noised_pair_rewards(model, batch, generator: torch.Generator, zero_prob: flo
 
 
 def drm_train_loop(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`; `config` holds plain values (see reward_trainer.train_drm)."""
+    """Ray Train `train_loop_per_worker`; `config` holds plain values (see drm_ray.reward.trainer.train_drm)."""
     import ray.train
 
     rank, world, device, comps = train_worker_setup(config)

@@ -21,7 +21,7 @@ from ray.util.queue import Queue
 from drm_ray.data.cache import read_meta
 from drm_ray.models.sd3 import latent_size, model_kwargs
 from drm_ray.tracking import Tracker
-from drm_ray.workers.drm_trainer import drm_train_loop
+from drm_ray.reward.train_loop import drm_train_loop
 
 log = logging.getLogger(__name__)
 
