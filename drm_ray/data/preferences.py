@@ -16,6 +16,7 @@ non-square image is not distorted), and returned as float tensors in [0, 1]. Fil
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import os
@@ -211,10 +212,17 @@ class PreferenceReader:
 
     def check_prompts(self, batch_size: int = 65536) -> None:
         """Stream the prompt column alone (cheap: no image bytes are read) and reject null or blank prompts."""
+        for _ in self.iter_prompts(batch_size):
+            pass
+
+    def iter_prompts(self, batch_size: int = 65536) -> Iterator[str]:
+        """Every row's prompt, in file order, from the prompt column alone; a null or blank one raises."""
         first = 0
         for table in _guarded(self.path, self.file.iter_batches(batch_size=batch_size, columns=["prompt"])):
-            check_prompts(self.path, range(first, first + table.num_rows), table.column("prompt").to_pylist())
+            prompts = table.column("prompt").to_pylist()
+            check_prompts(self.path, range(first, first + table.num_rows), prompts)
             first += table.num_rows
+            yield from prompts
 
     def iter_batches(self, batch_size: int, resolution: int) -> Iterator[PreferenceBatch]:
         """Decoded batches of at most `batch_size` pairs (fewer where rows were skipped), in file order."""
@@ -242,6 +250,22 @@ class PreferenceReader:
         if self.skipped_rows:
             log.warning("%s: skipped %d of %d rows whose images do not decode (rows %s; first: %s)", self.path,
                         len(self.skipped_rows), self.num_rows, self.skipped_rows[:10], self._first_skip_reason)
+
+
+def preference_files(pairs: str | Path) -> list[Path]:
+    """The files `pairs` names: a file, a directory (every *.parquet in it, sorted) or a glob (sorted matches)."""
+    path = Path(pairs)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if p.is_file())
+        if not files:
+            raise PreferenceDataError(f"preference directory {path} holds no *.parquet files")
+        return files
+    if any(c in str(pairs) for c in "*?[") and not path.exists():
+        files = sorted(Path(p) for p in glob.glob(str(pairs)) if Path(p).is_file())
+        if not files:
+            raise PreferenceDataError(f"preference glob {pairs} matches no files")
+        return files
+    return [path]  # a missing file fails in open_preference_file, with its name
 
 
 def open_preference_file(path: str | Path) -> pq.ParquetFile:

@@ -1,22 +1,31 @@
-"""Encode a preference Parquet once into the embedding cache (`drm_ray.data.cache`), with Ray Data.
+"""Encode preference Parquet files once into the embedding cache (`drm_ray.data.cache`), with Ray actors.
 
-    stats = preprocess_pairs("pairs.parquet", "cache/", preset="tiny",
-                             model_kwargs=model_kwargs(cfg.model, cfg.sampling), concurrency=1, num_gpus=0)
+    stats = preprocess_pairs("pairs/", "cache/", preset="tiny", model_kwargs=model_kwargs(cfg.model, cfg.sampling),
+                             **encoder_options(cfg.data))
 
-The input is validated on the driver first (`PreferenceReader`), so a missing, empty, corrupt or mis-typed file, or a
-blank prompt, fails before any Ray work. The dataset is built from the file's row groups (path, row group, first row)
-rather than with `ray.data.read_parquet`, so every row keeps its row number and an undecodable image is reported as
-"file, row, column"; parallelism is therefore over row groups (`write_preference_parquet` writes one per 256 pairs).
-Encoder actors (`PairEncoder`, one model copy each, `num_gpus` per actor) decode both images, VAE-encode them and
-encode the prompt; the driver streams the results into shards. The cache is assembled in a hidden sibling directory
-and renamed into place after `meta.json` (written last), so a failure never leaves a partial cache under
-`cache_dir`. Besides the cache format it writes `preprocess.json` (what the cache was built from; readers ignore it).
-Winners get label 1.0, ties 0.5. On a multi-node cluster the Parquet file and the cache directory must be on storage
-every node sees.
+`pairs` is a file, a directory (every *.parquet in it, sorted) or a glob. Every file is validated on the driver first
+(`PreferenceReader`: container, schema, and the prompt column), so a missing, empty, corrupt or mis-typed file, or a
+blank prompt, fails naming file, row and column before any Ray work. Then `concurrency` encoder actors
+(`CacheEncoder`, one model copy and `num_gpus` GPUs each; the cluster's capacity is checked with
+`drm_ray.placement.ensure_resources` before they are created, so an impossible GPU demand fails at once) run two
+passes, and write the cache files themselves:
+
+1. prompts: the driver reads the prompt columns only, deduplicates them (first occurrence order) and deals parts of
+   `shard_rows` distinct prompts to the actors; each prompt is text-encoded once, into prompt part `<k>`.
+2. pairs: one unit of work per (input file, row group); the actor decodes both images of `batch_size` pairs at a
+   time, VAE-encodes them and writes pair shards of `shard_rows` pairs named `<file>-<row group>-<k>`.
+
+Names come from the input, never from which actor ran the work, so a cache is reproducible. The driver receives only
+small summaries (rows written, ties, skipped rows, shapes, bytes), never rows or tensors: its memory and network do
+not grow with the data. The cache is assembled in a hidden sibling directory and renamed into place after
+`meta.json` (written last), so a failure never leaves a partial cache under `cache_dir` and never touches a complete
+one. `preprocess.json` records what the cache was built from (readers ignore it). Winners get label 1.0, ties 0.5.
+On a multi-node cluster the input files and the cache directory must be on storage every node sees.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,86 +33,147 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
+from ray.util import ActorPool
 
-from drm_ray.data.cache import CacheError, PairBatch, pair_rows, read_meta, write_meta, write_shard
-from drm_ray.data.preferences import SCHEMA, PreferenceDataError, PreferenceReader, decode_pairs, read_row_group
+from drm_ray.data.cache import (LATENT_DTYPES, PROMPTS, CacheError, pair_columns, read_meta, write_meta,
+                                write_prompt_part, write_shard)
+from drm_ray.data.preferences import (PreferenceDataError, PreferenceReader, decode_pairs, preference_files,
+                                      read_row_group)
 from drm_ray.data.synthetic import write_synthetic_parquet
-from drm_ray.diffusion.sampling import encode_images
-from drm_ray.models.sd3 import build_components, default_device, encode_prompts, latent_size
+from drm_ray.placement import ClusterResourcesError, RoleDemand, ensure_resources
 
 log = logging.getLogger(__name__)
 
 TIE_LABEL, WIN_LABEL = 0.5, 1.0
 SIDECAR = "preprocess.json"
+ENCODER_CPUS = 1.0  # per encoder actor: image decoding and, without a GPU, the encoders themselves
 
 
 @dataclass
 class PreprocessStats:
-    pairs: str                   # the input file
+    pairs: list[str]             # the input files, in order
     rows_in: int
     rows_written: int = 0
     ties: int = 0
-    skipped_rows: list[int] = field(default_factory=list)   # undecodable images (on_bad_image="skip")
+    prompts: int = 0             # distinct prompts, each text-encoded once
+    skipped_rows: list[int] = field(default_factory=list)   # undecodable images (on_bad_image="skip"): row numbers
+    #                              over the inputs in order (file 0's rows first; with one file, the file's rows)
     synthetic: dict | None = None  # n, seed, resolution, tie_fraction when built by ensure_synthetic_cache
 
 
-def read_units(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
-    """Ray Data stage: work units (path, row group, first row) -> their rows, numbered, with defaults filled in."""
-    tables = []
-    for path, group, first in zip(batch["path"], batch["group"], batch["first_row"]):
-        table = read_row_group(str(path), int(group), columns=columns)
-        n = table.num_rows
-        for name, value, dtype in (("source", "", pa.string()), ("tie", False, pa.bool_())):
-            filled = pc.fill_null(table[name], value) if name in columns else pa.array([value] * n, dtype)
-            table = table.drop_columns([name]) if name in columns else table
-            table = table.append_column(name, filled)
-        table = table.append_column("row_index", pa.array(np.arange(first, first + n), pa.int64()))
-        tables.append(table.select(["row_index", *SCHEMA.names]))
-    return pa.concat_tables(tables)
+@dataclass
+class PartSummary:
+    """What an encoder actor reports for one prompt part."""
+    name: str
+    prompts: int
+    embed_shape: list[int]
+    pooled_shape: list[int]
+    bytes: int
 
 
-class PairEncoder:
-    """Ray Data stage, one per actor: images -> VAE latents, prompts -> SD3 text embeddings. Builds the model once.
+@dataclass
+class ShardSummary:
+    """What an encoder actor reports for one unit of pairs (one input row group): the shards it wrote."""
+    unit: str
+    shards: list[str] = field(default_factory=list)
+    rows_written: int = 0
+    ties: int = 0
+    skipped_rows: list[int] = field(default_factory=list)   # rows of the input file
+    first_skip_reason: str | None = None
+    latent_shape: list[int] | None = None
+    bytes: int = 0
+    error: str | None = None     # on_bad_image="error": the first undecodable image (the driver fails)
 
-    An image that does not decode is not raised here (Ray would bury the message in its own traceback): its row
-    comes back with zero tensors and the reason in `error`, and the driver applies `on_bad_image`.
+
+def encoder_options(data, autoscale_wait_s: float = 0.0) -> dict:
+    """`preprocess_pairs` / `ensure_synthetic_cache` keyword arguments from the config's data section (and
+    rollout.autoscale_wait_s: how long to wait for an autoscaler to add the encoders' nodes)."""
+    return dict(concurrency=data.encoder_workers, num_gpus=data.encoder_gpus, batch_size=data.encoder_batch_size,
+                shard_rows=data.shard_rows, latent_dtype=data.latent_dtype, autoscale_wait_s=autoscale_wait_s)
+
+
+class CacheEncoder:
+    """One per Ray actor: prompts -> SD3 text embeddings, image pairs -> VAE latents, written into the cache at `out`.
+
+    Builds the model once. An image that does not decode is not raised here (Ray would bury the message in its own
+    traceback): it comes back in the summary, and the driver applies `on_bad_image`.
     """
 
-    def __init__(self, path: str, preset: str, model_kwargs: dict):
-        self.path, self.preset = path, preset
+    def __init__(self, out: str, preset: str, model_kwargs: dict, latent_dtype: str, batch_size: int,
+                 shard_rows: int, on_bad_image: str):
+        from drm_ray.models.sd3 import build_components, default_device
+
+        self.out, self.latent_dtype, self.on_bad_image = Path(out), latent_dtype, on_bad_image
+        self.batch_size, self.shard_rows = batch_size, shard_rows
         self.resolution = model_kwargs["resolution"]
         self.max_sequence_length = model_kwargs["max_sequence_length"]
         # The device comes from torch, never from Ray's GPU ids (which are fake on CPU test clusters).
         self.comps = build_components(preset, text=True, vae=True, device=default_device(), **model_kwargs)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = batch["row_index"].tolist()
-        win, lose, kept, skipped = decode_pairs(self.path, rows, batch["image_win"], batch["image_lose"],
-                                                self.resolution, on_bad_image="skip")  # [B', 3, R, R] each
-        prompts = [str(p) for p in batch["prompt"]]
-        embeds, pooled = encode_prompts(self.comps, prompts, self.max_sequence_length)  # [B, L, D], [B, P]
-        latent = latent_size(self.preset, self.resolution)
-        latent_win = torch.zeros(len(rows), self.comps.vae.config.latent_channels, latent, latent)  # [B, C, h, w]
-        latent_lose = torch.zeros_like(latent_win)  # rows in `skipped` stay zero
-        if kept:
-            position = {r: i for i, r in enumerate(rows)}
-            good = [position[r] for r in kept]
+    def encode_prompt_part(self, name: str, prompts: list[str]) -> PartSummary:
+        from drm_ray.models.sd3 import encode_prompts
+
+        embeds, pooled = [], []
+        for lo in range(0, len(prompts), self.batch_size):
+            e, p = encode_prompts(self.comps, prompts[lo:lo + self.batch_size], self.max_sequence_length)
+            embeds.append(e.float().cpu())  # [b, L, D]
+            pooled.append(p.float().cpu())  # [b, P]
+        embeds, pooled = torch.cat(embeds), torch.cat(pooled)
+        size = write_prompt_part(self.out, name, prompts, embeds, pooled)
+        return PartSummary(name, len(prompts), list(embeds.shape[1:]), list(pooled.shape[1:]), size)
+
+    def encode_pairs(self, unit: dict) -> ShardSummary:
+        """Encode one input row group into shards `<unit>-<k>` of at most `shard_rows` pairs."""
+        from drm_ray.diffusion.sampling import encode_images
+
+        path, summary = unit["path"], ShardSummary(unit["name"])
+        try:
+            table = read_row_group(path, unit["group"], columns=unit["columns"])
+        except PreferenceDataError as err:
+            summary.error = str(err)
+            return summary
+        n, first = table.num_rows, unit["first_row"]
+        source = pc.fill_null(table["source"], "").to_pylist() if "source" in unit["columns"] else [""] * n
+        tie = pc.fill_null(table["tie"], False).to_pylist() if "tie" in unit["columns"] else [False] * n
+        pending: list[tuple] = []  # (prompt, source, label, latent_win [C, h, w], latent_lose)
+        for lo in range(0, n, self.batch_size):
+            hi = min(n, lo + self.batch_size)
+            win, lose, kept, skipped = decode_pairs(path, range(first + lo, first + hi),
+                                                    table["image_win"][lo:hi].to_pylist(),
+                                                    table["image_lose"][lo:hi].to_pylist(), self.resolution,
+                                                    on_bad_image="skip")  # [B', 3, R, R] each
+            if skipped:
+                if self.on_bad_image == "error":
+                    return ShardSummary(unit["name"], error=next(iter(skipped.values())))
+                summary.skipped_rows += list(skipped)
+                summary.first_skip_reason = summary.first_skip_reason or next(iter(skipped.values()))
+            if not kept:
+                continue
             latents = encode_images(self.comps.vae, torch.cat([win, lose])).cpu()  # [2B', C, h, w] float32
-            latent_win[good], latent_lose[good] = latents[:len(kept)], latents[len(kept):]
-        return {
-            "row_index": batch["row_index"], "prompt": batch["prompt"], "source": batch["source"],
-            "label": np.where(batch["tie"].astype(bool), TIE_LABEL, WIN_LABEL).astype(np.float32),  # [B]
-            "error": np.asarray([skipped.get(r, "") for r in rows], dtype=object),
-            "latent_win": latent_win.numpy(), "latent_lose": latent_lose.numpy(),
-            # float16 is what the cache stores: halves the object-store traffic
-            "prompt_embeds": embeds.float().cpu().numpy().astype(np.float16),  # [B, L, D]
-            "pooled": pooled.float().cpu().numpy().astype(np.float16),  # [B, P]
-        }
+            summary.latent_shape = list(latents.shape[1:])
+            for j, row in enumerate(kept):
+                i = row - first
+                pending.append((table["prompt"][i].as_py(), source[i], TIE_LABEL if tie[i] else WIN_LABEL,
+                                latents[j], latents[len(kept) + j]))
+            while len(pending) >= self.shard_rows:
+                self._flush(summary, pending[:self.shard_rows])
+                pending = pending[self.shard_rows:]
+        if pending:
+            self._flush(summary, pending)
+        return summary
+
+    def _flush(self, summary: ShardSummary, rows: list[tuple]) -> None:
+        name = f"{summary.unit}-{len(summary.shards):04d}"
+        prompts, source, label, win, lose = zip(*rows)
+        cols = pair_columns(list(prompts), list(source), label, torch.stack(win), torch.stack(lose),
+                            self.latent_dtype)
+        summary.bytes += write_shard(self.out, name, cols).stat().st_size
+        summary.shards.append(name)
+        summary.rows_written += len(rows)
+        summary.ties += sum(x == TIE_LABEL for x in label)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -111,44 +181,61 @@ class PairEncoder:
 
 def preprocess_pairs(pairs: str | Path, cache_dir: str | Path, *, preset: str, model_kwargs: dict,
                      concurrency: int = 1, num_gpus: float = 0.0, batch_size: int = 16, shard_rows: int = 256,
-                     on_bad_image: str = "error", overwrite: bool = False,
-                     synthetic: dict | None = None) -> PreprocessStats:
-    """Encode every pair of `pairs` into a cache at `cache_dir`; returns what was written and skipped.
+                     latent_dtype: str = "float32", on_bad_image: str = "error", overwrite: bool = False,
+                     autoscale_wait_s: float = 0.0, synthetic: dict | None = None) -> PreprocessStats:
+    """Encode every pair of `pairs` (file, directory or glob) into a cache at `cache_dir`; returns what was written
+    and skipped.
 
     `model_kwargs` are `build_components` arguments (`drm_ray.models.sd3.model_kwargs(cfg.model, cfg.sampling)`);
-    `resolution` and `max_sequence_length` must be among them. `concurrency` encoder actors, each with `num_gpus`
-    GPUs (1 on GPU clusters, 0 on CPU), take `batch_size` pairs per call; shards hold `shard_rows` pairs (SD3.5 rows
-    are about 3 MB, tiny rows about 22 kB).
+    `resolution` and `max_sequence_length` must be among them. The other settings come from the config's data
+    section through `encoder_options`: `concurrency` encoder actors with `num_gpus` GPUs each take `batch_size` pairs
+    (or prompts) per call; shards hold `shard_rows` pairs and prompt parts `shard_rows` prompts; latents are stored
+    in `latent_dtype`.
     """
-    reader = PreferenceReader(pairs, on_bad_image)  # fails on a bad file before any Ray work
-    reader.check_prompts()
+    readers = [PreferenceReader(f, on_bad_image) for f in preference_files(pairs)]  # fail before any Ray work
+    distinct = list(dict.fromkeys(p for r in readers for p in r.iter_prompts()))  # checks every prompt too
     missing = [k for k in ("resolution", "max_sequence_length") if k not in model_kwargs]
     if missing:
         raise ValueError(f"model_kwargs lacks {missing}; build it with drm_ray.models.sd3.model_kwargs(...)")
     for name, value in (("concurrency", concurrency), ("batch_size", batch_size), ("shard_rows", shard_rows)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent_dtype must be one of {sorted(LATENT_DTYPES)}, got {latent_dtype!r}")
     cache_dir = Path(cache_dir)
     _check_target(cache_dir, overwrite)
-    if reader.file.num_row_groups < concurrency:  # a row group is one block, encoded by one actor
-        log.warning("%s has %d row group(s) for %d encoder actors: rewrite it with write_preference_parquet (one row "
-                    "group per 256 pairs) to use them all", pairs, reader.file.num_row_groups, concurrency)
+    units = _pair_units(readers)
+    if len(units) < concurrency:  # a row group is one unit, encoded by one actor
+        log.warning("%d row group(s) for %d encoder actors: rewrite the input with write_preference_parquet (one row "
+                    "group per 256 pairs) to use them all", len(units), concurrency)
     init_ray()
-    stats = PreprocessStats(pairs=str(pairs), rows_in=reader.num_rows, synthetic=synthetic)
-    ds = _encoded_dataset(reader, preset, model_kwargs, concurrency, num_gpus, batch_size)
+    bundle = {k: v for k, v in (("CPU", ENCODER_CPUS), ("GPU", float(num_gpus))) if v}
+    try:
+        ensure_resources([RoleDemand("encoder actors", concurrency, bundle)], autoscale_wait_s)
+    except ClusterResourcesError as err:
+        raise ClusterResourcesError(f"preprocessing: {err}\nFor preprocessing, change data.encoder_workers / "
+                                    f"data.encoder_gpus (jobs/preprocess.py: --concurrency / --num-gpus).") from err
+
+    stats = PreprocessStats(pairs=[str(r.path) for r in readers], rows_in=sum(r.num_rows for r in readers),
+                            prompts=len(distinct), synthetic=synthetic)
     tmp = cache_dir.with_name(f".{cache_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / PROMPTS).mkdir(parents=True)
+    encoder = ray.remote(num_cpus=ENCODER_CPUS, num_gpus=num_gpus)(CacheEncoder)
+    actors = [encoder.remote(str(tmp), preset, model_kwargs, latent_dtype, batch_size, shard_rows, on_bad_image)
+              for _ in range(concurrency)]
     try:
-        shapes = _write_shards(ds, tmp, shard_rows, on_bad_image, stats)
-        if stats.rows_written == 0:
-            raise PreferenceDataError(f"{pairs}: all {stats.rows_in} rows were skipped (undecodable images); "
-                                      f"no cache written")
+        parts = [(f"{k:05d}", distinct[lo:lo + shard_rows]) for k, lo in enumerate(range(0, len(distinct), shard_rows))]
+        part_summaries = _run(actors, "encode_prompt_part", parts)
+        shapes = _apply(stats, _run(actors, "encode_pairs", [(u,) for u in units]), units, readers)
         (tmp / SIDECAR).write_text(json.dumps(asdict(stats), indent=2))
-        write_meta(tmp, *shapes, model={"preset": preset, **model_kwargs})
+        write_meta(tmp, shapes, part_summaries[0].embed_shape, part_summaries[0].pooled_shape,
+                   model={"preset": preset, **model_kwargs})
         if cache_dir.exists():  # `_check_target` allowed it: empty, or a complete cache with overwrite=True
             shutil.rmtree(cache_dir)
         os.replace(tmp, cache_dir)
     finally:
+        _stop(actors)
         shutil.rmtree(tmp, ignore_errors=True)
     if stats.skipped_rows:
         log.warning("%s: skipped %d of %d rows with undecodable images (first rows: %s)", pairs,
@@ -156,41 +243,57 @@ def preprocess_pairs(pairs: str | Path, cache_dir: str | Path, *, preset: str, m
     return stats
 
 
-def _encoded_dataset(reader: PreferenceReader, preset: str, model_kwargs: dict, concurrency: int, num_gpus: float,
-                     batch_size: int):
-    """Row groups -> numbered rows -> encoder actors; lazy until iterated."""
-    path = str(reader.path.resolve())
-    columns = [c for c in SCHEMA.names if c in reader.file.schema_arrow.names]
-    units = [{"path": path, "group": g, "first_row": first} for g, first, _ in reader.row_groups()]
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds.context.execution_options.preserve_order = True  # shards follow the input order: a reproducible cache
-    ds = ds.map_batches(read_units, batch_size=1, fn_kwargs={"columns": columns}, batch_format="numpy")
-    return ds.map_batches(PairEncoder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-                          num_gpus=num_gpus, batch_format="numpy",
-                          fn_constructor_kwargs=dict(path=str(reader.path), preset=preset, model_kwargs=model_kwargs))
+def _pair_units(readers: list[PreferenceReader]) -> list[dict]:
+    """One unit per (file, row group), named by both; `offset` turns file rows into rows over all inputs."""
+    units, offset = [], 0
+    for i, r in enumerate(readers):
+        columns = [c for c in ("prompt", "image_win", "image_lose", "source", "tie") if c in r.file.schema_arrow.names]
+        for group, first, _ in r.row_groups():
+            units.append(dict(name=f"{i:04d}-{group:05d}", path=str(r.path.resolve()), group=group, first_row=first,
+                              offset=offset, columns=columns))
+        offset += r.num_rows
+    return units
 
 
-def _write_shards(ds, out: Path, shard_rows: int, on_bad_image: str, stats: PreprocessStats) -> tuple[list, ...]:
-    """Stream encoded rows into shards, applying `on_bad_image`; returns (latent, embed, pooled) shapes."""
-    out.mkdir(parents=True)
-    shapes, index = None, 0
-    for b in ds.iter_batches(batch_size=shard_rows, batch_format="numpy"):
-        bad = b["error"] != ""
-        if bad.any() and on_bad_image == "error":
-            raise PreferenceDataError(b["error"][bad][0])
-        stats.skipped_rows += b["row_index"][bad].tolist()
-        good = np.flatnonzero(~bad)
-        if len(good) == 0:
-            continue
-        pairs = PairBatch(*(torch.from_numpy(b[k][good]) for k in
-                            ("latent_win", "latent_lose", "prompt_embeds", "pooled", "label")),
-                          prompt=b["prompt"][good].tolist())
-        write_shard(out, index, pair_rows(pairs, source=b["source"][good].tolist()))
-        index += 1
-        stats.rows_written += len(good)
-        stats.ties += int((pairs.label == TIE_LABEL).sum())
-        shapes = (list(pairs.latent_win.shape[1:]), list(pairs.prompt_embeds.shape[1:]), list(pairs.pooled.shape[1:]))
-    return shapes
+def _run(actors: list, method: str, calls: list[tuple]) -> list:
+    """Deal `calls` to the actors (each takes the next when it is free); every result an actor sends the driver
+    passes here. Stops at the first summary that reports an error."""
+    pool = ActorPool(actors)
+    results = []
+    for result in pool.map_unordered(lambda actor, args: getattr(actor, method).remote(*args), calls):
+        if getattr(result, "error", None):
+            raise PreferenceDataError(result.error)
+        results.append(result)
+    return results
+
+
+def _apply(stats: PreprocessStats, summaries: list[ShardSummary], units: list[dict],
+           readers: list[PreferenceReader]) -> list[int]:
+    """Fold the pair summaries into `stats`; returns the latent shape."""
+    offset = {u["name"]: u["offset"] for u in units}
+    for s in sorted(summaries, key=lambda s: s.unit):
+        stats.rows_written += s.rows_written
+        stats.ties += s.ties
+        stats.skipped_rows += [offset[s.unit] + r for r in s.skipped_rows]
+    reasons = [s.first_skip_reason for s in sorted(summaries, key=lambda s: s.unit) if s.first_skip_reason]
+    if reasons:
+        log.warning("first undecodable image: %s", reasons[0])
+    if stats.rows_written == 0:
+        raise PreferenceDataError(f"{', '.join(str(r.path) for r in readers)}: all {stats.rows_in} rows were skipped "
+                                  f"(undecodable images); no cache written")
+    return next(s.latent_shape for s in summaries if s.latent_shape)
+
+
+def _stop(actors: list) -> None:
+    """Kill the encoders and wait until they are gone, so none still writes into a directory being removed."""
+    pings = [a.__ray_ready__.remote() for a in actors]
+    for a in actors:
+        ray.kill(a)
+    for ref in pings:
+        try:
+            ray.get(ref, timeout=60)
+        except Exception:  # RayActorError once it is dead: what we wait for
+            pass
 
 
 def _check_target(cache_dir: Path, overwrite: bool) -> None:
@@ -211,37 +314,38 @@ def init_ray() -> None:
 
 
 def ensure_synthetic_cache(cache_dir: str | Path, n: int = 512, seed: int = 0, *, preset: str = "tiny",
-                           model_kwargs: dict, tie_fraction: float = 0.0, concurrency: int = 1,
-                           num_gpus: float = 0.0, batch_size: int = 16, shard_rows: int = 256) -> Path:
+                           model_kwargs: dict, tie_fraction: float = 0.0, **options) -> Path:
     """The cache of the built-in synthetic set (`drm_ray.data.synthetic`) at `cache_dir`, built unless present.
 
-    A present cache must have been built from the same set (n, seed, resolution, tie_fraction) and model, else
-    `CacheError`: a stale cache is never silently reused. The synthetic Parquet is written next to `cache_dir` (so
-    every node of a cluster whose output directory is shared can read it) and removed afterwards.
+    `options` are `preprocess_pairs`' (`encoder_options(cfg.data)`). A present cache must have been built from the
+    same set (n, seed, resolution, tie_fraction), model and latent dtype, else `CacheError`: a stale cache is never
+    silently reused. The synthetic Parquet is written next to `cache_dir` (so every node of a cluster whose output
+    directory is shared can read it) and removed afterwards.
     """
     cache_dir = Path(cache_dir)
     synthetic = {"n": n, "seed": seed, "resolution": model_kwargs["resolution"], "tie_fraction": tie_fraction}
     if (cache_dir / "meta.json").is_file():
-        _check_same_cache(cache_dir, {"preset": preset, **model_kwargs}, synthetic)
+        _check_same_cache(cache_dir, {"preset": preset, **model_kwargs}, synthetic,
+                          options.get("latent_dtype", "float32"))
         return cache_dir
     work = cache_dir.with_name(f".{cache_dir.name}.pairs-{os.getpid()}")
     try:
         pairs = work / "pairs.parquet"
         write_synthetic_parquet(pairs, n, synthetic["resolution"], seed, tie_fraction)
-        preprocess_pairs(pairs, cache_dir, preset=preset, model_kwargs=model_kwargs, concurrency=concurrency,
-                         num_gpus=num_gpus, batch_size=batch_size, shard_rows=shard_rows, synthetic=synthetic)
+        preprocess_pairs(pairs, cache_dir, preset=preset, model_kwargs=model_kwargs, synthetic=synthetic, **options)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return cache_dir
 
 
-def _check_same_cache(cache_dir: Path, model: dict, synthetic: dict) -> None:
+def _check_same_cache(cache_dir: Path, model: dict, synthetic: dict, latent_dtype: str = "float32") -> None:
     meta = read_meta(cache_dir)
     sidecar = cache_dir / SIDECAR
     built_from = json.loads(sidecar.read_text()).get("synthetic") if sidecar.is_file() else None
     # JSON turns tuples into lists: compare through the same round trip
-    want = json.loads(json.dumps({"model": model, "synthetic": synthetic}))
-    have = {"model": meta.get("model") or {}, "synthetic": built_from or {}}
+    want = json.loads(json.dumps({"model": model, "synthetic": synthetic, "cache": {"latent_dtype": latent_dtype}}))
+    have = {"model": meta.get("model") or {}, "synthetic": built_from or {},
+            "cache": {"latent_dtype": meta.get("latent_dtype")}}
     diff = [f"{sec}.{k}: cache has {have[sec].get(k)!r}, wanted {want[sec].get(k)!r}"
             for sec in want for k in sorted(set(want[sec]) | set(have[sec])) if have[sec].get(k) != want[sec].get(k)]
     if diff:
@@ -249,12 +353,12 @@ def _check_same_cache(cache_dir: Path, model: dict, synthetic: dict) -> None:
                          f"cache directory")
 
 
-def cache_dir_for(pairs: str | Path, root: str | Path, preset: str, model_kwargs: dict) -> Path:
-    """A cache location keyed by the input file (path, size, mtime) and the encoding model, so a job never reuses
-    a cache built from another file or model."""
-    import hashlib
-
-    stat = Path(pairs).stat()
-    key = json.dumps([str(Path(pairs).resolve()), stat.st_size, stat.st_mtime_ns, preset, model_kwargs],
-                     sort_keys=True, default=str)
-    return Path(root) / f"{Path(pairs).stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+def cache_dir_for(pairs: str | Path, root: str | Path, preset: str, model_kwargs: dict,
+                  latent_dtype: str = "float32") -> Path:
+    """A cache location keyed by every input file (path, size, mtime), the encoding model and the latent dtype, so
+    a job never reuses a cache built from other files or another model."""
+    files = preference_files(pairs)
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = json.dumps([stats, preset, model_kwargs, latent_dtype], sort_keys=True, default=str)
+    stem = Path(pairs).stem if len(files) == 1 else (Path(pairs).name if Path(pairs).is_dir() else "pairs")
+    return Path(root) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
