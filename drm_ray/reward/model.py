@@ -10,6 +10,11 @@ built differently, `context_pre_only`, so building a shorter model and loading w
 Heads: `mlp` maps each image token to `head_dim` features, flattens and projects to a scalar (fixed resolution, the
 paper's head); `mean` maps tokens to features, mean-pools and projects (any resolution).
 
+Training at SD3.5 scale: `gradient_checkpointing = True` recomputes each kept block in the backward pass
+(`torch.utils.checkpoint` around the block call: forward calls the blocks itself, so diffusers' own switch does not
+apply). The timestep reaches `time_text_embed` in float32, as in diffusers' pipeline: in bf16, 1000 * 0.6022 would
+become 604.0.
+
 A trained DRM is one directory: `drm_config.json` (the source transformer's config, n_drop, head) and
 `model.safetensors`. Loading builds the architecture on the meta device, so SD3.5-scale models cost no random init.
 """
@@ -26,6 +31,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 CONFIG_NAME = "drm_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -68,6 +74,7 @@ class DiffusionRewardModel(nn.Module):
         num_tokens = (latent_size // cfg.patch_size) ** 2
         self.head = RewardHead(width, head, head_dim, num_tokens).to(
             device=transformer.pos_embed.proj.weight.device, dtype=transformer.dtype)
+        self.gradient_checkpointing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -82,10 +89,15 @@ class DiffusionRewardModel(nn.Module):
         """latents [B, C, h, w], sigma [B] in [0, 1], prompt_embeds [B, L, D], pooled [B, P] -> rewards [B] fp32."""
         dtype = self.dtype
         hidden = self.pos_embed(latents.to(dtype)).contiguous()  # [B, N, W]
-        temb = self.time_text_embed((1000.0 * sigma).to(dtype), pooled.to(dtype))  # [B, W]
+        # fp32 timestep: time_proj computes its sinusoids in fp32 and casts to the pooled dtype afterwards
+        temb = self.time_text_embed(1000.0 * sigma.float(), pooled.to(dtype))  # [B, W]
         context = self.context_embedder(prompt_embeds.to(dtype))  # [B, L, W]
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            if recompute:  # keep only the block's inputs; rebuild its activations in the backward pass
+                context, hidden = checkpoint(block, hidden, context, temb, use_reentrant=False)
+            else:
+                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
         return self.head(hidden).float()
 
     # ------------------------------------------------------------------------------------------ persistence
@@ -167,3 +179,40 @@ def build_drm(transformer: SD3Transformer2DModel, n_drop: int = 3, head: str = "
             raise ValueError(f"init={init!r}: expected pretrained or random")
         return DiffusionRewardModel(transformer, n_drop=n_drop, head=head, head_dim=head_dim,
                                     latent_size=latent_size)
+
+
+def backward_saved_bytes(drm: DiffusionRewardModel, latents: torch.Tensor, sigma: torch.Tensor,
+                         prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward pass of one training forward of `drm` (its current
+    `gradient_checkpointing` setting), parameters excluded; divide by the batch size for bytes per sequence.
+
+    Counts every tensor saved for backward once per storage, plus, with checkpointing, the inputs each checkpointed
+    block keeps for its recomputation (torch.utils.checkpoint holds them outside the saved-tensor hooks).
+    """
+    params = {p.untyped_storage().data_ptr() for p in drm.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def block_inputs(module, args, kwargs):
+        for t in (*args, *kwargs.values()):
+            keep(t)
+
+    was_training = drm.training
+    drm.train()
+    hooks = [b.register_forward_pre_hook(block_inputs, with_kwargs=True) for b in drm.blocks] \
+        if drm.gradient_checkpointing else []
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = drm(latents, sigma, prompt_embeds, pooled)
+        del out
+    finally:
+        for h in hooks:
+            h.remove()
+        drm.train(was_training)
+    return sum(storages.values())

@@ -2,10 +2,27 @@
 
 Per pair one noise level s (the shifted distribution, s = 0 with 10% probability), winner and loser noised
 independently at that s, loss -log sigmoid(r_w - r_l); ties are dropped. Each rank streams its own share of the
-embedding cache's row groups. Metrics are all-reduced every `log_every` steps and rank 0 sends them to the driver
-through a Ray queue (MLflow lives on the driver only). Checkpoints go through `ray.train.report`: the DeepSpeed state
-of every rank, plus the DRM directory and the step from rank 0; a restarted or resubmitted run resumes from the
-latest one.
+embedding cache's row groups.
+
+Sized for SD3.5-Medium (one optimizer step = `batch_size` pairs = 2 x batch_size sequences of 1024 image + 333 text
+tokens through 21 blocks of width 1536):
+- each rank reads its `micro x accum` pairs of a step at once (CPU), draws their noise with one generator keyed by
+  (seed, rank, step), and runs them as `accum` micro-steps of `micro` pairs; DeepSpeed accumulates the gradients, and
+  each micro-step's loss is weighted so that the step is the mean over all `batch_size` pairs. Data and noise of a
+  step do not depend on `micro`, so changing the split changes only floating-point summation order;
+- `gradient_checkpointing` recomputes each kept block in the backward pass (see `backward_saved_bytes` in model.py);
+- the source transformer is built on the CPU; only the DRM's modules (embedders, kept blocks, head) go to the device,
+  and the worker keeps no reference to the source (its dropped blocks and output layers are freed).
+
+Validation (`val_every` > 0): the first `val_pairs` non-tie pairs of the held-out cache, split over ranks (rank r
+takes pairs r, r + world, ...), scored at each t of `val_timesteps` with noise keyed by (seed, t, pair index), so
+every validation sees the same noisy inputs whatever the number of ranks; correct / total counts are all-reduced.
+Validation also runs at the last step. Rank 0 keeps the best DRM (by the mean accuracy over t; the earliest on ties)
+and puts it into every checkpoint as `drm_best/`, next to the current `drm/`.
+
+Metrics are all-reduced every `log_every` steps and rank 0 sends them to the driver through a Ray queue (MLflow lives
+on the driver only). Checkpoints go through `ray.train.report`: the DeepSpeed state of every rank, plus the DRM
+directories and the step from rank 0; a restarted or resubmitted run resumes from the latest one.
 
 Departure from a fully deterministic resume: the data order after a resume is reshuffled with a seed that includes
 the resume step (the noise draws are keyed by step and stay exact).
@@ -14,6 +31,7 @@ the resume step (the noise draws are keyed by step and stay exact).
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +40,10 @@ import torch
 import torch.distributed as dist
 
 from drm_ray.algorithms.losses import accuracy_by_noise_bucket, bradley_terry_loss
-from drm_ray.data.cache import iter_pairs
+from drm_ray.data.cache import PairBatch, iter_pairs
 from drm_ray.diffusion.flow import add_noise, sample_noise_levels
-from drm_ray.reward.model import build_drm
-from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine, train_worker_setup
+from drm_ray.reward.model import DiffusionRewardModel, build_drm
+from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
@@ -35,58 +53,187 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
 
 
-def noised_pair_rewards(model, batch, generator: torch.Generator, zero_prob: float, shift: float):
-    """Score winner and loser noised at one shared s per pair (independent noise): -> r_w, r_l, s, all [B]."""
-    n = len(batch)
-    s = sample_noise_levels(n, generator, zero_prob=zero_prob, shift=shift)  # [B]
-    eps = torch.randn((2, *batch.latent_win.shape), generator=generator)  # [2, B, C, h, w]
-    device = batch.latent_win.device
-    x_w = add_noise(batch.latent_win, eps[0].to(device), s.to(device))
-    x_l = add_noise(batch.latent_lose, eps[1].to(device), s.to(device))
-    s2 = torch.cat([s, s]).to(device)
-    rewards = model(torch.cat([x_w, x_l]), s2, batch.prompt_embeds.repeat(2, 1, 1), batch.pooled.repeat(2, 1))
-    r_w, r_l = rewards.chunk(2)
-    return r_w, r_l, s
+def build_training_drm(preset: str, model_kwargs: dict, device, *, n_drop: int, head: str, head_dim: int, init: str,
+                       latent_size: int, seed: int, gradient_checkpointing: bool = False) -> DiffusionRewardModel:
+    """The DRM on `device`, built from a source transformer loaded on the CPU and dropped on return."""
+    from drm_ray.models.sd3 import build_components
 
+    source = build_components(preset, text=False, vae=False, device="cpu", **model_kwargs).transformer
+    model = build_drm(source, n_drop=n_drop, head=head, head_dim=head_dim, init=init, latent_size=latent_size,
+                      seed=seed)
+    del source  # the dropped blocks, norm_out and proj_out are freed here and never reach the device
+    model.gradient_checkpointing = gradient_checkpointing
+    return model.to(device)
+
+
+def draw_pair_noise(n: int, latent_shape, generator: torch.Generator, zero_prob: float, shift: float):
+    """One noise level per pair and independent noise for winner and loser: -> s [n], eps [2, n, C, h, w]."""
+    s = sample_noise_levels(n, generator, zero_prob=zero_prob, shift=shift)  # [n]
+    eps = torch.randn((2, n, *latent_shape), generator=generator)  # [2, n, C, h, w]
+    return s, eps
+
+
+def pair_rewards(model, batch: PairBatch, s: torch.Tensor, eps: torch.Tensor):
+    """Score winner and loser noised at their pair's s: batch on the model's device, s [B], eps [2, B, ...] -> r_w, r_l."""
+    device = batch.latent_win.device
+    s = s.to(device)
+    x_w = add_noise(batch.latent_win, eps[0].to(device), s)
+    x_l = add_noise(batch.latent_lose, eps[1].to(device), s)
+    rewards = model(torch.cat([x_w, x_l]), torch.cat([s, s]), batch.prompt_embeds.repeat(2, 1, 1),
+                    batch.pooled.repeat(2, 1))  # [2B]
+    r_w, r_l = rewards.chunk(2)
+    return r_w, r_l
+
+
+def micro_step_loss(model, batch: PairBatch, s, eps, pairs_per_step: int, world: int, accum: int):
+    """The loss one micro-step backpropagates, and its rewards r_w, r_l [b].
+
+    DeepSpeed divides each backward by `accum` and averages gradients over ranks; weighting the micro-batch's summed
+    Bradley-Terry loss by world * accum / pairs_per_step makes the optimizer step the mean over all its pairs.
+    """
+    r_w, r_l = pair_rewards(model, batch, s, eps)
+    mean_loss, _ = bradley_terry_loss(r_w, r_l)
+    return mean_loss * (len(batch) * world * accum / pairs_per_step), r_w, r_l
+
+
+def train_step(engine, batch: PairBatch, s, eps, micro: int, accum: int, world: int, pairs_per_step: int, device):
+    """One optimizer step over this rank's `micro * accum` pairs (CPU): -> summed BT loss, r_w, r_l [micro * accum]."""
+    loss_sum, rewards = 0.0, []
+    for i in range(accum):
+        part = slice(i * micro, (i + 1) * micro)
+        mb = _rows(batch, part).to(device)
+        loss, r_w, r_l = micro_step_loss(engine, mb, s[part], eps[:, part], pairs_per_step, world, accum)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        loss_sum += loss.item() * pairs_per_step / (world * accum)
+        rewards.append((r_w.detach().cpu(), r_l.detach().cpu()))
+    return loss_sum, torch.cat([r[0] for r in rewards]), torch.cat([r[1] for r in rewards])
+
+
+def _rows(b: PairBatch, part: slice) -> PairBatch:
+    return PairBatch(b.latent_win[part], b.latent_lose[part], b.prompt_embeds[part], b.pooled[part], b.label[part],
+                     b.prompt[part])
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+def load_validation_pairs(cache_dir, n: int) -> PairBatch:
+    """The first `n` non-tie pairs of a held-out cache, in file order (the same pairs at every validation)."""
+    return next(iter_pairs(cache_dir, n, drop_ties=True))
+
+
+def validation_noise(seed: int, t: int, index: int, latent_shape) -> torch.Tensor:
+    """Fixed noise of held-out pair `index` at timestep t: [2, C, h, w] (winner, loser)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + t * 100_003 + index)
+    return torch.randn((2, *latent_shape), generator=gen)
+
+
+@torch.no_grad()
+def validate(model, pairs: PairBatch, timesteps, seed: int, rank: int, world: int, batch_size: int) -> dict:
+    """Held-out accuracy at each t on this rank's share of `pairs`, counts summed over ranks."""
+    device = model.device
+    mine = torch.arange(rank, len(pairs), world)
+    counts = torch.zeros(len(timesteps), 2, dtype=torch.float64)  # [T, (correct, total)]
+    was_training = model.training
+    model.eval()
+    for ti, t in enumerate(timesteps):
+        for chunk in mine.split(batch_size):
+            mb = PairBatch(*(getattr(pairs, n)[chunk] for n in ("latent_win", "latent_lose", "prompt_embeds",
+                                                                "pooled", "label")), [pairs.prompt[j] for j in chunk])
+            eps = torch.stack([validation_noise(seed, t, j, pairs.latent_win.shape[1:]) for j in chunk.tolist()],
+                              dim=1)  # [2, b, C, h, w]
+            r_w, r_l = pair_rewards(model, mb.to(device), torch.full((len(chunk),), t / 1000.0), eps)
+            counts[ti, 0] += (r_w > r_l).sum().item()
+            counts[ti, 1] += len(chunk)
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    counts = counts.cpu()
+    acc = {f"val/accuracy_t{t}": (counts[i, 0] / counts[i, 1].clamp(min=1)).item() for i, t in enumerate(timesteps)}
+    acc["val/accuracy_mean"] = sum(acc.values()) / len(timesteps)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
 
 def drm_train_loop(config: dict) -> None:
     """Ray Train `train_loop_per_worker`; `config` holds plain values (see drm_ray.reward.trainer.train_drm)."""
     import ray.train
+    import ray.train.torch
 
-    rank, world, device, comps = train_worker_setup(config)
-    model = build_drm(comps.transformer, n_drop=config["n_drop"], head=config["head"], head_dim=config["head_dim"],
-                      init=config["init"], latent_size=config["latent_size"], seed=config["seed"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    device = ray.train.torch.get_device()
+    model = build_training_drm(config["preset"], config["model_kwargs"], device, n_drop=config["n_drop"],
+                               head=config["head"], head_dim=config["head_dim"], init=config["init"],
+                               latent_size=config["latent_size"], seed=config["seed"],
+                               gradient_checkpointing=config["gradient_checkpointing"])
     model.requires_grad_(True).train()
-    micro = max(1, config["batch_size"] // world)
-    ds_cfg = deepspeed_config(micro, 1, world, config["zero_stage"], config["bf16"], config["max_grad_norm"])
+    micro, accum, pairs_per_step = config["micro"], config["accum"], config["batch_size"]
+    ds_cfg = deepspeed_config(micro, accum, world, config["zero_stage"], config["bf16"], config["max_grad_norm"])
     engine, _ = init_engine(model, model.parameters(), config["lr"], 0.0, ds_cfg)
 
+    best = _Best(rank)
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG)
-            start = json.loads((Path(d) / STATE_FILE).read_text())["step"]
-    pairs = iter_pairs(config["cache_dir"], micro, rank=rank, world_size=world, drop_ties=True,
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            start = state["step"]
+            best.restore(Path(d), state)
+    val_pairs = None
+    if config["val_every"]:
+        val_pairs = load_validation_pairs(config["heldout_dir"], config["val_pairs"])
+    pairs = iter_pairs(config["cache_dir"], micro * accum, rank=rank, world_size=world, drop_ties=True,
                        seed=config["seed"] + start, loop=True)
     window = _Window()
     for step in range(start, config["train_steps"]):
-        batch = next(pairs).to(device)
-        r_w, r_l, s = noised_pair_rewards(engine, batch, step_generator(config["seed"], rank, step),
-                                          config["zero_noise_prob"], config["shift"])
-        loss, _ = bradley_terry_loss(r_w, r_l)
-        engine.backward(loss)
-        engine.step()
-        window.add(loss.item(), r_w.detach().cpu(), r_l.detach().cpu(), s)
-        last = step + 1 == config["train_steps"]
-        if (step + 1) % config["log_every"] == 0 or last:
+        batch = next(pairs)
+        s, eps = draw_pair_noise(len(batch), batch.latent_win.shape[1:], step_generator(config["seed"], rank, step),
+                                 config["zero_noise_prob"], config["shift"])
+        loss_sum, r_w, r_l = train_step(engine, batch, s, eps, micro, accum, world, pairs_per_step, device)
+        window.add(loss_sum, r_w, r_l, s)
+        done, last = step + 1, step + 1 == config["train_steps"]
+        queue = config.get("metrics_queue") if rank == 0 else None
+        if done % config["log_every"] == 0 or last:
             metrics = window.reduce(device)
-            metrics.update({"train/lr": config["lr"], "step": step + 1})
-            if rank == 0 and config.get("metrics_queue") is not None:
-                config["metrics_queue"].put(metrics)
+            metrics.update({"train/lr": config["lr"], "step": done})
+            if queue is not None:
+                queue.put(metrics)
             window = _Window()
-        if (step + 1) % config["checkpoint_every"] == 0 or last:
-            _report_checkpoint(engine, model, rank, step + 1)
+        if val_pairs is not None and (done % config["val_every"] == 0 or last):
+            metrics = validate(model, val_pairs, config["val_timesteps"], config["seed"], rank, world, micro)
+            best.update(model, metrics["val/accuracy_mean"], done)
+            if queue is not None:
+                queue.put({**metrics, "val/best_step": best.step, "step": done})
+        if done % config["checkpoint_every"] == 0 or last:
+            _report_checkpoint(engine, model, rank, done, best)
+
+
+class _Best:
+    """Rank 0's best DRM so far (by mean validation accuracy), kept in a local directory between checkpoints."""
+
+    def __init__(self, rank: int):
+        self.rank, self.score, self.step = rank, float("-inf"), 0
+        self.dir = Path(tempfile.mkdtemp(prefix="drm_best_")) / "drm" if rank == 0 else None
+
+    def update(self, model, score: float, step: int) -> None:
+        if score > self.score:
+            self.score, self.step = score, step
+            if self.rank == 0:
+                model.save_pretrained(self.dir)
+
+    def restore(self, checkpoint_dir: Path, state: dict) -> None:
+        if state.get("best_step"):
+            self.score, self.step = state["best_score"], state["best_step"]
+            if self.rank == 0:
+                shutil.copytree(checkpoint_dir / "drm_best", self.dir, dirs_exist_ok=True)
+
+    def state(self) -> dict:
+        return {"best_step": self.step, "best_score": self.score if self.step else None}
 
 
 class _Window:
@@ -96,8 +243,8 @@ class _Window:
         self.loss_sum, self.pairs, self.correct, self.t0 = 0.0, 0, 0.0, time.perf_counter()
         self.buckets: dict[str, list[float]] = {}
 
-    def add(self, loss: float, r_w, r_l, s) -> None:
-        self.loss_sum += loss * len(s)
+    def add(self, loss_sum: float, r_w, r_l, s) -> None:
+        self.loss_sum += loss_sum
         self.pairs += len(s)
         self.correct += (r_w > r_l).float().sum().item()
         for name, (c, n) in accuracy_by_noise_bucket(r_w, r_l, s).items():
@@ -122,12 +269,14 @@ class _Window:
         return out
 
 
-def _report_checkpoint(engine, model, rank: int, step: int) -> None:
+def _report_checkpoint(engine, model, rank: int, step: int, best: _Best) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=DS_TAG)  # every rank writes its optimizer shard
         if rank == 0:
             model.save_pretrained(Path(d) / "drm")
-            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step}))
+            if best.step:
+                shutil.copytree(best.dir, Path(d) / "drm_best")
+            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, **best.state()}))
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
