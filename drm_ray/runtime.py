@@ -29,9 +29,12 @@ def job_env(preset: str, model_path: str | None = None) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if preset not in CPU_PRESETS:
-        from drm_ray.models.sd3 import check_model_source
+        from drm_ray.models.sd3 import ModelSourceError, check_model_source
 
-        check_model_source(model_path)
+        try:
+            check_model_source(model_path)
+        except ModelSourceError as err:
+            raise SystemExit(f"error: {err}") from None  # one line, not a traceback: the user's input is wrong
 
 
 def init_ray(num_cpus: int | None = None) -> str:

@@ -88,8 +88,9 @@ def check_model_source(path: str | None, subfolders: tuple[str, ...] = SD3_SUBFO
     if local.is_dir():
         missing = [sub for sub in subfolders if not (local / sub).is_dir()]
         if missing:
-            raise ModelSourceError(f"model.path {path} is a directory but lacks {', '.join(missing)}/ (expected "
-                                   f"the diffusers layout of StableDiffusion3Pipeline.save_pretrained)")
+            lacks = ", ".join(f"{sub}/" for sub in missing)
+            raise ModelSourceError(f"model.path {path} is a directory but lacks {lacks} (expected the diffusers "
+                                   f"layout of StableDiffusion3Pipeline.save_pretrained)")
         return "local"
     if path.startswith(("/", "./", "../", "~")) or path.count("/") != 1:
         raise ModelSourceError(f"model.path {path} does not exist (neither a local directory nor a hub id "
