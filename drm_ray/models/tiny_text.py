@@ -5,7 +5,9 @@ character-level T5 unigram tokenizer. The toy preset reuses the encoders with wo
 
 from __future__ import annotations
 
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer,
+)
 
 from drm_ray.models.components import seeded
 
@@ -14,7 +16,7 @@ CLIP_MAX_LENGTH = 77
 
 def _byte_symbols() -> list[str]:
     """GPT-2 / CLIP's reversible byte -> printable unicode map, in byte order of the printable run first."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     extra = 0
     for b in range(256):
