@@ -115,11 +115,12 @@ def resolve_drm(cfg, out: Path) -> Path:
         raise ValueError("reward.drm_path is required for this preset: train one with jobs/train_drm.py")
     print(f"[step_grpo] no reward.drm_path given: training a tiny DRM on the synthetic preference set "
           f"({cfg.drm.train_steps} steps) into {local}", flush=True)
-    from drm_ray.data.preprocess import ensure_synthetic_cache
+    from drm_ray.data.preprocess import encoder_options, ensure_synthetic_cache
     from drm_ray.reward.trainer import train_drm
 
     cache = ensure_synthetic_cache(out / "synthetic" / "train", n=1024, seed=cfg.run.seed, preset=cfg.model.preset,
-                                   model_kwargs=model_kwargs(cfg.model, cfg.sampling))
+                                   model_kwargs=model_kwargs(cfg.model, cfg.sampling),
+                                   **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
     return train_drm(cfg, cache)
 
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> list:
     if bad:
         parser.error(f"--timesteps must lie in [0, 1000], got {bad}")
 
-    from drm_ray.data.preprocess import cache_dir_for, ensure_synthetic_cache, preprocess_pairs
+    from drm_ray.data.preprocess import cache_dir_for, encoder_options, ensure_synthetic_cache, preprocess_pairs
     from drm_ray.reward.model import DiffusionRewardModel
     from drm_ray.models.sd3 import default_device, latent_size, model_kwargs
     from drm_ray.reward.evaluate import accuracy_plot, evaluate_drm, format_table
@@ -53,13 +53,15 @@ def main(argv: list[str] | None = None) -> list:
     if cache is None:
         init_ray()
         if args.pairs:
-            cache = cache_dir_for(args.pairs, out / "cache", cfg.model.preset, kwargs)
+            cache = cache_dir_for(args.pairs, out / "cache", cfg.model.preset, kwargs, cfg.data.latent_dtype)
             if not (cache / "meta.json").is_file():
-                preprocess_pairs(args.pairs, cache, preset=cfg.model.preset, model_kwargs=kwargs)
+                preprocess_pairs(args.pairs, cache, preset=cfg.model.preset, model_kwargs=kwargs,
+                                 **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
         else:
             cache = ensure_synthetic_cache(out / "synthetic" / "eval_ties", n=args.eval_pairs,
                                            seed=cfg.run.seed + 2, tie_fraction=0.1, preset=cfg.model.preset,
-                                           model_kwargs=kwargs)
+                                           model_kwargs=kwargs,
+                                           **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
     rows = evaluate_drm(drm, cache, timesteps=args.timesteps, seed=cfg.run.seed)
     table = format_table(rows)
     print(f"DRM {drm_dir} on {cache}\n{table}", flush=True)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = load_config(args.config, args.overrides)
     job_env(cfg.model.preset, cfg.model.path)
 
-    from drm_ray.data.preprocess import cache_dir_for, ensure_synthetic_cache, preprocess_pairs
+    from drm_ray.data.preprocess import cache_dir_for, encoder_options, ensure_synthetic_cache, preprocess_pairs
     from drm_ray.models.sd3 import model_kwargs
     from drm_ray.reward.trainer import train_drm
     from drm_ray.tracking import Tracker
@@ -49,17 +49,20 @@ def main(argv: list[str] | None = None) -> Path:
     kwargs = model_kwargs(cfg.model, cfg.sampling)
     cache, eval_cache = args.cache, args.eval_cache
     if cache is None and args.pairs:
-        cache = cache_dir_for(args.pairs, out / "cache", cfg.model.preset, kwargs)
+        cache = cache_dir_for(args.pairs, out / "cache", cfg.model.preset, kwargs, cfg.data.latent_dtype)
         if not (cache / "meta.json").is_file():
-            preprocess_pairs(args.pairs, cache, preset=cfg.model.preset, model_kwargs=kwargs)
+            preprocess_pairs(args.pairs, cache, preset=cfg.model.preset, model_kwargs=kwargs,
+                             **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
     elif cache is None:
         print(f"[train_drm] no --pairs or --cache: building the synthetic preference set under {out}/synthetic",
               flush=True)
         cache = ensure_synthetic_cache(out / "synthetic" / "train", n=args.synthetic_pairs, seed=cfg.run.seed,
-                                       preset=cfg.model.preset, model_kwargs=kwargs)
+                                       preset=cfg.model.preset, model_kwargs=kwargs,
+                                       **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
         if eval_cache is None:
             eval_cache = ensure_synthetic_cache(out / "synthetic" / "eval", n=256, seed=cfg.run.seed + 1,
-                                                preset=cfg.model.preset, model_kwargs=kwargs)
+                                                preset=cfg.model.preset, model_kwargs=kwargs,
+                                                **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
 
     run_file = out / "train_drm_mlflow.json"  # the MLflow run a resubmitted job continues
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
