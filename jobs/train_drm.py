@@ -2,15 +2,20 @@
 
     python jobs/train_drm.py                          # tiny: synthetic pairs, CPU, local Ray, a few minutes
     python jobs/train_drm.py --pairs pairs.parquet    # your preference pairs (prompt, image_win, image_lose)
-    python jobs/train_drm.py --cache cache/ reward.init=random   # a prebuilt embedding cache; the ablation
+    python jobs/train_drm.py --cache cache/ drm.init=random   # a prebuilt embedding cache; the ablation
     ray job submit --working-dir . -- python jobs/train_drm.py --config sd35m model.path=/models/sd3.5-medium \\
-        --pairs /data/pickapic.parquet learner.num_workers=8
+        --pairs /data/pickapic.parquet data.heldout_data=/data/pickapic_val_cache drm.val_every=200 \\
+        drm.num_workers=8 drm.use_gpu=true drm.micro_batch=4 drm.gradient_checkpointing=true
 
-Writes `<run.output_dir>/drm` (the directory later jobs take as `reward.drm_path`), Ray Train checkpoints under
-`<run.output_dir>/ray_train/drm` and an MLflow run (sqlite `<run.output_dir>/mlflow.db` unless tracking.tracking_uri
-or MLFLOW_TRACKING_URI says otherwise). Resubmitting with the same output directory resumes from the latest
-checkpoint in the same MLflow run. Without --pairs / --cache the tiny preset builds the built-in synthetic set
-(the winner shows the colour its caption names) and a held-out set, and reports held-out accuracy at the end.
+Writes `<run.output_dir>/drm_last` (the final DRM) and `<run.output_dir>/drm`, the directory later jobs take as
+`reward.drm_path`: with validation on (`drm.val_every` > 0) the DRM of the step with the best mean held-out accuracy
+over `drm.val_timesteps` (logged as val/accuracy_t{t}, val/accuracy_mean), otherwise the final one. Also Ray Train
+checkpoints under `<run.output_dir>/ray_train/drm` and an MLflow run (sqlite `<run.output_dir>/mlflow.db` unless
+tracking.tracking_uri or MLFLOW_TRACKING_URI says otherwise). Resubmitting with the same output directory resumes
+from the latest checkpoint in the same MLflow run. The held-out set of validation is `data.heldout_data` (a cache,
+or a preference Parquet that is encoded first), else --eval-cache, else (tiny, no --pairs / --cache) the built-in
+synthetic held-out set. Without --pairs / --cache the tiny preset builds the built-in synthetic set (the winner
+shows the colour its caption names) and a held-out set, and reports held-out accuracy at the end.
 """
 
 from __future__ import annotations
@@ -64,6 +69,14 @@ def main(argv: list[str] | None = None) -> Path:
                                                 preset=cfg.model.preset, model_kwargs=kwargs,
                                                 **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
 
+    heldout = cfg.data.heldout_data or eval_cache
+    if cfg.drm.val_every and heldout is not None and Path(heldout).is_file():  # a preference Parquet: encode it
+        heldout_cache = cache_dir_for(heldout, out / "cache", cfg.model.preset, kwargs, cfg.data.latent_dtype)
+        if not (heldout_cache / "meta.json").is_file():
+            preprocess_pairs(heldout, heldout_cache, preset=cfg.model.preset, model_kwargs=kwargs,
+                             **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
+        heldout = heldout_cache
+
     run_file = out / "train_drm_mlflow.json"  # the MLflow run a resubmitted job continues
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, out,
@@ -71,10 +84,10 @@ def main(argv: list[str] | None = None) -> Path:
     if run_id is None:
         run_file.write_text(json.dumps({"run_id": tracker.run_id}))
         tracker.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in
-                            ("model", "sampling", "reward", "learner", "deepspeed", "run")})
+                            ("model", "sampling", "drm", "data", "deepspeed", "run")})
         tracker.log_text(cfg.to_yaml(), "config.yaml")
     start = time.perf_counter()
-    drm_dir = train_drm(cfg, cache, tracker)
+    drm_dir = train_drm(cfg, cache, tracker, heldout_dir=heldout)
     minutes = (time.perf_counter() - start) / 60
     tracker.log_metrics({"train/minutes": minutes}, cfg.drm.train_steps)
     if eval_cache is not None:

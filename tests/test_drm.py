@@ -83,3 +83,134 @@ def test_noise_levels_follow_the_stated_distribution():
     assert (nz <= 0.5).float().mean().item() == pytest.approx(0.25, abs=0.005)
     assert (nz <= 0.75).float().mean().item() == pytest.approx(0.5, abs=0.005)
     assert nz.max() <= 1.0
+
+
+# ------------------------------------------------------------------------------------ training at SD3.5 scale
+
+def _pairs(n, seed=0):
+    from drm_ray.data.cache import PairBatch
+
+    g = torch.Generator().manual_seed(seed)
+    return PairBatch(torch.randn(n, 16, 8, 8, generator=g), torch.randn(n, 16, 8, 8, generator=g),
+                     torch.randn(n, 109, 64, generator=g), torch.randn(n, 64, generator=g), torch.ones(n),
+                     [f"p{i}" for i in range(n)])
+
+
+class _OneRankEngine:
+    """DeepSpeed's gradient-accumulation contract on one rank: every backward is divided by the accumulation
+    count (scale_wrt_gas), gradients add up until the optimizer step (omitted here: we compare the gradients)."""
+
+    def __init__(self, module, accum):
+        self.module, self.accum = module, accum
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        pass
+
+
+def test_accumulation_and_checkpointing_give_the_full_batch_loss_and_gradients():
+    from drm_ray.reward.train_loop import draw_pair_noise, train_step
+
+    def fresh():
+        drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, n_drop=2, latent_size=8, seed=1)
+        return drm.requires_grad_(True).train()
+
+    batch = _pairs(8)
+    s, eps = draw_pair_noise(8, (16, 8, 8), torch.Generator().manual_seed(3), zero_prob=0.25, shift=3.0)
+    whole = fresh()
+    loss_whole, rw_whole, _ = train_step(_OneRankEngine(whole, 1), batch, s, eps, micro=8, accum=1, world=1,
+                                         pairs_per_step=8, device="cpu")
+    split = fresh()
+    split.gradient_checkpointing = True
+    loss_split, rw_split, _ = train_step(_OneRankEngine(split, 4), batch, s, eps, micro=2, accum=4, world=1,
+                                         pairs_per_step=8, device="cpu")
+    # the step's loss is the mean BT loss over the 8 pairs, whatever the split
+    assert loss_split == pytest.approx(loss_whole, rel=1e-6)
+    assert torch.allclose(rw_split, rw_whole, rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in whole.named_parameters()}
+    checked = 0
+    for name, p in split.named_parameters():
+        if grads[name] is None:  # e.g. the context branch of the last kept block's output
+            assert p.grad is None, name
+            continue
+        assert torch.allclose(p.grad, grads[name], rtol=1e-4, atol=1e-7), name
+        checked += 1
+    assert checked > 20 and grads["head.out.weight"].abs().sum() > 0
+
+
+def test_timestep_reaches_the_time_embedding_in_fp32_with_bf16_weights():
+    drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8).to(torch.bfloat16)
+    seen = []
+    drm.time_text_embed.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x, _, e, p = _inputs(2)
+    sigma = torch.tensor([0.6022, 0.25])
+    with torch.no_grad():
+        out = drm(x, sigma, e, p)
+    assert seen[0].dtype == torch.float32 and out.dtype == torch.float32
+    # exactly 1000 * s in fp32 (602.2), not bf16's 604.0
+    assert torch.equal(seen[0], 1000.0 * sigma) and seen[0][0].item() != 604.0
+    assert drm.time_text_embed.timestep_embedder.linear_1.weight.dtype == torch.bfloat16
+
+
+def test_training_drm_owns_only_the_kept_blocks_and_drops_the_source():
+    import gc
+    import weakref
+
+    from diffusers import SD3Transformer2DModel
+
+    from drm_ray.reward.train_loop import build_training_drm
+
+    source = build_tiny(seed=0, text=False, vae=False).transformer
+    dropped = {id(p) for b in list(source.transformer_blocks)[1:] for p in b.parameters()}
+    dropped |= {id(p) for m in (source.norm_out, source.proj_out) for p in m.parameters()}
+    alive = weakref.ref(source)
+    drm = build_drm(source, n_drop=3, latent_size=8)
+    assert not dropped & {id(p) for p in drm.parameters()}
+    del source
+    gc.collect()
+    assert alive() is None  # the DRM holds no reference to the source transformer
+
+    def transformers_alive():
+        gc.collect()
+        return sum(isinstance(o, SD3Transformer2DModel) for o in gc.get_objects())
+
+    before = transformers_alive()
+    kwargs = dict(num_layers=4, num_attention_heads=2, attention_head_dim=16, resolution=64)
+    on_meta = build_training_drm("tiny", kwargs, "meta", n_drop=3, head="mlp", head_dim=4, init="pretrained",
+                                 latent_size=8, seed=0, gradient_checkpointing=True)
+    assert transformers_alive() == before
+    assert all(p.device.type == "meta" for p in on_meta.parameters()) and len(on_meta.blocks) == 1
+    assert on_meta.gradient_checkpointing
+    assert not any(k.startswith(("norm_out", "proj_out", "transformer_blocks")) for k in on_meta.state_dict())
+
+
+def test_checkpointing_cuts_the_activations_kept_for_backward():
+    from drm_ray.reward.model import backward_saved_bytes
+
+    drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, n_drop=1, latent_size=8)
+    drm.requires_grad_(True)
+    inputs = _inputs(4)
+    full = backward_saved_bytes(drm, *inputs)
+    drm.gradient_checkpointing = True
+    kept = backward_saved_bytes(drm, *inputs)
+    # 3 blocks: without checkpointing each keeps ~10 activations of its tokens; with it, its 3 inputs
+    assert 0 < kept < full / 4, (kept, full)
+    with torch.no_grad():  # and checkpointing changes no number
+        drm.gradient_checkpointing = False
+        ref = drm.train()(*inputs)
+    drm.gradient_checkpointing = True
+    assert torch.allclose(drm(*inputs), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_heldout_noise_is_keyed_per_pair():
+    from drm_ray.reward.evaluate import heldout_noise
+
+    all_four = heldout_noise(7, 500, torch.arange(4), (16, 8, 8))  # [2, 4, 16, 8, 8]
+    assert all_four.shape == (2, 4, 16, 8, 8)
+    assert torch.equal(heldout_noise(7, 500, torch.tensor([3, 1]), (16, 8, 8)), all_four[:, [3, 1]])
+    assert not torch.equal(heldout_noise(7, 250, torch.arange(4), (16, 8, 8)), all_four)

@@ -1,9 +1,9 @@
 """DRM evaluation: preference accuracy on held-out pairs at several noise levels t, with tie-aware accuracy.
 
-At each t (timestep units, s = t / 1000) both images of a pair are noised at s with noise drawn from a fixed seed,
-so every DRM sees the same noisy inputs. Accuracy counts non-tie pairs where r_w > r_l. Where the data has ties,
-tie-aware accuracy (as in the Pick-a-Pic protocol) predicts a tie when |r_w - r_l| < tau and reports the best tau
-over all pairs, ties included.
+At each t (timestep units, s = t / 1000) both images of a pair are noised at s with noise keyed by (seed, t, pair
+index), so every DRM sees the same noisy inputs whatever the batching (validation during training uses the same
+noise). Accuracy counts non-tie pairs where r_w > r_l. Where the data has ties, tie-aware accuracy (as in the
+Pick-a-Pic protocol) predicts a tie when |r_w - r_l| < tau and reports the best tau over all pairs, ties included.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from drm_ray.data.cache import iter_pairs
-from drm_ray.diffusion.flow import add_noise
+from drm_ray.reward.model import score_noised_pairs
 
 DEFAULT_TIMESTEPS = (0, 250, 500, 750, 950)
 
@@ -28,24 +28,27 @@ class EvalRow:
     ties: int
 
 
+def heldout_noise(seed: int, t: int, indices: torch.Tensor, latent_shape) -> torch.Tensor:
+    """Fixed noise of the held-out pairs `indices` at timestep t, keyed per pair (so it does not depend on batching
+    or on how pairs are split over ranks): -> [2, b, C, h, w] (winner, loser)."""
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + t * 100_003 + i) for i in indices.tolist()]
+    rows = [torch.randn((2, *latent_shape), generator=g) for g in gens]  # each [2, C, h, w]
+    return torch.stack(rows, dim=1) if rows else torch.zeros((2, 0, *latent_shape))
+
+
 @torch.no_grad()
 def score_pairs_at(drm, cache_dir, t: int, batch_size: int = 64, seed: int = 0):
     """Rewards of every cached pair noised at s = t / 1000: -> r_w [N], r_l [N], label [N]."""
     device = drm.device
-    s_value = t / 1000.0
-    rw, rl, labels = [], [], []
-    gen = torch.Generator().manual_seed(seed)
+    rw, rl, labels, offset = [], [], [], 0
     for batch in iter_pairs(cache_dir, batch_size):
         n = len(batch)
-        eps = torch.randn((2, *batch.latent_win.shape), generator=gen)  # [2, B, C, h, w]
-        s = torch.full((n,), s_value)
-        x_w = add_noise(batch.latent_win, eps[0], s).to(device)
-        x_l = add_noise(batch.latent_lose, eps[1], s).to(device)
-        emb, pooled = batch.prompt_embeds.to(device), batch.pooled.to(device)
-        r = drm(torch.cat([x_w, x_l]), torch.cat([s, s]).to(device), emb.repeat(2, 1, 1), pooled.repeat(2, 1))
-        rw.append(r[:n].cpu())
-        rl.append(r[n:].cpu())
+        eps = heldout_noise(seed, t, torch.arange(offset, offset + n), batch.latent_win.shape[1:])  # [2, B, C, h, w]
+        r_w, r_l = score_noised_pairs(drm, batch.to(device), torch.full((n,), t / 1000.0), eps)
+        rw.append(r_w.cpu())
+        rl.append(r_l.cpu())
         labels.append(batch.label)
+        offset += n
     return torch.cat(rw), torch.cat(rl), torch.cat(labels)
 
 
@@ -66,7 +69,7 @@ def tie_aware_accuracy(r_w: torch.Tensor, r_l: torch.Tensor, label: torch.Tensor
 def evaluate_drm(drm, cache_dir, timesteps=DEFAULT_TIMESTEPS, batch_size: int = 64, seed: int = 0) -> list[EvalRow]:
     rows = []
     for t in timesteps:
-        r_w, r_l, label = score_pairs_at(drm, cache_dir, t, batch_size, seed + t)
+        r_w, r_l, label = score_pairs_at(drm, cache_dir, t, batch_size, seed)
         strict = label == 1.0
         acc = (r_w[strict] > r_l[strict]).float().mean().item() if strict.any() else float("nan")
         ties = int((label == 0.5).sum())

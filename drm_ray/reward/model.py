@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from drm_ray.diffusion.flow import add_noise
+
 CONFIG_NAME = "drm_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -156,6 +158,19 @@ class DiffusionRewardModel(nn.Module):
         if self.head_kind == "mlp" and latent_size != self.latent_size:
             raise ValueError(f"the DRM's mlp head was trained for {self.latent_size}x{self.latent_size} latents, "
                              f"the policy samples {latent_size}x{latent_size} (use reward.head=mean for any size)")
+
+
+def score_noised_pairs(drm, batch, s: torch.Tensor, eps: torch.Tensor):
+    """Rewards of winner and loser, each noised at its pair's s: batch (a PairBatch on the model's device),
+    s [B], eps [2, B, C, h, w] -> r_w [B], r_l [B]. `drm` is the DRM or a wrapper that runs its forward."""
+    device = batch.latent_win.device
+    s = s.to(device)
+    x_w = add_noise(batch.latent_win, eps[0].to(device), s)  # [B, C, h, w]
+    x_l = add_noise(batch.latent_lose, eps[1].to(device), s)
+    rewards = drm(torch.cat([x_w, x_l]), torch.cat([s, s]), batch.prompt_embeds.repeat(2, 1, 1),
+                  batch.pooled.repeat(2, 1))  # [2B]
+    r_w, r_l = rewards.chunk(2)
+    return r_w, r_l
 
 
 def _json_default(obj):

@@ -15,8 +15,9 @@ tokens through 21 blocks of width 1536):
   and the worker keeps no reference to the source (its dropped blocks and output layers are freed).
 
 Validation (`val_every` > 0): the first `val_pairs` non-tie pairs of the held-out cache, split over ranks (rank r
-takes pairs r, r + world, ...), scored at each t of `val_timesteps` with noise keyed by (seed, t, pair index), so
-every validation sees the same noisy inputs whatever the number of ranks; correct / total counts are all-reduced.
+takes pairs r, r + world, ...), scored at each t of `val_timesteps` with noise keyed by (seed, t, pair index)
+(`evaluate.heldout_noise`), so every validation sees the same noisy inputs whatever the number of ranks; correct /
+total counts are all-reduced (every rank gets the numbers).
 Validation also runs at the last step. Rank 0 keeps the best DRM (by the mean accuracy over t; the earliest on ties)
 and puts it into every checkpoint as `drm_best/`, next to the current `drm/`.
 
@@ -41,8 +42,9 @@ import torch.distributed as dist
 
 from drm_ray.algorithms.losses import accuracy_by_noise_bucket, bradley_terry_loss
 from drm_ray.data.cache import PairBatch, iter_pairs
-from drm_ray.diffusion.flow import add_noise, sample_noise_levels
-from drm_ray.reward.model import DiffusionRewardModel, build_drm
+from drm_ray.diffusion.flow import sample_noise_levels
+from drm_ray.reward.evaluate import heldout_noise
+from drm_ray.reward.model import DiffusionRewardModel, build_drm, score_noised_pairs
 from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
 
 STATE_FILE = "trainer_state.json"
@@ -73,25 +75,13 @@ def draw_pair_noise(n: int, latent_shape, generator: torch.Generator, zero_prob:
     return s, eps
 
 
-def pair_rewards(model, batch: PairBatch, s: torch.Tensor, eps: torch.Tensor):
-    """Score winner and loser noised at their pair's s: batch on the model's device, s [B], eps [2, B, ...] -> r_w, r_l."""
-    device = batch.latent_win.device
-    s = s.to(device)
-    x_w = add_noise(batch.latent_win, eps[0].to(device), s)
-    x_l = add_noise(batch.latent_lose, eps[1].to(device), s)
-    rewards = model(torch.cat([x_w, x_l]), torch.cat([s, s]), batch.prompt_embeds.repeat(2, 1, 1),
-                    batch.pooled.repeat(2, 1))  # [2B]
-    r_w, r_l = rewards.chunk(2)
-    return r_w, r_l
-
-
 def micro_step_loss(model, batch: PairBatch, s, eps, pairs_per_step: int, world: int, accum: int):
     """The loss one micro-step backpropagates, and its rewards r_w, r_l [b].
 
     DeepSpeed divides each backward by `accum` and averages gradients over ranks; weighting the micro-batch's summed
     Bradley-Terry loss by world * accum / pairs_per_step makes the optimizer step the mean over all its pairs.
     """
-    r_w, r_l = pair_rewards(model, batch, s, eps)
+    r_w, r_l = score_noised_pairs(model, batch, s, eps)
     mean_loss, _ = bradley_terry_loss(r_w, r_l)
     return mean_loss * (len(batch) * world * accum / pairs_per_step), r_w, r_l
 
@@ -122,12 +112,6 @@ def load_validation_pairs(cache_dir, n: int) -> PairBatch:
     return next(iter_pairs(cache_dir, n, drop_ties=True))
 
 
-def validation_noise(seed: int, t: int, index: int, latent_shape) -> torch.Tensor:
-    """Fixed noise of held-out pair `index` at timestep t: [2, C, h, w] (winner, loser)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + t * 100_003 + index)
-    return torch.randn((2, *latent_shape), generator=gen)
-
-
 @torch.no_grad()
 def validate(model, pairs: PairBatch, timesteps, seed: int, rank: int, world: int, batch_size: int) -> dict:
     """Held-out accuracy at each t on this rank's share of `pairs`, counts summed over ranks."""
@@ -138,11 +122,10 @@ def validate(model, pairs: PairBatch, timesteps, seed: int, rank: int, world: in
     model.eval()
     for ti, t in enumerate(timesteps):
         for chunk in mine.split(batch_size):
-            mb = PairBatch(*(getattr(pairs, n)[chunk] for n in ("latent_win", "latent_lose", "prompt_embeds",
-                                                                "pooled", "label")), [pairs.prompt[j] for j in chunk])
-            eps = torch.stack([validation_noise(seed, t, j, pairs.latent_win.shape[1:]) for j in chunk.tolist()],
-                              dim=1)  # [2, b, C, h, w]
-            r_w, r_l = pair_rewards(model, mb.to(device), torch.full((len(chunk),), t / 1000.0), eps)
+            mb = PairBatch(pairs.latent_win[chunk], pairs.latent_lose[chunk], pairs.prompt_embeds[chunk],
+                           pairs.pooled[chunk], pairs.label[chunk], [pairs.prompt[j] for j in chunk.tolist()])
+            eps = heldout_noise(seed, t, chunk, pairs.latent_win.shape[1:])  # [2, b, C, h, w]
+            r_w, r_l = score_noised_pairs(model, mb.to(device), torch.full((len(chunk),), t / 1000.0), eps)
             counts[ti, 0] += (r_w > r_l).sum().item()
             counts[ti, 1] += len(chunk)
     model.train(was_training)
