@@ -124,7 +124,10 @@ def write_shard(cache_dir: str | Path, name: int | str, columns: dict) -> Path:
     table = pa.Table.from_pydict({k: columns[k] for k in PAIR_SCHEMA.names}, schema=PAIR_SCHEMA)
     table = table.replace_schema_metadata({"latent_dtype": columns["latent_dtype"]})
     final = cache_dir / f"shard-{name}.parquet"
-    _atomic(final, lambda tmp: pq.write_table(table, tmp))
+    # No statistics or dictionary for the latent columns: min/max of 4 KB-256 KB values would be copied into
+    # the footer, and they never repeat
+    small = ["prompt_id", "source", "label"]
+    _atomic(final, lambda tmp: pq.write_table(table, tmp, write_statistics=small, use_dictionary=small[:2]))
     return final
 
 
