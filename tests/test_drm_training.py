@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _learnable_cache(path, n=256):
-    """Winners have +1 in latent channel 0: a rule a DRM learns in a few dozen steps."""
-    g = torch.Generator().manual_seed(0)
+def _learnable_cache(path, n=256, seed=0, sign=1.0):
+    """Winners have +1 in latent channel 0 (sign=-1: -1, a held-out set on which learning the rule hurts)."""
+    g = torch.Generator().manual_seed(seed)
     win, lose = torch.randn(n, 16, 8, 8, generator=g), torch.randn(n, 16, 8, 8, generator=g)
-    win[:, 0] += 1.0
+    win[:, 0] += sign
     batch = PairBatch(win, lose, torch.randn(n, 109, 64, generator=g), torch.randn(n, 64, generator=g),
                       torch.ones(n), [f"p{i}" for i in range(n)])
     for i in range(4):
@@ -34,26 +34,84 @@ def _learnable_cache(path, n=256):
     return path
 
 
-def test_training_lowers_the_loss_and_resumes(ray_session, tmp_path):
+def _history(client, run_id, key):
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def _val_mean(drm_dir, heldout, cfg):
+    from drm_ray.reward.train_loop import load_validation_pairs, validate
+
+    drm = DiffusionRewardModel.from_pretrained(drm_dir)
+    pairs = load_validation_pairs(heldout, cfg.drm.val_pairs)
+    return validate(drm, pairs, cfg.drm.val_timesteps, cfg.run.seed, rank=0, world=1, batch_size=16)
+
+
+def test_training_lowers_the_loss_keeps_the_best_and_resumes(ray_session, tmp_path):
+    """2 ranks x 2 accumulated micro-steps of 4 pairs with checkpointing; validation on a held-out set whose rule
+    is the reverse of the training set's, so the best validation comes early and differs from the last DRM."""
+    from drm_ray.reward.train_loop import build_training_drm
+    from drm_ray.models.sd3 import latent_size, model_kwargs
     from drm_ray.reward.trainer import train_drm
 
     cache = _learnable_cache(tmp_path / "cache")
+    heldout = _learnable_cache(tmp_path / "heldout", n=64, seed=1, sign=-1.0)
     out = tmp_path / "run"
     overrides = [f"run.output_dir={out}", "drm.num_workers=2", "drm.lr=1e-3", "drm.log_every=10",
-                 "drm.checkpoint_every=20", "drm.zero_noise_prob=0.5"]
+                 "drm.checkpoint_every=20", "drm.zero_noise_prob=0.5", "drm.batch_size=16", "drm.micro_batch=4",
+                 "drm.gradient_checkpointing=true", "drm.val_every=10", "drm.val_pairs=48",
+                 f"data.heldout_data={heldout}"]
+    cfg = load_config("tiny", overrides + ["drm.train_steps=60"])
+    assert cfg.drm_accumulation() == (4, 2)
     tracker = Tracker(None, "t", out)
-    drm_dir = train_drm(load_config("tiny", overrides + ["drm.train_steps=60"]), cache, tracker)
+    drm_dir = train_drm(cfg, cache, tracker)
     client = MlflowClient(tracker.uri)
-    losses = [m.value for m in sorted(client.get_metric_history(tracker.run_id, "train/loss"), key=lambda m: m.step)]
+    losses = [v for _, v in sorted(_history(client, tracker.run_id, "train/loss").items())]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
-    first = DiffusionRewardModel.from_pretrained(drm_dir)
-    assert (first.state_dict()["head.out.weight"] != 0).any()
 
-    # a resubmission with more steps continues from step 60 of the same Ray Train run
+    # every parameter the loss reaches moved away from its initial value (same seed, same build as the workers)
+    r = cfg.drm
+    model = build_training_drm("tiny", model_kwargs(cfg.model, cfg.sampling), "cpu", n_drop=r.n_drop, head=r.head,
+                               head_dim=r.head_dim, init=r.init, seed=cfg.run.seed,
+                               latent_size=latent_size("tiny", cfg.sampling.resolution))
+    x = torch.randn(2, 16, 8, 8)
+    model(x, torch.rand(2), torch.randn(2, 109, 64), torch.randn(2, 64)).sum().backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    initial = model.state_dict()
+    last = DiffusionRewardModel.from_pretrained(out / "drm_last").state_dict()
+    assert sorted(last) == sorted(initial) and len(reached) > 20 and "head.out.weight" in reached
+    assert [k for k in reached if torch.equal(last[k], initial[k])] == []
+
+    # validation: logged at 10, 20, ..., 60 for every t; drm/ is the DRM of the best logged step, drm_last/ the last
+    val = _history(client, tracker.run_id, "val/accuracy_mean")
+    assert sorted(val) == [10, 20, 30, 40, 50, 60]
+    for t in r.val_timesteps:
+        assert sorted(_history(client, tracker.run_id, f"val/accuracy_t{t}")) == sorted(val)
+    best_step = min(s for s in val if val[s] == max(val.values()))
+    assert _history(client, tracker.run_id, "val/best_step")[60] == best_step and best_step < 60, val
+    assert _val_mean(drm_dir, heldout, cfg)["val/accuracy_mean"] == pytest.approx(val[best_step], abs=1e-9)
+    assert _val_mean(out / "drm_last", heldout, cfg)["val/accuracy_mean"] == pytest.approx(val[60], abs=1e-9)
+    best_weights = DiffusionRewardModel.from_pretrained(drm_dir).state_dict()
+
+    # a resubmission with more steps continues from step 60 of the same Ray Train run, and keeps the best so far
     resumed = Tracker(None, "t", out)
     train_drm(load_config("tiny", overrides + ["drm.train_steps=80"]), cache, resumed)
-    steps = [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")]
-    assert sorted(steps) == [70, 80]
+    assert sorted(_history(client, resumed.run_id, "train/loss")) == [70, 80]
+    val_resumed = _history(client, resumed.run_id, "val/accuracy_mean")
+    assert sorted(val_resumed) == [70, 80]
+    if max(val_resumed.values()) <= val[best_step]:
+        after = DiffusionRewardModel.from_pretrained(drm_dir).state_dict()
+        assert all(torch.equal(after[k], best_weights[k]) for k in after)
+        assert _history(client, resumed.run_id, "val/best_step")[80] == best_step
+
+
+def test_asking_for_gpus_without_them_fails_at_once(ray_session, tmp_path):
+    from drm_ray.placement import ClusterResourcesError
+    from drm_ray.reward.trainer import train_drm
+
+    cache = _learnable_cache(tmp_path / "cache", n=16)
+    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "drm.use_gpu=true", "drm.num_workers=2"])
+    with pytest.raises(ClusterResourcesError, match="DRM trainer workers"):
+        train_drm(cfg, cache)
 
 
 def test_train_and_eval_jobs_run_end_to_end(tmp_path):
