@@ -120,18 +120,19 @@ def driver_role(cfg, work: Path, payload: dict) -> None:
     from drm_ray.diffusion.sampling import decode_latents
     from drm_ray.models.sd3 import build_components, model_kwargs
     from drm_ray.tracking import Tracker
+    from drm_ray.workers.rollout import split_rollouts
 
     kw = model_kwargs(cfg.model, cfg.sampling)
     prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
     encode_prompt_table(prompts, cfg.sampling.negative_prompt, cfg.model.preset, kw)
     vae = build_components(cfg.model.preset, text=False, vae=True, device="cpu", **kw).vae
     tracker = Tracker(None, "drm-ray-bench-memory", work / "driver")
-    rollouts = payload["rollouts"]
+    rollouts, _ = split_rollouts(payload["rollouts"])  # the driver holds records; the latents stay in the store
     n = payload["request"][0].shape[0]
     child, final = split_scores(rollouts, cfg.grpo.algo, torch.randn(n))
     learner_batch(rollouts, cfg.grpo.algo, child, final, len(cfg.branch_steps()), cfg.grpo.adv_clip)
     tracker.log_metrics(reward_stats(rollouts, cfg.grpo.algo, child, final, cfg.branch_steps()), 1)
-    decode_latents(vae, torch.stack([r.final[0] for r in rollouts][:8]))
+    decode_latents(vae, torch.stack([r.final[0] for r in payload["rollouts"]][:8]))  # the panel's latents
     tracker.end()
 
 

@@ -10,7 +10,10 @@
         log        MLflow metrics and timings; an ODE image panel every few iterations; checkpoints
 
 Everything heavy lives in the actors (drm_ray/workers); the driver holds only prompts, a VAE for the image panel and
-small tensors. `--algo grpo` differs only in where advantages come from.
+small tensors. The rollout latents stay in the object store: the driver holds their references and passes them to
+the scorers and the learner, and receives only records, scores and statistics (`driver/bytes_in` per iteration does
+not grow with the latent size; `rollout/payload_bytes` does). `--algo grpo` differs only in where advantages come
+from.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from pathlib import Path
 import ray
 import torch
 
-from drm_ray.algorithms.rl_batch import learner_batch, reward_stats, scoring_requests, split_scores
+from drm_ray.algorithms.rl_batch import learner_batch, num_scored, reward_stats, split_scores
 from drm_ray.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, staging_dir
 from drm_ray.data.prompts import PromptSampler, load_prompts
 from drm_ray.diffusion.sampling import to_pil
-from drm_ray.dispatch import call_when_back, dispatch
+from drm_ray.dispatch import call_when_back, dispatch, driver_get, take_bytes_in
 from drm_ray.models.lora import lora_checksum
 from drm_ray.runtime import init_ray
 from drm_ray.rl_setup import RLSetup, image_grid
@@ -89,21 +92,26 @@ class StepGRPODriver:
         g = self.cfg.grpo
         t = {}
         start = time.perf_counter()
+        take_bytes_in()
         groups = self.sampler.next(g.prompts_per_iter)
-        rollouts = self.timed(t, "rollout", self.rollout, groups)
-        child_scores, final_scores = self.timed(t, "score", self.score, rollouts)
-        self.compute["policy_forwards"] += sum(r.final.shape[0] for r in rollouts) * self.cfg.sampling.num_steps
+        chunks = self.timed(t, "rollout", self.rollout, groups)  # [(records, latents ref)] per rollout call
+        rollouts = [r for records, _ in chunks for r in records]
+        child_scores, final_scores = self.timed(t, "score", self.score, chunks)
+        self.compute["policy_forwards"] += sum(r.num_final for r in rollouts) * self.cfg.sampling.num_steps
         batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
                                          g.adv_clip)
+        latents = [[ref for _, ref in chunks], [sum(len(r.step_index) for r in recs) for recs, _ in chunks]]
         self.iteration += 1
         ckpt = staging_dir(self.out, self.iteration) if self.checkpoint_due() else None
-        self.lora_ref, train_stats = self.timed(t, "learn", self.rl.learner.update, self.version, batch,
+        self.lora_ref, train_stats = self.timed(t, "learn", self.rl.learner.update, self.version, batch, latents,
                                                 str(ckpt / "learner") if ckpt else None)
         self.version += 1
         self.timed(t, "sync", self.sync, self.lora_ref, self.version)
         t["timing/iteration"] = time.perf_counter() - start
         metrics = {**reward_stats(rollouts, g.algo, child_scores, final_scores, self.rl.branch_steps),
                    **adv_stats, **train_stats, **t,
+                   "driver/bytes_in": float(take_bytes_in()),
+                   "rollout/payload_bytes": float(sum(r.payload_bytes for r in rollouts)),
                    "rollout/groups": float(len(rollouts)),
                    "rollout/candidates_per_s": self.candidates(rollouts) / max(t["timing/rollout"], 1e-9),
                    "rollout/policy_version": float(self.version - 1),
@@ -127,29 +135,31 @@ class StepGRPODriver:
         timings[f"timing/{name}"] = time.perf_counter() - start
         return out
 
-    def rollout(self, groups: list[tuple[int, int, int]]) -> list:
-        """Chunks of `groups_per_call` groups over the workers, each worker taking the next chunk when free."""
+    def rollout(self, groups: list[tuple[int, int, int]]) -> list[tuple[list, ray.ObjectRef]]:
+        """Chunks of `groups_per_call` groups over the workers, each worker taking the next chunk when free.
+        Per chunk: (the groups' records, to the driver; a reference to their latents, left in the object store)."""
         per_call = self.cfg.rollout.groups_per_call
         chunks = [groups[i:i + per_call] for i in range(0, len(groups), per_call)]
         results, failures = dispatch(
-            self.rl.workers, chunks, lambda w, chunk: w.rollout.remote(chunk, self.version), self.recover_worker,
-            self.cfg.rollout.timeout_s, self.max_failures, "rollout")
+            self.rl.workers, chunks,
+            lambda w, chunk: w.rollout_split.options(num_returns=2).remote(chunk, self.version),
+            self.recover_worker, self.cfg.rollout.timeout_s, self.max_failures, "rollout")
         self.restarts["rollout"] += failures
-        out = [r for chunk in results for r in chunk]
-        if [r.group_id for r in out] != [gid for gid, _, _ in groups]:  # every group exactly once, in order
-            raise RuntimeError("rollout results do not match the submitted groups")
-        return out
+        if [r.group_id for records, _ in results for r in records] != [gid for gid, _, _ in groups]:
+            raise RuntimeError("rollout results do not match the submitted groups")  # each group once, in order
+        return results
 
-    def score(self, rollouts) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """One batched scoring pass over every child and final latent, split evenly over the scorers."""
-        latents, levels, prompt_idx = scoring_requests(rollouts, self.cfg.grpo.algo, self.rl.sigmas)
-        self.compute["drm_forwards"] += latents.shape[0]  # what is scored: GRPO sends final latents only
-        parts = torch.tensor_split(torch.arange(latents.shape[0]), len(self.rl.scorers))
+    def score(self, chunks) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every child and final latent scored, one scorer call per rollout chunk (the scorer fetches the latents
+        and returns only scores)."""
+        algo = self.cfg.grpo.algo
+        rollouts = [r for records, _ in chunks for r in records]
+        self.compute["drm_forwards"] += num_scored(rollouts, algo)  # what is scored: GRPO sends final latents only
         results, failures = dispatch(
-            self.rl.scorers, parts, lambda s, p: s.score_indexed.remote(latents[p], levels[p], prompt_idx[p]),
+            self.rl.scorers, chunks, lambda s, c: s.score_rollouts.remote(c[0], [c[1]], algo, self.rl.sigmas),
             self.recover_scorer, self.cfg.rollout.timeout_s, self.max_failures, "scoring")
         self.restarts["scorer"] += failures
-        return split_scores(rollouts, self.cfg.grpo.algo, torch.cat(results))
+        return split_scores(rollouts, algo, torch.cat(results))
 
     def recover_worker(self, index: int) -> None:
         """Wait for a restarted rollout worker and give it the current LoRA before it takes work again."""
@@ -166,7 +176,7 @@ class StepGRPODriver:
         way is waited for once and loaded again."""
         refs = [w.set_lora.remote(version, lora_ref) for w in self.rl.workers]
         try:
-            checksums = ray.get(refs, timeout=self.cfg.rollout.timeout_s)
+            checksums = driver_get(refs, timeout=self.cfg.rollout.timeout_s)
         except ray.exceptions.RayActorError:
             self.restarts["rollout"] += 1
             checksums = [call_when_back(lambda w=w: w.set_lora.remote(version, lora_ref), self.cfg.rollout.timeout_s,
@@ -177,7 +187,7 @@ class StepGRPODriver:
 
     @staticmethod
     def candidates(rollouts) -> int:
-        return sum(r.children.shape[0] * r.children.shape[1] for r in rollouts)
+        return sum(r.num_children for r in rollouts)
 
     def checkpoint_due(self) -> bool:
         g = self.cfg.grpo

@@ -34,8 +34,8 @@ class RLSetup:
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
 
         ensure_resources(role_demands(cfg), ro.autoscale_wait_s)  # before the first GPU task or actor
-        table = self._encode_prompts(prompts)
-        self.prompts_ref = ray.put(table)  # serialized once; every actor reads rows by index
+        # the prompt table stays in the object store (float16 numpy, zero-copy per node); actors get the reference
+        self.prompts_ref = self._encode_prompts(prompts)
         drm_path = resolve_drm(cfg, out)
         actor = rollout_actor_options(ro)  # resources from the config, SPREAD over nodes
         actor["max_restarts"] = ro.max_restarts  # a dead actor comes back; the driver resubmits its work
@@ -65,20 +65,21 @@ class RLSetup:
             clip_eps=cfg.grpo.clip_eps, beta=cfg.grpo.beta, torch_threads=threads)
         resources = learner_worker_resources(le)  # Ray Train packs its workers (ScalingConfig's default PACK)
         self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
-                                    max_failures=le.max_failures, resources_per_worker=resources)
+                                    max_failures=le.max_failures, resources_per_worker=resources,
+                                    state_every=le.state_every)
 
         n_eval = cfg.grpo.eval_panel_size
         self.eval_prompts = [j % len(prompts) for j in range(n_eval)]
         self.eval_seeds = [cfg.run.seed + 10_000 + j for j in range(n_eval)]
         self.vae = load_vae(m.preset, m.path, s.resolution, m.seed)  # decodes the image panel on the driver
 
-    def _encode_prompts(self, prompts):
+    def _encode_prompts(self, prompts) -> ray.ObjectRef:
+        """The PromptTable's reference. On GPUs the encoding task's result is never fetched by the driver."""
         cfg = self.cfg
         args = (prompts, cfg.sampling.negative_prompt, cfg.model.preset, self.kwargs)
         if cfg.rollout.num_gpus == 0:
-            return encode_prompt_table(*args)  # tiny: the driver already has everything imported
-        task = ray.remote(encode_prompt_table).options(num_gpus=1, num_cpus=1)
-        return ray.get(task.remote(*args), timeout=cfg.rollout.timeout_s)
+            return ray.put(encode_prompt_table(*args))  # tiny: the driver already has everything imported
+        return ray.remote(encode_prompt_table).options(num_gpus=1, num_cpus=1).remote(*args)
 
     def eval_panel(self) -> tuple[float, torch.Tensor]:
         """(mean DRM score at s = 0 of ODE samples of the panel, the images [N, 3, H, W] in [0, 1])."""

@@ -83,3 +83,24 @@ def test_learner_worker_failure_resends_the_update(ray_session, tmp_path, tiny_d
     assert metrics["train/ratio_max_dev"] < 1e-4
     assert ray.get(driver.rl.learner.coordinator.get_members.remote())[0]["pid"] != members[0]["pid"]
     driver.finish()
+
+
+def test_learner_failure_between_state_saves_replays_to_the_same_lora(ray_session, tmp_path, tiny_drm_dir):
+    # state_every=2: after update 1 nothing newer than v0 is saved; the restarted group restores v0, the driver
+    # re-sends updates 0 and 1 in order, and the result equals an uninterrupted run's bit for bit
+    common = ("grpo.iterations=2", "learner.max_failures=1", "learner.state_every=2")
+    straight = _driver(tmp_path / "straight", tiny_drm_dir, *common)
+    straight.run()
+    driver = _driver(tmp_path / "killed", tiny_drm_dir, *common)
+    driver.step()
+    members = ray.get(driver.rl.learner.coordinator.get_members.remote())
+    os.kill(members[0]["pid"], signal.SIGKILL)
+    time.sleep(1.0)
+    metrics = driver.step()
+    assert metrics["train/learner_restarts"] >= 1 and driver.version == 2
+    assert metrics["train/ratio_max_dev"] < 1e-4
+    events = ray.get(driver.rl.learner.coordinator.get_events.remote())
+    assert "generation 2 started at v0" in events, events
+    assert [e for e in events if e.startswith("submit")][-2:] == ["submit v0 (generation 2)", "submit v1 (generation 2)"]
+    driver.finish()
+    assert driver.final_lora_checksum == straight.final_lora_checksum

@@ -4,6 +4,11 @@ Step-GRPO: each branching state is a group of its k children; the children's DRM
 level) are normalized within the group and become the children's advantages. GRPO: the k final images of a prompt
 are scored at s = 0, normalized over the prompt's k images, and each image's advantage is repeated on every trained
 step of its trajectory. Groups with a non-finite score are dropped (counted in `adv/dropped_groups`).
+
+Everything here but `scoring_requests` and `gather_latents` works from the small part of the rollouts (step
+indices, log-probs, counts), so on the driver the latents can stay in the object store: the learner batch names its
+states by `state_index` (position in the concatenation of all rollouts' states) and each learner rank gathers the
+latents of its shard itself (`gather_latents`).
 """
 
 from __future__ import annotations
@@ -30,15 +35,20 @@ def scoring_requests(rollouts, algo: str, sigmas: torch.Tensor) -> tuple[torch.T
     return torch.cat(lat), torch.cat(lvl).float(), torch.cat(idx).long()
 
 
+def num_scored(rollouts, algo: str) -> int:
+    """How many latents `scoring_requests` asks the DRM to score (from the small part of the rollouts)."""
+    return sum((r.num_children if algo == "step_grpo" else 0) + r.num_final for r in rollouts)
+
+
 def split_scores(rollouts, algo: str, scores: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Inverse of `scoring_requests`: child scores per rollout ([T, m] each; empty for GRPO) and final scores [G, F]."""
     child, final, pos = [], [], 0
     for r in rollouts:
         if algo == "step_grpo":
-            t, m = r.children.shape[:2]
+            t, m = r.log_probs.shape
             child.append(scores[pos:pos + t * m].view(t, m))
             pos += t * m
-        f = r.final.shape[0]
+        f = r.num_final
         final.append(scores[pos:pos + f])
         pos += f
     return child, torch.stack(final)
@@ -48,8 +58,8 @@ def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_s
                   num_branch_steps: int, adv_clip: float) -> tuple[dict, dict]:
     """The learner's update batch (valid states only) and advantage stats.
 
-    Batch: states [N, C, h, w], step_index [N], prompt_index [N], children [N, m, C, h, w], old_log_probs [N, m],
-    advantages [N, m].
+    Batch: state_index [N], step_index [N], prompt_index [N], old_log_probs [N, m], advantages [N, m]; when the
+    rollouts carry their latents (in-process use) also states [N, C, h, w] and children [N, m, C, h, w].
     """
     if algo == "step_grpo":
         adv, valid, stats = step_group_advantages(torch.stack(child_scores), adv_clip)  # [G, S, k], [G, S]
@@ -61,14 +71,44 @@ def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_s
     keep = valid.flatten()  # [G * T]
     cat = lambda name: torch.cat([getattr(r, name) for r in rollouts])  # noqa: E731
     batch = {
-        "states": cat("states"), "step_index": cat("step_index"),
-        "prompt_index": torch.cat([torch.full((r.states.shape[0],), r.prompt_index) for r in rollouts]),
-        "children": cat("children"), "old_log_probs": cat("log_probs"),
-        "advantages": adv.flatten(0, 1).float(),
+        "state_index": torch.arange(keep.numel()), "step_index": cat("step_index"),
+        "prompt_index": torch.cat([torch.full((r.step_index.shape[0],), r.prompt_index) for r in rollouts]),
+        "old_log_probs": cat("log_probs"), "advantages": adv.flatten(0, 1).float(),
     }
     batch = {k: v[keep] for k, v in batch.items()}
+    if rollouts and rollouts[0].states is not None:
+        sizes = [sum(r.step_index.shape[0] for r in rollouts)]
+        batch["states"], batch["children"] = gather_latents(batch["state_index"], [rollouts], sizes)
     stats["adv/kept_states"] = float(keep.sum().item())
     return batch, stats
+
+
+def chunks_needed(state_index: torch.Tensor, chunk_sizes: list[int]) -> list[int]:
+    """Which chunks (consecutive runs of `chunk_sizes[c]` states) hold the states `state_index` names."""
+    ends = torch.tensor(chunk_sizes, dtype=torch.long).cumsum(0)
+    needed = torch.searchsorted(ends, state_index, right=True).unique().tolist()
+    return needed or [0]  # an empty shard still needs one chunk for the latents' shapes
+
+
+def gather_latents(state_index: torch.Tensor, chunks: list, chunk_sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """(states [N, C, h, w], children [N, m, C, h, w]) of the states `state_index` names.
+
+    `chunks[c]` is a list of groups (anything with `.states` and `.children`) holding `chunk_sizes[c]` states in
+    order; chunks that hold none of the states may be None (a learner rank fetches only the chunks of its shard).
+    """
+    ends = torch.tensor(chunk_sizes, dtype=torch.long).cumsum(0)
+    chunk_of = torch.searchsorted(ends, state_index, right=True)  # [N]
+    needed = chunk_of.unique().tolist()
+    if not needed:  # an empty shard (dropped groups): empty tensors of the right shape
+        g = next(g for chunk in chunks if chunk for g in chunk)
+        return g.states[:0], g.children[:0]
+    states = torch.cat([g.states for c in needed for g in chunks[c]])  # [sum of the needed chunks' T, C, h, w]
+    children = torch.cat([g.children for c in needed for g in chunks[c]])
+    starts = ends - torch.tensor(chunk_sizes, dtype=torch.long)  # first global state of each chunk
+    local = torch.zeros(len(chunk_sizes), dtype=torch.long)  # first row of each needed chunk in `states`
+    local[needed] = torch.tensor([0] + [chunk_sizes[c] for c in needed[:-1]]).cumsum(0)
+    rows = state_index - starts[chunk_of] + local[chunk_of]
+    return states[rows], children[rows]
 
 
 def reward_stats(rollouts, algo: str, child_scores: list[torch.Tensor], final_scores: torch.Tensor,

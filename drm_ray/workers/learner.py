@@ -10,6 +10,12 @@ against it (m = k for Step-GRPO, 1 for GRPO), so learner cost grows with the num
 Loss per state: mean over children of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + beta * KL(mu_theta || mu_ref),
 the reference being the same network with the adapter disabled. After each update rank 0 publishes the LoRA state
 (CPU tensors, `publish_dtype`) with its version through the object store.
+
+Data plane: a rank's work carries small tensors (state indices, steps, prompt indices, log-probs, advantages) and the
+ObjectRefs of the rollout latent chunks; the rank fetches only the chunks its shard touches and gathers its states
+and children itself (`load_shard`), so the batch, the shards and the micro-batches are exactly those of a batch
+assembled in one process. Every `state_every` updates the LoRA + optimizer state is saved for Ray Train restarts,
+after the new version is published, so the save overlaps the driver's sync and the next rollout.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from drm_ray.algorithms.losses import clipped_policy_loss
+from drm_ray.algorithms.rl_batch import chunks_needed, gather_latents
 from drm_ray.diffusion.flow import gaussian_kl, gaussian_log_prob, sde_mean_per_item, schedule_sigmas
 from drm_ray.diffusion.sampling import predict_velocity
 from drm_ray.models.lora import adapter_disabled, add_lora, lora_norm, lora_state
@@ -102,6 +109,21 @@ def train_update(engine, transformer, shard: dict, total_states: int, world: int
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
 
+def load_shard(work: dict) -> dict:
+    """The rank's shard with its states [n, C, h, w] and children [n, m, C, h, w], fetched from the object store
+    (only the latent chunks the shard touches)."""
+    import ray
+
+    refs, sizes = work["latents"]
+    shard = work["shard"]
+    needed = chunks_needed(shard["state_index"], sizes)
+    chunks = [None] * len(refs)
+    for c, value in zip(needed, ray.get([refs[c] for c in needed])):
+        chunks[c] = value
+    states, children = gather_latents(shard["state_index"], chunks, sizes)
+    return {**shard, "states": states, "children": children}
+
+
 def learner_loop(config: dict) -> None:
     """Ray Train `train_loop_per_worker`: serve updates from the Coordinator until it says stop."""
     import ray
@@ -134,6 +156,7 @@ def learner_loop(config: dict) -> None:
     # started() gives the coordinator fresh queues for this generation: no rank may wait for work before that, or it
     # waits on a queue nothing is sent to any more (with 2 learner workers, the first update hung without this)
     dist.barrier()
+    last_save_s = 0.0  # seconds the last learner-state save took, reported with the next update (0: none yet)
     while True:
         work = ray.get(coordinator.next_work.remote(rank))
         if work is None:
@@ -141,25 +164,29 @@ def learner_loop(config: dict) -> None:
         if work["version"] != version:  # a duplicate of an update this group already applied
             continue
         start = time.perf_counter()
-        stats = train_update(engine, transformer, work["shard"], work["total_states"], world, prompts, sigmas,
+        stats = train_update(engine, transformer, load_shard(work), work["total_states"], world, prompts, sigmas,
                              config)
         if work.get("checkpoint_dir"):
             # every rank: optimizer shards; the frozen base weights are rebuilt from the preset, never saved
             engine.save_checkpoint(work["checkpoint_dir"], tag=DS_TAG, exclude_frozen_parameters=True)
         version = work["version"] + 1
-        if state_dir:
-            save_learner_state(engine, state_dir, rank, version)
         if rank == 0:
             state = lora_state(transformer, publish_dtype)
-            stats.update({"lora/norm": lora_norm(state), "timing/learner_compute": time.perf_counter() - start})
+            stats.update({"lora/norm": lora_norm(state), "timing/learner_compute": time.perf_counter() - start,
+                          "timing/learner_state_save": last_save_s})
             ray.get(coordinator.publish.remote(version, [ray.put(state)], stats))
+        if state_dir and version % config["state_every"] == 0:
+            # after publishing: the driver keeps the updates since the last save and replays them after a restart
+            t0 = time.perf_counter()
+            save_learner_state(engine, state_dir, rank, version)
+            last_save_s = time.perf_counter() - t0
 
 
 def save_learner_state(engine, state_dir: str, rank: int, version: int, keep: int = 2) -> None:
-    """The learner's state (LoRA + optimizer, every rank's shard) after each update, before it is published.
+    """The learner's state (LoRA + optimizer, every rank's shard) after every `state_every`-th update.
 
-    A restarted worker group (Ray Train's FailureConfig) loads the newest one, so it resumes at exactly the last
-    version the driver may have seen, and the driver re-sends the one update that was not acknowledged. This is our
+    A restarted worker group (Ray Train's FailureConfig) loads the newest one and reports its version; the driver
+    re-sends the updates since then (it keeps them until a newer state is surely saved). This is our
     own directory rather than `ray.train.report` checkpoints: Ray Train V2 registers a reported checkpoint only at
     its next health-check poll (2 s), so a failure right after an update would restore an older one. DeepSpeed
     writes `latest` after the tag directory is complete. Frozen base weights are left out (LoRA + optimizer only).

@@ -11,7 +11,7 @@ step), giving k * S trained states with one child each and k final images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,16 +24,58 @@ from drm_ray.models.sd3 import build_components, latent_size
 
 
 @dataclass
+class GroupLatents:
+    """The large part of a group's rollout: what scorers and the learner read, never the driver."""
+    states: torch.Tensor      # [T, C, h, w] trained states (T = S for step_grpo, k * S for grpo)
+    children: torch.Tensor    # [T, m, C, h, w] (m = k for step_grpo, 1 for grpo)
+    final: torch.Tensor       # [F, C, h, w] final latents (F = 1 for step_grpo, k for grpo)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.states, self.children, self.final))
+
+
+@dataclass
 class GroupRollout:
     group_id: int
     prompt_index: int
     seed: int
     version: int
-    states: torch.Tensor      # [T, C, h, w] trained states (T = S for step_grpo, k * S for grpo)
-    step_index: torch.Tensor  # [T] the sampling step of each state
-    children: torch.Tensor    # [T, m, C, h, w] (m = k for step_grpo, 1 for grpo)
-    log_probs: torch.Tensor   # [T, m] under policy `version`
-    final: torch.Tensor       # [F, C, h, w] final latents (F = 1 for step_grpo, k for grpo)
+    states: torch.Tensor | None    # [T, C, h, w]; None in the driver's copy (see `split_rollouts`)
+    step_index: torch.Tensor       # [T] the sampling step of each state
+    children: torch.Tensor | None  # [T, m, C, h, w]; None in the driver's copy
+    log_probs: torch.Tensor        # [T, m] under policy `version`
+    final: torch.Tensor | None     # [F, C, h, w]; None in the driver's copy
+    num_final: int = 0             # F, kept when the latents are split off
+    payload_bytes: int = 0         # bytes of the latents, kept when they are split off
+
+    def __post_init__(self):
+        if self.final is not None:
+            self.num_final = self.final.shape[0]
+            self.payload_bytes = self.latents().nbytes
+
+    @property
+    def num_children(self) -> int:
+        return self.log_probs.numel()
+
+    def latents(self) -> GroupLatents:
+        return GroupLatents(self.states, self.children, self.final)
+
+    def with_latents(self, latents: GroupLatents) -> GroupRollout:
+        return replace(self, states=latents.states, children=latents.children, final=latents.final)
+
+
+def split_rollouts(rollouts: list[GroupRollout]) -> tuple[list[GroupRollout], list[GroupLatents]]:
+    """(records without latents, for the driver; the latents, for the object store)."""
+    small = [replace(r, states=None, children=None, final=None) for r in rollouts]
+    return small, [r.latents() for r in rollouts]
+
+
+def join_rollouts(rollouts: list[GroupRollout], latents: list[GroupLatents]) -> list[GroupRollout]:
+    """Inverse of `split_rollouts` (on a scorer)."""
+    if len(rollouts) != len(latents):
+        raise ValueError(f"{len(rollouts)} rollout records but {len(latents)} latent payloads")
+    return [r.with_latents(lat) for r, lat in zip(rollouts, latents)]
 
 
 class StaleLoRAError(RuntimeError):
@@ -113,6 +155,11 @@ class RolloutWorker:
                 final=out.final[sl].cpu(),                          # [per_group, C, h, w]
             ))
         return results
+
+    def rollout_split(self, groups: list[tuple[int, int, int]],
+                      version: int) -> tuple[list[GroupRollout], list[GroupLatents]]:
+        """`rollout`, for a Ray call with `num_returns=2`: (records for the driver, latents for the object store)."""
+        return split_rollouts(self.rollout(groups, version))
 
     @torch.no_grad()
     def sample_panel(self, prompt_indices: list[int], seeds: list[int], num_steps: int) -> torch.Tensor:

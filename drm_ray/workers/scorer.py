@@ -1,15 +1,17 @@
 """DRMScorer: batched R(x_s, s, c) over a trained DRM directory. A plain class; the driver makes it a Ray actor.
 
 Stateless between calls (the DRM weights are read-only), so a restarted actor serves exactly as before and several
-scorers can serve several rollout workers.
+scorers can serve several rollout workers. Prompts are named by index into a `PromptTable` (zero-copy in the object
+store); in the RL loop the scorer fetches the rollout latents itself (`score_rollouts`) and returns only scores.
 """
 
 from __future__ import annotations
 
 import torch
 
-from drm_ray.reward.model import DiffusionRewardModel
+from drm_ray.algorithms.rl_batch import scoring_requests
 from drm_ray.models.sd3 import default_device, torch_dtype
+from drm_ray.reward.model import DiffusionRewardModel
 
 
 class DRMScorer:
@@ -51,5 +53,16 @@ class DRMScorer:
             raise ValueError("this scorer was built without a prompt table")
         embeds, pooled, _, _ = self.prompts.rows(prompt_indices)
         return self.score(latents, noise_levels, embeds, pooled)
+
+    def score_rollouts(self, rollouts: list, latent_refs: list, algo: str, sigmas: torch.Tensor) -> torch.Tensor:
+        """Scores of everything `scoring_requests` asks for: `rollouts` are the records without latents,
+        `latent_refs` (nested in a list, so Ray passes them unresolved) the object-store payloads holding their
+        latents, in order (lists of `GroupLatents`). Only the scores [N] go back."""
+        import ray
+
+        from drm_ray.workers.rollout import join_rollouts
+
+        latents = [g for chunk in ray.get(list(latent_refs)) for g in chunk]
+        return self.score_indexed(*scoring_requests(join_rollouts(rollouts, latents), algo, sigmas))
 
     __call__ = score
