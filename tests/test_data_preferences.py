@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from drm_ray.data.preferences import (
-    PreferenceDataError, PreferenceReader, decode_image, image_to_bytes, write_preference_parquet,
+    PreferenceDataError, PreferenceReader, decode_image, image_to_bytes, preference_files, write_preference_parquet,
 )
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
@@ -163,3 +163,27 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
         write_preference_parquet(tmp_path / "empty.parquet", [])
     assert path.read_bytes() == before and not (tmp_path / "empty.parquet").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_input_is_a_file_a_directory_or_a_glob(tmp_path):
+    for name in ("b.parquet", "a.parquet", "notes.parquet.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub.parquet").mkdir()  # a directory named like a file is not an input
+    assert preference_files(tmp_path) == [tmp_path / "a.parquet", tmp_path / "b.parquet"]  # sorted
+    assert preference_files(tmp_path / "*.parquet") == [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    assert preference_files(tmp_path / "b.parquet") == [tmp_path / "b.parquet"]
+    assert preference_files(tmp_path / "missing.parquet") == [tmp_path / "missing.parquet"]  # fails when opened
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreferenceDataError, match="holds no \\*.parquet files"):
+        preference_files(tmp_path / "empty")
+    with pytest.raises(PreferenceDataError, match="matches no files"):
+        preference_files(tmp_path / "c*.parquet")
+
+
+def test_prompts_stream_in_file_order_and_blank_ones_are_named(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    write_preference_parquet(path, pair_rows(5), batch_size=2)
+    assert list(PreferenceReader(path).iter_prompts(batch_size=3)) == [f"prompt {i}" for i in range(5)]
+    pq.write_table(pa.table({"prompt": ["a", None], "image_win": [b"x"] * 2, "image_lose": [b"y"] * 2}), path)
+    with pytest.raises(PreferenceDataError, match="row 1, column prompt"):
+        list(PreferenceReader(path).iter_prompts())

@@ -2,8 +2,10 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,10 +17,12 @@ import drm_ray.data.preprocess as preprocess
 from drm_ray.config import load_config
 from drm_ray.data.cache import CacheError, PairBatch, iter_pairs, pair_rows, read_meta, write_meta, write_shard
 from drm_ray.data.preferences import PreferenceDataError, PreferenceReader, write_preference_parquet
-from drm_ray.data.preprocess import ensure_synthetic_cache, preprocess_pairs
+from drm_ray.data.preprocess import (PartSummary, ShardSummary, cache_dir_for, encoder_options,
+                                     ensure_synthetic_cache, preprocess_pairs)
 from drm_ray.data.synthetic import make_synthetic_pairs, write_synthetic_parquet
 from drm_ray.diffusion.sampling import encode_images
 from drm_ray.models.sd3 import encode_prompts, model_kwargs
+from drm_ray.placement import ClusterResourcesError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny preset's model: seed 0, 64 px, 32 T5 tokens, like the `tiny` fixture (whose VAE and text encoders it uses).
@@ -44,7 +48,8 @@ def no_ray_work(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("Ray was reached before the input was rejected")
     monkeypatch.setattr(preprocess, "init_ray", tripwire)
-    monkeypatch.setattr(preprocess.ray.data, "from_items", tripwire)
+    monkeypatch.setattr(preprocess, "ensure_resources", tripwire)
+    monkeypatch.setattr(preprocess.ray, "remote", tripwire)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -62,6 +67,32 @@ def test_bad_input_fails_before_any_ray_work(tmp_path, no_ray_work, make, messag
     assert message in str(err.value) and not (tmp_path / "cache").exists()
 
 
+def test_a_bad_file_in_a_directory_is_named_before_any_ray_work(tmp_path, no_ray_work):
+    write_synthetic_parquet(tmp_path / "pairs" / "a.parquet", 3)
+    pq.write_table(pa.table({"prompt": ["x", ""], "image_win": [b"x"] * 2, "image_lose": [b"y"] * 2}),
+                   tmp_path / "pairs" / "b.parquet")
+    with pytest.raises(PreferenceDataError, match=r"b.parquet: row 1, column prompt"):
+        preprocess_pairs(tmp_path / "pairs", tmp_path / "cache", preset="tiny", model_kwargs=TINY)
+    with pytest.raises(PreferenceDataError, match="matches no files"):
+        preprocess_pairs(tmp_path / "pairs" / "c*.parquet", tmp_path / "cache", preset="tiny", model_kwargs=TINY)
+    with pytest.raises(ValueError, match="latent_dtype must be one of"):
+        preprocess_pairs(tmp_path / "pairs" / "a.parquet", tmp_path / "cache", preset="tiny", model_kwargs=TINY,
+                         latent_dtype="int8")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_dir_is_keyed_on_every_input_file_and_the_latent_dtype(tmp_path):
+    write_synthetic_parquet(tmp_path / "pairs" / "a.parquet", 2)
+    key = cache_dir_for(tmp_path / "pairs", tmp_path / "root", "tiny", TINY)
+    assert key == cache_dir_for(tmp_path / "pairs", tmp_path / "root", "tiny", TINY) and key.name.startswith("pairs-")
+    assert key != cache_dir_for(tmp_path / "pairs", tmp_path / "root", "tiny", TINY, "bfloat16")
+    write_synthetic_parquet(tmp_path / "pairs" / "b.parquet", 2)  # a second file joins the input
+    assert key != cache_dir_for(tmp_path / "pairs", tmp_path / "root", "tiny", TINY)
+    data = load_config("sd35m").data
+    assert encoder_options(data) == dict(concurrency=4, num_gpus=1, batch_size=32, shard_rows=1024,
+                                         latent_dtype="bfloat16", autoscale_wait_s=0.0)
+
+
 def test_refuses_to_overwrite_before_any_ray_work(tmp_path, no_ray_work):
     pairs = tmp_path / "pairs.parquet"
     write_synthetic_parquet(pairs, 2)
@@ -74,6 +105,10 @@ def test_refuses_to_overwrite_before_any_ray_work(tmp_path, no_ray_work):
     write_meta(tmp_path / "done", [2], [1, 2], [2])
     with pytest.raises(CacheError, match="already holds a complete cache"):
         preprocess_pairs(pairs, tmp_path / "done", preset="tiny", model_kwargs=TINY)
+    with pytest.raises(PreferenceDataError, match="does not exist"):  # overwrite, but the input is bad: kept
+        preprocess_pairs(tmp_path / "nope.parquet", tmp_path / "done", preset="tiny", model_kwargs=TINY,
+                         overwrite=True)
+    assert read_meta(tmp_path / "done")["num_rows"] == 1
     with pytest.raises(ValueError, match="model_kwargs lacks"):
         preprocess_pairs(pairs, tmp_path / "new", preset="tiny", model_kwargs={"seed": 0})
 
@@ -85,6 +120,7 @@ def test_synthetic_cache_matches_direct_encoding_and_keeps_ties(tmp_path, ray_se
     meta = read_meta(cache_dir)
     assert (meta["latent_shape"], meta["embed_shape"], meta["pooled_shape"]) == ([16, 8, 8], [109, 64], [64])
     assert meta["num_rows"] == 10 and meta["num_shards"] == 3 and meta["model"] == {"preset": "tiny", **TINY}
+    assert meta["num_prompts"] == len({r["prompt"] for r in make_synthetic_pairs(10, seed=5)})
     assert hidden_leftovers(tmp_path) == []
 
     got = cache_rows(cache_dir)
@@ -135,3 +171,60 @@ def test_job_skips_bad_rows_on_request(tmp_path, ray_session):
     got = cache_rows(out)
     assert got.prompt == [r["prompt"] for i, r in enumerate(rows) if i != 1]
     assert json.loads((out / "preprocess.json").read_text())["skipped_rows"] == [1]
+
+
+@pytest.mark.slow
+def test_directory_of_files_makes_one_cache_and_the_driver_sees_only_summaries(tmp_path, ray_session, tiny,
+                                                                              monkeypatch):
+    a, b = make_synthetic_pairs(7, seed=1, tie_fraction=0.3), make_synthetic_pairs(5, seed=2)
+    for i, row in enumerate(b):
+        row["prompt"] = a[i % 3]["prompt"]  # prompts repeat across files
+    write_preference_parquet(tmp_path / "pairs" / "b.parquet", b, batch_size=2)  # row groups of 2, 2, 1
+    write_preference_parquet(tmp_path / "pairs" / "a.parquet", a, batch_size=3)  # 3, 3, 1
+    received = []  # everything the encoder actors send the driver passes through _run
+    real_run = preprocess._run
+
+    def spy(*args):
+        results = real_run(*args)
+        received.extend(results)
+        return results
+
+    monkeypatch.setattr(preprocess, "_run", spy)
+
+    def build(out, concurrency):
+        return preprocess_pairs(tmp_path / "pairs", out, preset="tiny", model_kwargs=TINY, concurrency=concurrency,
+                                batch_size=2, shard_rows=2, latent_dtype="bfloat16")
+
+    stats = build(tmp_path / "cache", concurrency=2)
+    distinct = list(dict.fromkeys(r["prompt"] for r in a + b))
+    assert (stats.rows_written, stats.prompts, stats.ties) == (12, len(distinct), sum(r["tie"] for r in a))
+    assert all(type(s) in (PartSummary, ShardSummary) and len(pickle.dumps(s)) < 1000 for s in received)
+    assert sum(s.prompts for s in received if isinstance(s, PartSummary)) == len(distinct)  # each encoded once
+    meta = read_meta(tmp_path / "cache")
+    assert (meta["num_rows"], meta["num_prompts"], meta["latent_dtype"]) == (12, len(distinct), "bfloat16")
+    # names come from (file, row group, shard within it): a's groups hold 3, 3, 1 rows -> 2, 2, 1 shards of <= 2
+    names = sorted(p.name for p in (tmp_path / "cache").glob("shard-*"))
+    assert names == [f"shard-{f:04d}-{g:05d}-{k:04d}.parquet" for f, g, k in
+                     [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (1, 0, 0), (1, 1, 0), (1, 2, 0)]]
+    got = cache_rows(tmp_path / "cache")
+    assert got.prompt == [r["prompt"] for r in a + b]  # file order (sorted names), then row order
+    images = next(PreferenceReader(tmp_path / "pairs" / "a.parquet").iter_batches(7, 64))
+    want = encode_images(tiny.vae, images.image_win)  # [7, 16, 8, 8]
+    assert torch.allclose(got.latent_win[:7], want, rtol=2 ** -7, atol=1e-5)  # within bf16 precision
+
+    build(tmp_path / "again", concurrency=1)  # another actor count, another schedule: the same cache
+    assert sorted(p.name for p in (tmp_path / "again").glob("shard-*")) == names
+    again = cache_rows(tmp_path / "again")
+    assert again.prompt == got.prompt and torch.equal(again.latent_win, got.latent_win)
+    assert hidden_leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_gpu_encoders_on_a_cpu_cluster_fail_at_once_naming_them(tmp_path, ray_session):
+    pairs = tmp_path / "pairs.parquet"
+    write_synthetic_parquet(pairs, 2)
+    start = time.monotonic()
+    with pytest.raises(ClusterResourcesError, match=r"encoder actors: one actor needs \{CPU: 1, GPU: 1\}"):
+        preprocess_pairs(pairs, tmp_path / "cache", preset="tiny", model_kwargs=TINY, num_gpus=1)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "cache").exists() and hidden_leftovers(tmp_path) == []
