@@ -138,7 +138,7 @@ def test_accumulation_and_checkpointing_give_the_full_batch_loss_and_gradients()
         if grads[name] is None:  # e.g. the context branch of the last kept block's output
             assert p.grad is None, name
             continue
-        assert torch.allclose(p.grad, grads[name], rtol=1e-4, atol=1e-7), name
+        assert torch.allclose(p.grad, grads[name], rtol=1e-5, atol=1e-6), name
         checked += 1
     assert checked > 20 and grads["head.out.weight"].abs().sum() > 0
 

@@ -118,11 +118,13 @@ def test_train_and_eval_jobs_run_end_to_end(tmp_path):
     out = tmp_path / "job"
     env = {**os.environ}
     train = subprocess.run([sys.executable, "jobs/train_drm.py", "--synthetic-pairs", "64", f"run.output_dir={out}",
-                            "drm.train_steps=20", "drm.log_every=10"],
+                            "drm.train_steps=20", "drm.log_every=10", "drm.val_every=10", "drm.val_pairs=32",
+                            "drm.val_timesteps=[0,500]"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert train.returncode == 0, train.stderr[-4000:]
     assert "step 20/20" in train.stdout and "held-out accuracy at t=0" in train.stdout
-    assert (out / "drm" / "model.safetensors").is_file()
+    assert (out / "drm" / "model.safetensors").is_file() and (out / "drm_last" / "model.safetensors").is_file()
+    assert "step 20/20 val accuracy" in train.stdout  # validated on the synthetic held-out set
     evaluate = subprocess.run([sys.executable, "jobs/eval_drm.py", "--eval-pairs", "64", f"run.output_dir={out}",
                                "--timesteps", "0", "500", "950"],
                               cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)

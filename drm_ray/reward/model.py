@@ -157,7 +157,7 @@ class DiffusionRewardModel(nn.Module):
                                  f"{transformer_config.get(key)} in the policy transformer")
         if self.head_kind == "mlp" and latent_size != self.latent_size:
             raise ValueError(f"the DRM's mlp head was trained for {self.latent_size}x{self.latent_size} latents, "
-                             f"the policy samples {latent_size}x{latent_size} (use reward.head=mean for any size)")
+                             f"the policy samples {latent_size}x{latent_size} (train with drm.head=mean for any size)")
 
 
 def score_noised_pairs(drm, batch, s: torch.Tensor, eps: torch.Tensor):
