@@ -272,6 +272,9 @@ class _Rows:
     def select(self, idx: torch.Tensor) -> "_Rows":
         return _Rows(self.latent_win[idx], self.latent_lose[idx], self.label[idx], [self.ids[i] for i in idx.tolist()])
 
+    def slice(self, lo: int, hi: int) -> "_Rows":  # views: serving a batch copies nothing but its own rows
+        return _Rows(self.latent_win[lo:hi], self.latent_lose[lo:hi], self.label[lo:hi], self.ids[lo:hi])
+
     def cat(self, other: "_Rows") -> "_Rows":
         return _Rows(torch.cat([self.latent_win, other.latent_win]), torch.cat([self.latent_lose, other.latent_lose]),
                      torch.cat([self.label, other.label]), self.ids + other.ids)
@@ -292,8 +295,9 @@ def _decode(table: pa.Table, meta: dict) -> _Rows:
 
 def _serve(rows: _Rows, store: PromptStore) -> PairBatch:
     embeds, pooled = store.gather(rows.ids)  # [B, L, D], [B, P]
-    return PairBatch(rows.latent_win.float(), rows.latent_lose.float(), embeds, pooled, rows.label,
-                     [store.text[i] for i in rows.ids])
+    # float32 latents are copied too, so a consumer that modifies a batch in place cannot touch rows not yet served
+    return PairBatch(rows.latent_win.to(torch.float32, copy=True), rows.latent_lose.to(torch.float32, copy=True),
+                     embeds, pooled, rows.label.clone(), [store.text[i] for i in rows.ids])
 
 
 def iter_pairs(cache_dir: str | Path, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -338,9 +342,11 @@ def _iter_sync(cache_dir: Path, batch_size: int, rank: int, world_size: int, dro
             pending = part if pending is None else pending.cat(part)
             if rng is not None:  # shuffle within the buffer of rows not yet served
                 pending = pending.select(torch.from_numpy(rng.permutation(len(pending))))
-            while len(pending) >= batch_size:
-                yield _serve(pending.select(torch.arange(batch_size)), store)
-                pending = pending.select(torch.arange(batch_size, len(pending)))
+            served = 0
+            while len(pending) - served >= batch_size:
+                yield _serve(pending.slice(served, served + batch_size), store)
+                served += batch_size
+            pending = pending.slice(served, len(pending))
         epoch += 1
         if not loop:
             if pending is not None and len(pending):
