@@ -6,7 +6,7 @@
 `pairs` is a file, a directory (every *.parquet in it, sorted) or a glob. Every file is validated on the driver first
 (`PreferenceReader`: container, schema, and the prompt column), so a missing, empty, corrupt or mis-typed file, or a
 blank prompt, fails naming file, row and column before any Ray work. Then `concurrency` encoder actors
-(`CacheEncoder`, one model copy and `num_gpus` GPUs each; the cluster's capacity is checked with
+(`PairEncoder`, one model copy and `num_gpus` GPUs each; the cluster's capacity is checked with
 `drm_ray.placement.ensure_resources` before they are created, so an impossible GPU demand fails at once) run two
 passes, and write the cache files themselves:
 
@@ -95,7 +95,7 @@ def encoder_options(data, autoscale_wait_s: float = 0.0) -> dict:
                 shard_rows=data.shard_rows, latent_dtype=data.latent_dtype, autoscale_wait_s=autoscale_wait_s)
 
 
-class CacheEncoder:
+class PairEncoder:
     """One per Ray actor: prompts -> SD3 text embeddings, image pairs -> VAE latents, written into the cache at `out`.
 
     Builds the model once. An image that does not decode is not raised here (Ray would bury the message in its own
@@ -221,7 +221,7 @@ def preprocess_pairs(pairs: str | Path, cache_dir: str | Path, *, preset: str, m
     tmp = cache_dir.with_name(f".{cache_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / PROMPTS).mkdir(parents=True)
-    encoder = ray.remote(num_cpus=ENCODER_CPUS, num_gpus=num_gpus)(CacheEncoder)
+    encoder = ray.remote(num_cpus=ENCODER_CPUS, num_gpus=num_gpus)(PairEncoder)
     actors = [encoder.remote(str(tmp), preset, model_kwargs, latent_dtype, batch_size, shard_rows, on_bad_image)
               for _ in range(concurrency)]
     try:
