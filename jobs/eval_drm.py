@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> list:
         parser.error(f"--timesteps must lie in [0, 1000], got {bad}")
 
     from drm_ray.data.preprocess import cache_dir_for, encoder_options, ensure_synthetic_cache, preprocess_pairs
-    from drm_ray.reward.model import DiffusionRewardModel
     from drm_ray.models.sd3 import default_device, latent_size, model_kwargs
     from drm_ray.reward.evaluate import accuracy_plot, evaluate_drm, format_table
+    from drm_ray.reward.model import DiffusionRewardModel
     from drm_ray.tracking import Tracker
 
     out = Path(cfg.run.output_dir).resolve()

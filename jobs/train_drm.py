@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> Path:
     minutes = (time.perf_counter() - start) / 60
     tracker.log_metrics({"train/minutes": minutes}, cfg.drm.train_steps)
     if eval_cache is not None:
-        from drm_ray.reward.model import DiffusionRewardModel
         from drm_ray.reward.evaluate import evaluate_drm
+        from drm_ray.reward.model import DiffusionRewardModel
 
         row = evaluate_drm(DiffusionRewardModel.from_pretrained(drm_dir), eval_cache, timesteps=(0,))[0]
         tracker.log_metrics({"eval/accuracy_t0": row.accuracy}, cfg.drm.train_steps)

@@ -5,8 +5,8 @@ import torch
 
 from drm_ray.algorithms.losses import accuracy_by_noise_bucket, bradley_terry_loss
 from drm_ray.diffusion.flow import sample_noise_levels
-from drm_ray.reward.model import DiffusionRewardModel, build_drm
 from drm_ray.models.sd3 import build_tiny
+from drm_ray.reward.model import DiffusionRewardModel, build_drm
 
 
 def _inputs(n, seed=0):

@@ -49,8 +49,8 @@ def _val_mean(drm_dir, heldout, cfg):
 def test_training_lowers_the_loss_keeps_the_best_and_resumes(ray_session, tmp_path):
     """2 ranks x 2 accumulated micro-steps of 4 pairs with checkpointing; validation on a held-out set whose rule
     is the reverse of the training set's, so the best validation comes early and differs from the last DRM."""
-    from drm_ray.reward.train_loop import build_training_drm
     from drm_ray.models.sd3 import latent_size, model_kwargs
+    from drm_ray.reward.train_loop import build_training_drm
     from drm_ray.reward.trainer import train_drm
 
     cache = _learnable_cache(tmp_path / "cache")

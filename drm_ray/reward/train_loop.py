@@ -109,7 +109,10 @@ def _rows(b: PairBatch, part: slice) -> PairBatch:
 
 def load_validation_pairs(cache_dir, n: int) -> PairBatch:
     """The first `n` non-tie pairs of a held-out cache, in file order (the same pairs at every validation)."""
-    return next(iter_pairs(cache_dir, n, drop_ties=True))
+    pairs = next(iter_pairs(cache_dir, n, drop_ties=True), None)
+    if pairs is None:
+        raise ValueError(f"data.heldout_data = {cache_dir}: no non-tie pairs to validate on")
+    return pairs
 
 
 @torch.no_grad()
