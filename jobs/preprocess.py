@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> Path:
     seconds = time.perf_counter() - start
     print(f"wrote {stats.rows_written} pairs ({stats.ties} ties, {len(stats.skipped_rows)} skipped) of "
           f"{stats.rows_in} over {stats.prompts} distinct prompts to {args.out} in {seconds:.1f}s "
-          f"({stats.rows_written / seconds:.1f} pairs/s)")
+          f"({stats.rows_written / seconds:.1f} pairs/s; text encoders {stats.seconds['prompts']:.1f}s with the "
+          f"actors' start, images {stats.seconds['pairs']:.1f}s)")
     return Path(args.out)
 
 

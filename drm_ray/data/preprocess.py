@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class PreprocessStats:
     skipped_rows: list[int] = field(default_factory=list)   # undecodable images (on_bad_image="skip"): row numbers
     #                              over the inputs in order (file 0's rows first; with one file, the file's rows)
     synthetic: dict | None = None  # n, seed, resolution, tie_fraction when built by ensure_synthetic_cache
+    seconds: dict = field(default_factory=dict)  # prompts (pass 1, with the actors' start), pairs (pass 2)
 
 
 @dataclass
@@ -226,8 +228,11 @@ def preprocess_pairs(pairs: str | Path, cache_dir: str | Path, *, preset: str, m
               for _ in range(concurrency)]
     try:
         parts = [(f"{k:05d}", distinct[lo:lo + shard_rows]) for k, lo in enumerate(range(0, len(distinct), shard_rows))]
+        start = time.perf_counter()
         part_summaries = _run(actors, "encode_prompt_part", parts)
+        stats.seconds["prompts"] = round(time.perf_counter() - start, 2)
         shapes = _apply(stats, _run(actors, "encode_pairs", [(u,) for u in units]), units, readers)
+        stats.seconds["pairs"] = round(time.perf_counter() - start - stats.seconds["prompts"], 2)
         (tmp / SIDECAR).write_text(json.dumps(asdict(stats), indent=2))
         write_meta(tmp, shapes, part_summaries[0].embed_shape, part_summaries[0].pooled_shape,
                    model={"preset": preset, **model_kwargs})
