@@ -101,6 +101,7 @@ def test_learner_failure_between_state_saves_replays_to_the_same_lora(ray_sessio
     assert metrics["train/ratio_max_dev"] < 1e-4
     events = ray.get(driver.rl.learner.coordinator.get_events.remote())
     assert "generation 2 started at v0" in events, events
-    assert [e for e in events if e.startswith("submit")][-2:] == ["submit v0 (generation 2)", "submit v1 (generation 2)"]
+    submits = [e for e in events if e.startswith("submit")]
+    assert submits[-2:] == ["submit v0 (generation 2)", "submit v1 (generation 2)"]  # the replay, in order
     driver.finish()
     assert driver.final_lora_checksum == straight.final_lora_checksum
