@@ -101,7 +101,12 @@ def train_drm(cfg, cache_dir: str | Path, tracker: Tracker | None = None, max_fa
         print(f"[train_drm] {_progress(metrics, step, r.train_steps)} ({time.perf_counter() - start:.0f}s)",
               flush=True)
     thread.join()
-    result = result_box["result"]
+    ray.kill(metrics_queue.actor)
+    return _export(result_box["result"], out)
+
+
+def _export(result, out: Path) -> Path:
+    """Copy the DRM directories out of the final checkpoint: drm_last/ and drm/ (best, or the final one)."""
     if isinstance(result, BaseException):
         raise result
     if result.error:
@@ -115,7 +120,6 @@ def train_drm(cfg, cache_dir: str | Path, tracker: Tracker | None = None, max_fa
             _replace_dir(best, out / "drm")
         else:  # no validation: the final DRM, hard-linked (no second copy of the weights)
             _replace_dir(out / "drm_last", out / "drm", link=True)
-    ray.kill(metrics_queue.actor)
     return out / "drm"
 
 
@@ -139,6 +143,13 @@ def _replace_dir(src: Path, dest: Path, link: bool = False) -> None:
     """Copy (or hard-link) directory `src` to `dest`, replacing it atomically."""
     tmp = dest.parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=os.link if link else shutil.copy2)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy if link else shutil.copy2)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # the files are never modified in place: both directories are always rewritten whole
+    except OSError:
+        shutil.copy2(src, dst)
