@@ -195,8 +195,8 @@ class LearnerGroup:
             raise RuntimeError(f"the restarted learner restored v{restored}, but the driver no longer holds the "
                                f"updates {missing} to replay up to v{target} (learner state was expected at "
                                f"v{self.saved})")
-        print(f"[learner] worker group restarted (generation {generation}) at v{restored}; re-sending the updates "
-              f"to v{target}", flush=True)
+        print(f"[learner] worker group restarted (generation {generation}) at v{restored}; re-sending "
+              f"{target - restored} update(s) to reach v{target}", flush=True)
         for v in range(restored, target):
             self._send(v)
 
