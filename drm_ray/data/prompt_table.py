@@ -68,10 +68,12 @@ def encode_prompt_table(prompts: list[str], negative_prompt: str, preset: str, m
 
     comps = build_components(preset, text=True, vae=False, **model_kwargs)
     max_len = model_kwargs["max_sequence_length"]
-    embeds, pooled = [], []
+    neg, neg_pooled = encode_prompts(comps, [negative_prompt], max_len)
+    # filled in place: one table in memory while encoding (68 GB for 25k prompts at sd35m), never a second for a concat
+    embeds = np.empty((len(prompts), *neg.shape[1:]), dtype=STORE_DTYPE)  # [P, L, D]
+    pooled = np.empty((len(prompts), *neg_pooled.shape[1:]), dtype=STORE_DTYPE)  # [P, Dp]
     for lo in range(0, len(prompts), batch_size):
         e, p = encode_prompts(comps, prompts[lo:lo + batch_size], max_len)
-        embeds.append(_half(e))
-        pooled.append(_half(p))
-    neg, neg_pooled = encode_prompts(comps, [negative_prompt], max_len)
-    return PromptTable(list(prompts), np.concatenate(embeds), np.concatenate(pooled), neg[0], neg_pooled[0])
+        embeds[lo:lo + len(e)] = _half(e)
+        pooled[lo:lo + len(p)] = _half(p)
+    return PromptTable(list(prompts), embeds, pooled, neg[0], neg_pooled[0])
