@@ -96,12 +96,14 @@ def test_training_lowers_the_loss_keeps_the_best_and_resumes(ray_session, tmp_pa
     resumed = Tracker(None, "t", out)
     train_drm(load_config("tiny", overrides + ["drm.train_steps=80"]), cache, resumed)
     assert sorted(_history(client, resumed.run_id, "train/loss")) == [70, 80]
-    val_resumed = _history(client, resumed.run_id, "val/accuracy_mean")
-    assert sorted(val_resumed) == [70, 80]
-    if max(val_resumed.values()) <= val[best_step]:
+    val_all = {**val, **_history(client, resumed.run_id, "val/accuracy_mean")}
+    assert sorted(val_all) == [10, 20, 30, 40, 50, 60, 70, 80]
+    best_all = min(s for s in val_all if val_all[s] == max(val_all.values()))
+    assert _history(client, resumed.run_id, "val/best_step")[80] == best_all
+    assert _val_mean(drm_dir, heldout, cfg)["val/accuracy_mean"] == pytest.approx(val_all[best_all], abs=1e-9)
+    if best_all == best_step:  # the best of the first run survived the restart (restored from the checkpoint)
         after = DiffusionRewardModel.from_pretrained(drm_dir).state_dict()
         assert all(torch.equal(after[k], best_weights[k]) for k in after)
-        assert _history(client, resumed.run_id, "val/best_step")[80] == best_step
 
 
 def test_asking_for_gpus_without_them_fails_at_once(ray_session, tmp_path):
