@@ -10,7 +10,9 @@ dim 4096, pooled 2048, caption projection 1536, pos_embed_max_size 384, dual att
 Weights are random, so only time and memory mean anything. Roles, each from an empty GPU (peak memory reset):
 
 1. policy: CFG forward (one prompt: 2 latents) of the DiT with a LoRA r = 32 adapter;
-2. DRM: the DiT minus its last 3 blocks plus the mlp head, forward at batch k;
+2. DRM: the DiT minus its last 3 blocks plus the mlp head, forward at batch k; and one training step of it as a
+   DRM trainer worker takes it (`--drm-micro` pairs, activation checkpointing, ZeRO-2 over all its parameters, world
+   size 1: the whole optimizer state on one GPU);
 3. learner: one Step-GRPO update, LoRA r = 32 under DeepSpeed ZeRO-2 (bf16, single process, NCCL with world
    size 1), on the states of a real branching rollout (1 prompt, k children, `--steps` steps), 1 state per
    micro-batch, beta > 0 (reference forward with the adapter disabled);
@@ -143,6 +145,20 @@ class Check:
         self.write()
         return False
 
+    def process_group(self):
+        """torch.distributed with world size 1 in this process, as DeepSpeed expects (torchrun's variables)."""
+        import torch.distributed as dist
+
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+            os.environ[key] = value
+        if not dist.is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
     # ------------------------------------------------------------------------------------------ roles
 
     def policy(self):
@@ -172,6 +188,41 @@ class Check:
             sec = self.timed(lambda: drm(x, lvl, e, p))
         self.add("DRM", f"forward, batch k = {k}", sec, f"{len(drm.blocks)} blocks")
 
+    def drm_train(self):
+        """One DRM optimizer step as a DRM trainer worker takes it: --drm-micro pairs (2x sequences) per micro-step,
+        activation checkpointing, DeepSpeed ZeRO-2 over every DRM parameter with world size 1 (so the whole fp32
+        optimizer state sits on this GPU; with drm.num_workers = W a worker holds 1/W of it). The process group stays
+        up for the learner role (DeepSpeed keeps a handle on it)."""
+        from drm_ray.algorithms.losses import bradley_terry_loss
+        from drm_ray.data.cache import PairBatch
+        from drm_ray.reward.model import build_drm, score_noised_pairs
+        from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
+
+        self.reset()
+        self.process_group()
+        b = self.args.drm_micro
+        drm = build_drm(self.transformer(), n_drop=3, head="mlp", latent_size=self.latent).train()
+        drm.requires_grad_(True)
+        drm.gradient_checkpointing = True
+        e, p, _, _ = self.conditioning(b)
+        batch = PairBatch(self.latents(b), self.latents(b, seed=3), e, p, self.torch.ones(b), ["random"] * b)
+        g = self.torch.Generator().manual_seed(6)
+        s, eps = self.torch.full((b,), 0.6), self.torch.randn(2, *batch.latent_win.shape, generator=g)
+        bf16 = self.dtype != self.torch.float32
+        engine, _ = init_engine(drm, drm.parameters(), 1e-5, 0.0, deepspeed_config(b, 1, 1, 2, bf16, 1.0))
+
+        def step():
+            r_w, r_l = score_noised_pairs(engine, batch, s, eps)
+            loss, _ = bradley_terry_loss(r_w, r_l)
+            engine.backward(loss)
+            engine.step()
+
+        self.reset()  # the worker's own peak: weights, gradients, optimizer state, activations
+        sec = self.timed(step, repeats=1)
+        params = sum(q.numel() for q in drm.parameters()) / 1e9
+        self.add("DRM trainer", f"step: {b} pairs ({2 * b} sequences), checkpointing, ZeRO-2 x 1", sec,
+                 f"{params:.2f}B params, all trained; {len(drm.blocks)} blocks")
+
     def learner(self):
         import torch.distributed as dist
 
@@ -184,15 +235,7 @@ class Check:
         from drm_ray.workers.learner import train_update
 
         self.reset()
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-            os.environ[key] = value
-        if not dist.is_initialized():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        self.process_group()
         t = self.transformer()
         params = add_lora(t, self.args.rank, 2.0 * self.args.rank, SD3_LORA_TARGETS)
         e, p, ne, npool = self.conditioning(1)
@@ -254,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps of the rollout / step-wise sampling")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=450.0)
-    parser.add_argument("--roles", default="policy,drm,learner,stepwise")
+    parser.add_argument("--drm-micro", type=int, default=4, help="pairs per DRM training micro-step (drm.micro_batch)")
+    parser.add_argument("--roles", default="policy,drm,drm_train,learner,stepwise")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "gpu_check.txt"))
     args = parser.parse_args(argv)
     if args.dry_run:
