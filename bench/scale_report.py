@@ -65,7 +65,7 @@ GB = 1e9
 
 
 def projections(r: dict, cfg) -> tuple[list[list], list[list], dict]:
-    """(GPU memory rows per role, host/disk/network rows, headline numbers) at the paper's sizes."""
+    """(GPU memory rows per role, host/disk/network rows, a summary) at the paper's sizes."""
     p = r["params"]
     act = r["activations"]
     half = 0.5  # measured in float32 on the CPU; bf16 activations take half
@@ -90,23 +90,28 @@ def projections(r: dict, cfg) -> tuple[list[list], list[list], dict]:
     drm_plain = drm_seq * (plain_rest + kept * plain_block) * half
     drm_ckpt = drm_seq * (ckpt_rest + kept * ckpt_block + plain_block) * half  # + one block recomputed at a time
     learner_act = learn_seq * (lora_rest + (blocks - 1) * lora_block + lora_last) * half
-    gpu = [
-        ["encoder actor (preprocess)", f"{2 * (p['t5_xxl'] + p['clip_l'] + p['clip_g']) / GB + 4 * p['vae'] / GB:.1f}",
-         "-", "weights exact (T5-XXL, CLIP-L/G bf16, VAE fp32); activations of a 32-pair batch not measured (small)"],
-        ["DRM trainer worker, no ckpt", f"{zero2(p['drm'], drm_w) / GB:.1f}", f"{drm_plain / GB:.1f}",
-         f"ZeRO-2 over {drm_w} workers; {drm_seq} sequences per micro-step x {kept} blocks, measured per block"],
-        ["DRM trainer worker, ckpt", f"{zero2(p['drm'], drm_w) / GB:.1f}", f"{drm_ckpt / GB:.1f}",
-         "checkpointing keeps each block's inputs; one block recomputed at a time"],
-        ["learner worker (LoRA r=32)", f"{(2 * p['dit'] + 16 * lora) / GB:.1f}", f"{learner_act / GB:.1f}",
+    drm_state = zero2(p["drm"], drm_w)
+    gpu = [  # role, weights + optimizer bytes, activation bytes (an upper bound for inference), how
+        ["encoder actor (preprocess)", 2 * (p["t5_xxl"] + p["clip_l"] + p["clip_g"]) + 4 * p["vae"], 0.0,
+         "weights exact (T5-XXL, CLIP-L/G in bf16, VAE fp32); activations of a 32-pair batch not measured (small)"],
+        ["DRM trainer worker, no ckpt", drm_state, drm_plain,
+         f"ZeRO-2 over {drm_w} workers; {drm_seq} sequences per micro-step x {kept} blocks (measured per block)"],
+        ["DRM trainer worker, ckpt", drm_state, drm_ckpt,
+         "checkpointing: each block keeps its inputs; one block recomputed at a time"],
+        ["learner worker (LoRA r=32)", 2 * p["dit"] + 16 * lora, learner_act,
          f"{cfg.learner.micro_batch_states} states x CFG = {learn_seq} sequences through {blocks} blocks, "
          "no checkpointing"],
-        ["rollout worker", f"{(2 * p['dit'] + 2 * lora) / GB:.1f}", f"<= {roll_seq * plain_block * half / GB:.1f}",
-         f"inference: at most one block's activations for {roll_seq} sequences"],
-        ["DRM scorer", f"{2 * p['drm'] / GB:.1f}", f"<= {64 * plain_block * half / GB:.1f}",
-         "inference at batch 64: at most one block's activations"],
+        ["rollout worker", 2 * p["dit"] + 2 * lora, roll_seq * plain_block * half,
+         f"inference, {roll_seq} sequences: at most one block's activations (bound)"],
+        ["DRM scorer", 2 * p["drm"], 64 * plain_block * half, "inference at batch 64: at most one block's activations"],
     ]
     meta = r["preprocess"]["meta"]
-    per_pair = meta["pair_bytes"] / meta["num_rows"]
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[meta["latent_dtype"]]
+    latent_values = 1
+    for n in meta["latent_shape"]:
+        latent_values *= n
+    per_pair = 2 * latent_values * itemsize + 40  # payload: two latents + id, label, source
+    measured_pair = meta["pair_bytes"] / meta["num_rows"]
     per_prompt = meta["prompt_bytes"] / meta["num_prompts"]
     pairs = PAPER["pairs"]
     cache_real = pairs * per_pair + pairs / PAIRS_PER_PROMPT * per_prompt
@@ -114,36 +119,50 @@ def projections(r: dict, cfg) -> tuple[list[list], list[list], dict]:
     table_node = PAPER["rl_prompts"] * per_prompt
     m = r["rl"]["metrics"]
     s, k = cfg.sampling.num_steps - 1, cfg.sampling.k
-    rehearsal_latents = r["rl"]["latents_per_group"]
-    per_latent = m["rollout/payload_bytes"] / rehearsal_latents
-    payload = cfg.grpo.prompts_per_iter * (s + s * k + 1) * per_latent
+    per_latent = m["rollout/payload_bytes"] / r["rl"]["latents_per_group"]
+    paper_latents = s + s * k + 1
+    payload = cfg.grpo.prompts_per_iter * paper_latents * per_latent
+    # the driver receives per group its records (log-probs [S, k]) and scores (S x k children + 1 final): per value
+    driver = m["driver/bytes_in"] * cfg.grpo.prompts_per_iter * paper_latents / r["rl"]["latents_per_group"]
     host = [
         ["embedding cache, 1.4M pairs", f"{cache_real / 1e12:.2f} TB",
-         f"{per_pair / 1e3:.0f} kB per pair (measured) + {per_prompt / 1e6:.2f} MB per distinct prompt (measured) "
-         f"x 1.4M / {PAIRS_PER_PROMPT:.0f} pairs per prompt (assumed: Pick-a-Pic's repetition)"],
+         f"{per_pair / 1e3:.0f} kB per pair (2 latents [16, 64, 64] {meta['latent_dtype']}; the rehearsal's shards "
+         f"held {measured_pair / 1e3:.0f} kB: Parquet compresses its smooth synthetic latents) + "
+         f"{per_prompt / 1e6:.2f} MB per distinct prompt (measured) x 1.4M / {PAIRS_PER_PROMPT:.0f} pairs per prompt "
+         "(assumed: Pick-a-Pic's repetition)"],
         ["  same, one prompt per pair", f"{cache_worst / 1e12:.2f} TB", "upper bound: no prompt repeats"],
-        ["  per million pairs", f"{cache_real / pairs * 1e6 / 1e12:.2f} TB", "at 17 pairs per prompt"],
+        ["  per million pairs", f"{cache_real / pairs * 1e6 / 1e12:.2f} TB",
+         f"at {PAIRS_PER_PROMPT:.0f} pairs per prompt; the format before this change (fp32 latents, fp16 embeddings "
+         f"per pair): {(2 * latent_values * 4 + per_prompt) * 1e6 / 1e12:.1f} TB"],
         ["RL prompt table, per node", f"{table_node / GB:.0f} GB",
-         f"{PAPER['rl_prompts']:,} prompts x {per_prompt / 1e6:.2f} MB (float16, once per node in the object store)"],
+         f"{PAPER['rl_prompts']:,} prompts x {per_prompt / 1e6:.2f} MB (float16, once per node in the object store; "
+         f"float32 in every process before: {2 * table_node / GB:.0f} GB each)"],
         ["rollout payload per iteration", f"{payload / GB:.2f} GB",
          f"{cfg.grpo.prompts_per_iter} groups x ({s} states + {s}x{k} children + 1 final) x {per_latent / 1e3:.0f} kB "
-         "(measured per latent); moves rollout node -> scorer and -> learner, never through the driver"],
-        ["driver bytes in per iteration", f"{m['driver/bytes_in'] / 1e3:.1f} kB",
-         "measured; does not grow with the latent size (tests/test_data_plane.py)"],
+         "(measured per latent); rollout node -> scorer and -> learner ranks, never through the driver"],
+        ["driver bytes in per iteration", f"{driver / 1e3:.1f} kB",
+         f"measured {m['driver/bytes_in']:.0f} B for 1 group of {r['rl']['latents_per_group']} latents, scaled per "
+         "scored latent; independent of the latent size (tests/test_data_plane.py)"],
     ]
-    head = {"cache_tb_per_million": cache_real / pairs * 1e6 / 1e12, "per_pair": per_pair, "per_prompt": per_prompt}
-    return gpu, host, head
+    used = [(role, w + a) for role, w, a, _ in gpu if "no ckpt" not in role]  # the sd35m settings: checkpointing on
+    summary = {"cache_tb_per_million": cache_real / pairs * 1e6 / 1e12,
+               "largest_role": max(used, key=lambda x: x[1]), "over_80gb": [role for role, b in used if b >= 80 * GB]}
+    return gpu, host, summary
 
 
-def report(r: dict, out_md: Path) -> str:
+def report(r: dict) -> tuple[str, dict]:
+    """The projection tables as text, and the summary."""
     from drm_ray.config import load_config
 
     cfg = load_config("sd35m")
-    gpu, host, head = projections(r, cfg)
-    lines = [format_table(["role (sd35m layout)", "weights + optimizer GB", "activations GB", "how"], gpu,
+    gpu, host, summary = projections(r, cfg)
+    rows = [[role, f"{w / GB:.1f}", f"{a / GB:.1f}", f"{(w + a) / GB:.1f}", "yes" if w + a < 80 * GB else "NO", how]
+            for role, w, a, how in gpu]
+    lines = [format_table(["role (sd35m layout)", "weights + optimizer GB", "activations GB", "total GB",
+                           "fits 80 GB", "how"], rows,
                           "GPU memory per role at SD3.5-Medium, bf16 (projected from the measurements below)"),
              "", format_table(["what", "size", "how"], host, "Disk, host memory and network")]
-    return "\n".join(lines)
+    return "\n".join(lines), summary
 
 
 def measured_tables(r: dict) -> str:
@@ -171,7 +190,14 @@ def measured_tables(r: dict) -> str:
 
 
 def write_doc(r: dict, path: Path) -> None:
-    projected = report(r, path)
+    projected, summary = report(r)
+    role, largest = summary["largest_role"]
+    if summary["over_80gb"]:
+        verdict = (f"NOT every role fits an 80 GB GPU at the sd35m settings: {', '.join(summary['over_80gb'])} "
+                   "exceed it; lower the knobs below.")
+    else:
+        verdict = (f"Every role of the sd35m layout fits an 80 GB GPU at its settings (checkpointing on); the largest "
+                   f"is the {role} at {largest / GB:.0f} GB.")
     measured = measured_tables(r)
     p = r["params"]
     text = f"""# Scale: what the paper's setup needs
@@ -196,8 +222,7 @@ save no more than the CPU's (PyTorch's CPU SDPA is a flash kernel too).
 {projected}
 ```
 
-Every role fits an 80 GB GPU at the sd35m settings (`drm.micro_batch=4` with checkpointing; `learner.micro_batch_states
-=4`). Knobs: `drm.micro_batch` and `drm.gradient_checkpointing` (DRM activations scale with micro-batch x 21 blocks;
+{verdict} Knobs: `drm.micro_batch` and `drm.gradient_checkpointing` (DRM activations scale with micro-batch x 21 blocks;
 without checkpointing the same micro-batch needs the row above), `drm.num_workers` (ZeRO-2 divides the fp32 optimizer
 state), `learner.micro_batch_states` (learner activations scale with it), `data.latent_dtype` (bf16 halves the
 latent bytes of the cache), the number of distinct prompts (the cache's prompt table and the RL prompt table grow

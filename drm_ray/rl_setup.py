@@ -19,6 +19,7 @@ from drm_ray.diffusion.sampling import decode_latents
 from drm_ray.models.lora import save_lora_diffusers
 from drm_ray.models.sd3 import latent_size, load_vae, model_kwargs
 from drm_ray.placement import ensure_resources, learner_worker_resources, role_demands, rollout_actor_options
+from drm_ray.runtime import CPU_PRESETS
 from drm_ray.workers.learner_group import LearnerGroup
 from drm_ray.workers.rollout import RolloutWorker
 from drm_ray.workers.scorer import DRMScorer
@@ -74,12 +75,14 @@ class RLSetup:
         self.vae = load_vae(m.preset, m.path, s.resolution, m.seed)  # decodes the image panel on the driver
 
     def _encode_prompts(self, prompts) -> ray.ObjectRef:
-        """The PromptTable's reference. On GPUs the encoding task's result is never fetched by the driver."""
+        """The PromptTable's reference. Pre-trained presets encode in a Ray task (on a GPU where the rollout actors
+        use GPUs) whose result the driver never fetches, so the text encoders never load on the driver."""
         cfg = self.cfg
         args = (prompts, cfg.sampling.negative_prompt, cfg.model.preset, self.kwargs)
-        if cfg.rollout.num_gpus == 0:
-            return ray.put(encode_prompt_table(*args))  # tiny: the driver already has everything imported
-        return ray.remote(encode_prompt_table).options(num_gpus=1, num_cpus=1).remote(*args)
+        if cfg.model.preset in CPU_PRESETS:
+            return ray.put(encode_prompt_table(*args))  # tiny / toy: the driver already has everything imported
+        task = ray.remote(encode_prompt_table).options(num_gpus=1 if cfg.rollout.num_gpus else 0, num_cpus=1)
+        return task.remote(*args)
 
     def eval_panel(self) -> tuple[float, torch.Tensor]:
         """(mean DRM score at s = 0 of ODE samples of the panel, the images [N, 3, H, W] in [0, 1])."""
