@@ -204,8 +204,9 @@ class Config:
     def drm_accumulation(self) -> tuple[int, int]:
         """(pairs per rank per micro-step, micro-steps per optimizer step) of DRM training."""
         d = self.drm
-        micro = d.micro_batch if d.micro_batch is not None else max(1, d.batch_size // d.num_workers)
-        return micro, max(1, d.batch_size // (micro * d.num_workers))
+        workers = max(1, d.num_workers)  # validate() reports num_workers < 1; this must not divide by zero first
+        micro = d.micro_batch if d.micro_batch is not None else max(1, d.batch_size // workers)
+        return micro, max(1, d.batch_size // (max(1, micro) * workers))
 
     def branch_steps(self) -> tuple[int, ...]:
         """Steps at which Step-GRPO branches; the last step is never trained."""

@@ -66,7 +66,7 @@ def rule_errors(c, rl: bool) -> list[str]:
     need(d.lr > 0, "drm.lr", "must be > 0", d.lr)
     need(d.batch_size > 0, "drm.batch_size", "must be > 0", d.batch_size)
     need(d.num_workers > 0, "drm.num_workers", "must be > 0", d.num_workers)
-    micro = d.micro_batch if d.micro_batch is not None else max(1, d.batch_size // max(d.num_workers, 1))
+    micro, _ = c.drm_accumulation()
     need(micro > 0 and d.batch_size % (micro * max(d.num_workers, 1)) == 0, "drm.micro_batch",
          f"drm.batch_size ({d.batch_size}) must be a multiple of drm.micro_batch x drm.num_workers "
          f"({micro} x {d.num_workers}): the accumulation count must be a whole number", d.micro_batch)

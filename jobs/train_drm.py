@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--synthetic-pairs", type=int, default=2048, help="size of the synthetic training set")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if cfg.drm.val_every and (args.pairs or args.cache) and not (cfg.data.heldout_data or args.eval_cache):
+        # before hours of preprocessing, not after (the synthetic set of the tiny preset brings its own held-out set)
+        parser.error(f"drm.val_every = {cfg.drm.val_every} validates on held-out pairs: set data.heldout_data (a "
+                     "preference Parquet, a directory of them or a cache) or --eval-cache, or drm.val_every=0")
     job_env(cfg.model.preset, cfg.model.path)
 
     from drm_ray.data.preprocess import cache_dir_for, encoder_options, ensure_synthetic_cache, preprocess_pairs
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> Path:
                                                 **encoder_options(cfg.data, cfg.rollout.autoscale_wait_s))
 
     heldout = cfg.data.heldout_data or eval_cache
-    if cfg.drm.val_every and heldout is not None and Path(heldout).is_file():  # a preference Parquet: encode it
+    if cfg.drm.val_every and heldout is not None and not (Path(heldout) / "meta.json").is_file():  # pairs: encode
         heldout_cache = cache_dir_for(heldout, out / "cache", cfg.model.preset, kwargs, cfg.data.latent_dtype)
         if not (heldout_cache / "meta.json").is_file():
             preprocess_pairs(heldout, heldout_cache, preset=cfg.model.preset, model_kwargs=kwargs,
@@ -94,7 +98,10 @@ def main(argv: list[str] | None = None) -> Path:
         from drm_ray.reward.evaluate import evaluate_drm
         from drm_ray.reward.model import DiffusionRewardModel
 
-        row = evaluate_drm(DiffusionRewardModel.from_pretrained(drm_dir), eval_cache, timesteps=(0,))[0]
+        from drm_ray.models.sd3 import default_device
+
+        drm = DiffusionRewardModel.from_pretrained(drm_dir, device=default_device())
+        row = evaluate_drm(drm, eval_cache, timesteps=(0,))[0]
         tracker.log_metrics({"eval/accuracy_t0": row.accuracy}, cfg.drm.train_steps)
         print(f"[train_drm] held-out accuracy at t=0: {row.accuracy:.3f} on {row.pairs} pairs", flush=True)
     tracker.log_artifacts(drm_dir, "drm")

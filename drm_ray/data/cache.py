@@ -201,7 +201,7 @@ def _build_index(cache_dir: Path) -> pa.Table:
 def _fp16(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().float().numpy()
-    return np.ascontiguousarray(np.asarray(x).astype(EMBED_DTYPE))
+    return np.ascontiguousarray(np.asarray(x).astype(EMBED_DTYPE, copy=False))
 
 
 def _atomic(final: Path, write) -> None:

@@ -44,10 +44,6 @@ class PromptTable:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.embeds, self.pooled, self.neg_embeds, self.neg_pooled))
-
     def rows(self, index: torch.Tensor | list[int], device=None,
              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
         """(embeds [B, L, D], pooled [B, Dp], neg_embeds [B, L, D], neg_pooled [B, Dp]) for prompt indices: the

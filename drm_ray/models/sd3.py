@@ -131,7 +131,7 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, text: bool =
     parts = empty_parts()
     transformer = load(SD3Transformer2DModel, "transformer", torch_dtype=dtype)
     if vae:
-        # The VAE stays float32: SD3's VAE overflows in fp16 and latents are cached in fp32 anyway.
+        # The VAE stays float32: SD3's VAE overflows in fp16 (the cache stores latents in data.latent_dtype).
         parts["vae"] = load(AutoencoderKL, "vae", torch_dtype=torch.float32)
     if text:
         parts["text_encoder"] = load(CLIPTextModelWithProjection, "text_encoder", torch_dtype=dtype)

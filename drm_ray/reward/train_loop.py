@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -52,7 +53,9 @@ DS_TAG = "deepspeed"
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
+    """A generator per (seed, rank, step), hashed so that no two of them share a seed (a linear mix such as
+    seed * a + rank * b + step repeats once steps exceed b)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
 def build_training_drm(preset: str, model_kwargs: dict, device, *, n_drop: int, head: str, head_dim: int, init: str,
@@ -175,28 +178,32 @@ def drm_train_loop(config: dict) -> None:
         val_pairs = load_validation_pairs(config["heldout_dir"], config["val_pairs"])
     pairs = iter_pairs(config["cache_dir"], micro * accum, rank=rank, world_size=world, drop_ties=True,
                        seed=config["seed"] + start, loop=True)
-    window = _Window()
-    for step in range(start, config["train_steps"]):
-        batch = next(pairs)
-        s, eps = draw_pair_noise(len(batch), batch.latent_win.shape[1:], step_generator(config["seed"], rank, step),
-                                 config["zero_noise_prob"], config["shift"])
-        loss_sum, r_w, r_l = train_step(engine, batch, s, eps, micro, accum, world, pairs_per_step, device)
-        window.add(loss_sum, r_w, r_l, s)
-        done, last = step + 1, step + 1 == config["train_steps"]
-        queue = config.get("metrics_queue") if rank == 0 else None
-        if done % config["log_every"] == 0 or last:
-            metrics = window.reduce(device)
-            metrics.update({"train/lr": config["lr"], "step": done})
-            if queue is not None:
-                queue.put(metrics)
-            window = _Window()
-        if val_pairs is not None and (done % config["val_every"] == 0 or last):
-            metrics = validate(model, val_pairs, config["val_timesteps"], config["seed"], rank, world, micro)
-            best.update(model, metrics["val/accuracy_mean"], done)
-            if queue is not None:
-                queue.put({**metrics, "val/best_step": best.step, "step": done})
-        if done % config["checkpoint_every"] == 0 or last:
-            _report_checkpoint(engine, model, rank, done, best)
+    try:
+        window = _Window()
+        for step in range(start, config["train_steps"]):
+            batch = next(pairs)
+            generator = step_generator(config["seed"], rank, step)
+            s, eps = draw_pair_noise(len(batch), batch.latent_win.shape[1:], generator, config["zero_noise_prob"],
+                                     config["shift"])
+            loss_sum, r_w, r_l = train_step(engine, batch, s, eps, micro, accum, world, pairs_per_step, device)
+            window.add(loss_sum, r_w, r_l, s)
+            done, last = step + 1, step + 1 == config["train_steps"]
+            queue = config.get("metrics_queue") if rank == 0 else None
+            if done % config["log_every"] == 0 or last:
+                metrics = window.reduce(device)
+                metrics.update({"train/lr": config["lr"], "step": done})
+                if queue is not None:
+                    queue.put(metrics)
+                window = _Window()
+            if val_pairs is not None and (done % config["val_every"] == 0 or last):
+                metrics = validate(model, val_pairs, config["val_timesteps"], config["seed"], rank, world, micro)
+                best.update(model, metrics["val/accuracy_mean"], done)
+                if queue is not None:
+                    queue.put({**metrics, "val/best_step": best.step, "step": done})
+            if done % config["checkpoint_every"] == 0 or last:
+                _report_checkpoint(engine, model, rank, done, best)
+    finally:
+        best.close()  # rank 0's local copy of the best DRM (GBs at SD3.5 scale)
 
 
 class _Best:
@@ -220,6 +227,10 @@ class _Best:
 
     def state(self) -> dict:
         return {"best_step": self.step, "best_score": self.score if self.step else None}
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir.parent, ignore_errors=True)
 
 
 class _Window:

@@ -174,13 +174,13 @@ class LearnerGroup:
             self._check_alive()
             got = self._get(self.coordinator.wait_version.remote(version, 2.0))
             generation, restored = self._get(self.coordinator.get_generation.remote())
-            if generation != self.generation:
-                if self.generation > 0:  # (0: the first group is starting)
-                    self.restarts += generation - self.generation
-                    deadline = time.monotonic() + self.timeout_s
-                    self._replay(restored, version, generation)
-                self.generation = generation
-            if got is not None:
+            restarted = generation != self.generation and self.generation > 0  # (0: the first group is starting)
+            if restarted:
+                self.restarts += generation - self.generation
+                deadline = time.monotonic() + self.timeout_s
+                self._replay(restored, version, generation)
+            self.generation = generation
+            if got is not None and not restarted:  # after a restart, wait for the new group's publication
                 self._forget_saved(version)
                 refs, stats = got
                 return refs[0], stats

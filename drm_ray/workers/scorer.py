@@ -36,23 +36,28 @@ class DRMScorer:
 
     @torch.no_grad()
     def score(self, latents: torch.Tensor, noise_levels: torch.Tensor, prompt_embeds: torch.Tensor,
-              pooled: torch.Tensor) -> torch.Tensor:
-        """latents [N, C, h, w], noise_levels [N], prompt_embeds [N, L, D], pooled [N, P] -> rewards [N] (CPU fp32)."""
+              pooled: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """latents [N, C, h, w], noise_levels [N], prompt_embeds [N, L, D], pooled [N, P] -> rewards [N] (CPU fp32).
+        With `rows` [N], latent i is scored with prompt row rows[i] of prompt_embeds / pooled ([U, ...])."""
         out = []
         for lo in range(0, latents.shape[0], self.max_batch):
             hi = lo + self.max_batch
+            sel = slice(lo, hi) if rows is None else rows[lo:hi]
             r = self.drm(latents[lo:hi].to(self.device), noise_levels[lo:hi].to(self.device),
-                         prompt_embeds[lo:hi].to(self.device), pooled[lo:hi].to(self.device))
+                         prompt_embeds[sel].to(self.device), pooled[sel].to(self.device))
             out.append(r.float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def score_indexed(self, latents: torch.Tensor, noise_levels: torch.Tensor,
                       prompt_indices: torch.Tensor) -> torch.Tensor:
-        """As `score`, with prompts named by index into the PromptTable given at construction."""
+        """As `score`, with prompts named by index into the PromptTable given at construction. Each distinct
+        prompt's embeddings are gathered once and moved to the device in the DRM's dtype (a chunk of 4 groups holds
+        220 children but 4 prompts)."""
         if self.prompts is None:
             raise ValueError("this scorer was built without a prompt table")
-        embeds, pooled, _, _ = self.prompts.rows(prompt_indices)
-        return self.score(latents, noise_levels, embeds, pooled)
+        distinct, rows = torch.unique(torch.as_tensor(prompt_indices, dtype=torch.long), return_inverse=True)
+        embeds, pooled, _, _ = self.prompts.rows(distinct, self.device, self.drm.dtype)  # [U, L, D], [U, P]
+        return self.score(latents, noise_levels, embeds, pooled, rows.to(self.device))
 
     def score_rollouts(self, rollouts: list, latent_refs: list, algo: str, sigmas: torch.Tensor) -> torch.Tensor:
         """Scores of everything `scoring_requests` asks for: `rollouts` are the records without latents,
