@@ -190,13 +190,19 @@ def save_learner_state(engine, state_dir: str, rank: int, version: int, keep: in
     A restarted worker group (Ray Train's FailureConfig) loads the newest one and reports its version; the driver
     re-sends the updates since then (it keeps them until a newer state is surely saved). This is our
     own directory rather than `ray.train.report` checkpoints: Ray Train V2 registers a reported checkpoint only at
-    its next health-check poll (2 s), so a failure right after an update would restore an older one. DeepSpeed
-    writes `latest` after the tag directory is complete. Frozen base weights are left out (LoRA + optimizer only).
+    its next health-check poll (2 s), so a failure right after an update would restore an older one. `latest` (the
+    tag DeepSpeed's load_checkpoint reads) is written here, atomically, once save_checkpoint has returned on every
+    rank: DeepSpeed 0.19.8's own `latest` is written by rank 0 before the final barrier, while other ranks may still be
+    writing their shards. Frozen base weights are left out (LoRA + optimizer only).
     """
-    engine.save_checkpoint(state_dir, tag=f"v{version:06d}", client_state={"version": version},
+    tag = f"v{version:06d}"
+    engine.save_checkpoint(state_dir, tag=tag, client_state={"version": version}, save_latest=False,
                            exclude_frozen_parameters=True)  # LoRA + optimizer only: 1.6 MB vs 19.5 MB on `small`
-    if rank == 0:
+    if rank == 0:  # save_checkpoint ends with a barrier: every rank's shard of `tag` is complete
         import shutil
 
+        tmp = Path(state_dir) / ".latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, Path(state_dir) / "latest")
         for old in sorted(Path(state_dir).glob("v*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
