@@ -42,8 +42,8 @@ def _val_mean(drm_dir, heldout, cfg):
     from drm_ray.reward.train_loop import load_validation_pairs, validate
 
     drm = DiffusionRewardModel.from_pretrained(drm_dir)
-    pairs = load_validation_pairs(heldout, cfg.drm.val_pairs)
-    return validate(drm, pairs, cfg.drm.val_timesteps, cfg.run.seed, rank=0, world=1, batch_size=16)
+    pairs, index = load_validation_pairs(heldout, cfg.drm.val_pairs)
+    return validate(drm, pairs, index, cfg.drm.val_timesteps, cfg.run.seed, world=1, batch_size=16)
 
 
 def test_training_lowers_the_loss_keeps_the_best_and_resumes(ray_session, tmp_path):

@@ -110,27 +110,44 @@ def _rows(b: PairBatch, part: slice) -> PairBatch:
 
 # ---------------------------------------------------------------------------------------------------- validation
 
-def load_validation_pairs(cache_dir, n: int) -> PairBatch:
-    """The first `n` non-tie pairs of a held-out cache, in file order (the same pairs at every validation)."""
-    pairs = next(iter_pairs(cache_dir, n, drop_ties=True), None)
-    if pairs is None:
+def load_validation_pairs(cache_dir, n: int, rank: int = 0, world: int = 1) -> tuple[PairBatch, torch.Tensor]:
+    """This rank's share (pairs rank, rank + world, ...) of the first `n` non-tie pairs of a held-out cache, in file
+    order (the same pairs at every validation), and their indices among those n (which key their noise). Read in
+    small batches and kept with float16 text embeddings, as stored: 512 pairs at SD3.5 size would be 2.8 GB in
+    float32 on every rank."""
+    parts, index, seen = [], [], 0
+    for b in iter_pairs(cache_dir, 32, drop_ties=True):
+        take = min(len(b), n - seen)
+        position = torch.arange(seen, seen + take)  # [take]
+        sel = (position % world == rank).nonzero().flatten()
+        parts.append(PairBatch(b.latent_win[sel], b.latent_lose[sel], b.prompt_embeds[sel].half(),
+                               b.pooled[sel].half(), b.label[sel], [b.prompt[i] for i in sel.tolist()]))
+        index.append(position[sel])
+        seen += take
+        if seen >= n:
+            break
+    if seen == 0:
         raise ValueError(f"data.heldout_data = {cache_dir}: no non-tie pairs to validate on")
-    return pairs
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    mine = PairBatch(cat("latent_win"), cat("latent_lose"), cat("prompt_embeds"), cat("pooled"), cat("label"),
+                     [q for p in parts for q in p.prompt])
+    return mine, torch.cat(index)
 
 
 @torch.no_grad()
-def validate(model, pairs: PairBatch, timesteps, seed: int, rank: int, world: int, batch_size: int) -> dict:
-    """Held-out accuracy at each t on this rank's share of `pairs`, counts summed over ranks."""
+def validate(model, pairs: PairBatch, index: torch.Tensor, timesteps, seed: int, world: int,
+             batch_size: int) -> dict:
+    """Held-out accuracy at each t on this rank's `pairs` (their indices `index` key the noise), counts summed
+    over ranks."""
     device = model.device
-    mine = torch.arange(rank, len(pairs), world)
     counts = torch.zeros(len(timesteps), 2, dtype=torch.float64)  # [T, (correct, total)]
     was_training = model.training
     model.eval()
     for ti, t in enumerate(timesteps):
-        for chunk in mine.split(batch_size):
+        for chunk in torch.arange(len(pairs)).split(batch_size):
             mb = PairBatch(pairs.latent_win[chunk], pairs.latent_lose[chunk], pairs.prompt_embeds[chunk],
                            pairs.pooled[chunk], pairs.label[chunk], [pairs.prompt[j] for j in chunk.tolist()])
-            eps = heldout_noise(seed, t, chunk, pairs.latent_win.shape[1:])  # [2, b, C, h, w]
+            eps = heldout_noise(seed, t, index[chunk], pairs.latent_win.shape[1:])  # [2, b, C, h, w]
             r_w, r_l = score_noised_pairs(model, mb.to(device), torch.full((len(chunk),), t / 1000.0), eps)
             counts[ti, 0] += (r_w > r_l).sum().item()
             counts[ti, 1] += len(chunk)
@@ -175,7 +192,7 @@ def drm_train_loop(config: dict) -> None:
             best.restore(Path(d), state)
     val_pairs = None
     if config["val_every"]:
-        val_pairs = load_validation_pairs(config["heldout_dir"], config["val_pairs"])
+        val_pairs, val_index = load_validation_pairs(config["heldout_dir"], config["val_pairs"], rank, world)
     pairs = iter_pairs(config["cache_dir"], micro * accum, rank=rank, world_size=world, drop_ties=True,
                        seed=config["seed"] + start, loop=True)
     try:
@@ -196,7 +213,7 @@ def drm_train_loop(config: dict) -> None:
                     queue.put(metrics)
                 window = _Window()
             if val_pairs is not None and (done % config["val_every"] == 0 or last):
-                metrics = validate(model, val_pairs, config["val_timesteps"], config["seed"], rank, world, micro)
+                metrics = validate(model, val_pairs, val_index, config["val_timesteps"], config["seed"], world, micro)
                 best.update(model, metrics["val/accuracy_mean"], done)
                 if queue is not None:
                     queue.put({**metrics, "val/best_step": best.step, "step": done})
