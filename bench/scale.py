@@ -17,8 +17,8 @@ worker per role), so the sd35m code path itself is rehearsed:
 2. `data`: `--pairs` synthetic 512 px preference pairs in TWO Parquet files of one directory (multi-file input),
    a held-out file, and an RL prompt file.
 3. `preprocess`: jobs/preprocess.py -> the embedding cache; bytes per pair and per distinct prompt from meta.json.
-4. `drm`: jobs/train_drm.py with micro-batch 1, accumulation to batch 2, activation checkpointing and validation
-   on the held-out cache (drm.n_drop = 1 at depth 2: the rehearsal DRM keeps 1 block).
+4. `drm`: jobs/train_drm.py, one optimizer step of micro-batch 1 accumulated to batch 2, activation checkpointing,
+   validation on a held-out Parquet that the job encodes itself (drm.n_drop = 1 at depth 2: the DRM keeps 1 block).
 5. `rl`: jobs/step_grpo.py, one Step-GRPO iteration (1 prompt, 3 steps, k = 2) with an evaluation panel: bytes
    through the driver and rollout payload bytes per iteration, from the job's MLflow metrics.
 6. `activations`: in this process, the bytes autograd saves for backward per sequence and per block (DRM training
@@ -198,17 +198,16 @@ def stage_preprocess(work: Path, model_dir: Path) -> dict:
     common = ["--config", "sd35m", *cpu_overrides(model_dir, work / "preprocess_run")]
     train = run_job("preprocess.py", [*common, "--pairs", str(work / "pairs"), "--out", str(work / "cache")],
                     work / "preprocess.log", 1200)
-    run_job("preprocess.py", [*common, "--pairs", str(work / "heldout.parquet"), "--out", str(work / "heldout")],
-            work / "preprocess_heldout.log", 600)
     meta = json.loads((work / "cache" / "meta.json").read_text())
     return {**train, "meta": meta}
 
 
 def stage_drm(work: Path, model_dir: Path) -> dict:
+    # One optimizer step of 2 accumulated micro-steps; validation on a held-out Parquet the job encodes itself.
     args = ["--config", "sd35m", *cpu_overrides(model_dir, work / "drm_run"), "--cache", str(work / "cache"),
-            f"data.heldout_data={work / 'heldout'}", "drm.batch_size=2", "drm.micro_batch=1",
-            "drm.gradient_checkpointing=true", "drm.train_steps=2", "drm.log_every=1", "drm.checkpoint_every=2",
-            "drm.val_every=2", "drm.val_pairs=4", "drm.val_timesteps=[0,750]"]
+            f"data.heldout_data={work / 'heldout.parquet'}", "drm.batch_size=2", "drm.micro_batch=1",
+            "drm.gradient_checkpointing=true", "drm.train_steps=1", "drm.log_every=1", "drm.checkpoint_every=1",
+            "drm.val_every=1", "drm.val_pairs=4", "drm.val_timesteps=[0,750]"]
     return run_job("train_drm.py", args, work / "train_drm.log", 1200)
 
 

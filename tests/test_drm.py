@@ -214,3 +214,37 @@ def test_heldout_noise_is_keyed_per_pair():
     assert all_four.shape == (2, 4, 16, 8, 8)
     assert torch.equal(heldout_noise(7, 500, torch.tensor([3, 1]), (16, 8, 8)), all_four[:, [3, 1]])
     assert not torch.equal(heldout_noise(7, 250, torch.arange(4), (16, 8, 8)), all_four)
+
+
+def test_validation_over_ranks_scores_what_evaluation_scores(tmp_path):
+    """Held-out set with ties: the two ranks' validation shares, counted together, give evaluate_drm's accuracy at
+    every t (same pairs, same noise), and each rank holds only its share, with float16 text embeddings."""
+    from drm_ray.data.cache import PairBatch, pair_rows, write_meta, write_shard
+    from drm_ray.reward.evaluate import evaluate_drm
+    from drm_ray.reward.train_loop import load_validation_pairs, validate
+
+    g = torch.Generator().manual_seed(5)
+    n = 21
+    label = torch.ones(n)
+    label[::4] = 0.5  # ties at rows 0, 4, 8, ...: evaluation skips them for accuracy, validation drops them
+    batch = PairBatch(torch.randn(n, 16, 8, 8, generator=g), torch.randn(n, 16, 8, 8, generator=g),
+                      torch.randn(n, 109, 64, generator=g), torch.randn(n, 64, generator=g), label,
+                      [f"p{i % 5}" for i in range(n)])
+    for i, part in enumerate(torch.arange(n).split(8)):
+        write_shard(tmp_path, i, pair_rows(PairBatch(batch.latent_win[part], batch.latent_lose[part],
+                                                     batch.prompt_embeds[part], batch.pooled[part],
+                                                     batch.label[part], [batch.prompt[j] for j in part.tolist()])))
+    write_meta(tmp_path, [16, 8, 8], [109, 64], [64])
+    drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8, seed=1).eval()
+    timesteps = (0, 500, 900)
+    shares = [load_validation_pairs(tmp_path, 100, rank, 2) for rank in (0, 1)]
+    assert sorted(torch.cat([i for _, i in shares]).tolist()) == [r for r in range(n) if r % 4]  # non-ties, once
+    assert all(p.prompt_embeds.dtype == torch.float16 and len(p) < 12 for p, _ in shares)
+    # each rank's accuracy times its share, summed: the all-reduce of the counts, by hand
+    per_rank = [validate(drm, p, i, timesteps, 0, world=2, batch_size=4) for p, i in shares]
+    evaluated = evaluate_drm(drm, tmp_path, timesteps=timesteps, batch_size=5)
+    for t, row in zip(timesteps, evaluated):
+        correct = sum(v[f"val/accuracy_t{t}"] * len(p) for v, (p, _) in zip(per_rank, shares))
+        assert row.pairs == 15 and round(correct) == round(row.accuracy * row.pairs)  # pair counts, exactly
+    first5, _ = load_validation_pairs(tmp_path, 5)
+    assert len(first5) == 5 and first5.prompt == [batch.prompt[r] for r in (1, 2, 3, 5, 6)]

@@ -111,22 +111,24 @@ def _rows(b: PairBatch, part: slice) -> PairBatch:
 # ---------------------------------------------------------------------------------------------------- validation
 
 def load_validation_pairs(cache_dir, n: int, rank: int = 0, world: int = 1) -> tuple[PairBatch, torch.Tensor]:
-    """This rank's share (pairs rank, rank + world, ...) of the first `n` non-tie pairs of a held-out cache, in file
-    order (the same pairs at every validation), and their indices among those n (which key their noise). Read in
-    small batches and kept with float16 text embeddings, as stored: 512 pairs at SD3.5 size would be 2.8 GB in
-    float32 on every rank."""
-    parts, index, seen = [], [], 0
-    for b in iter_pairs(cache_dir, 32, drop_ties=True):
-        take = min(len(b), n - seen)
-        position = torch.arange(seen, seen + take)  # [take]
-        sel = (position % world == rank).nonzero().flatten()
+    """This rank's share of the first `n` non-tie pairs of a held-out cache, in file order (the same pairs at every
+    validation), and their row positions in the cache, which key their noise exactly as jobs/eval_drm.py keys it
+    (so validation and evaluation score the same noisy inputs). Rows are dealt by position (rank r takes positions
+    = r mod world). Read in small batches and kept with float16 text embeddings, as stored: 512 pairs at SD3.5 size
+    would be 2.8 GB in float32 on every rank."""
+    parts, index, kept, row = [], [], 0, 0
+    for b in iter_pairs(cache_dir, 32):
+        position = torch.arange(row, row + len(b))  # [b] row positions in the cache, ties included
+        row += len(b)
+        strict = (b.label == 1.0).nonzero().flatten()[: n - kept]
+        kept += len(strict)
+        sel = strict[position[strict] % world == rank]
         parts.append(PairBatch(b.latent_win[sel], b.latent_lose[sel], b.prompt_embeds[sel].half(),
                                b.pooled[sel].half(), b.label[sel], [b.prompt[i] for i in sel.tolist()]))
         index.append(position[sel])
-        seen += take
-        if seen >= n:
+        if kept >= n:
             break
-    if seen == 0:
+    if kept == 0:
         raise ValueError(f"data.heldout_data = {cache_dir}: no non-tie pairs to validate on")
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     mine = PairBatch(cat("latent_win"), cat("latent_lose"), cat("prompt_embeds"), cat("pooled"), cat("label"),
