@@ -177,6 +177,11 @@ class StepGRPODriver:
         refs = [w.set_lora.remote(version, lora_ref) for w in self.rl.workers]
         try:
             checksums = driver_get(refs, timeout=self.cfg.rollout.timeout_s)
+        except ray.exceptions.ObjectLostError:  # OwnerDiedError included
+            # the learner process that published this state died (Ray Train restarts its group): the restarted
+            # group restores and republishes `version` (the learner group replays updates as needed)
+            self.lora_ref, _ = self.rl.learner.wait_version(version)
+            return self.sync(self.lora_ref, version)
         except ray.exceptions.RayActorError:
             self.restarts["rollout"] += 1
             checksums = [call_when_back(lambda w=w: w.set_lora.remote(version, lora_ref), self.cfg.rollout.timeout_s,

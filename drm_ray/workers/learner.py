@@ -152,8 +152,7 @@ def learner_loop(config: dict) -> None:
     publish_dtype = torch_dtype(config["publish_dtype"])
     if rank == 0:
         state = lora_state(transformer, publish_dtype)
-        ray.get(coordinator.started.remote(version, [ray.put(state, _owner=coordinator)],
-                                           {"lora/norm": lora_norm(state)}))
+        ray.get(coordinator.started.remote(version, [ray.put(state)], {"lora/norm": lora_norm(state)}))
     # started() gives the coordinator fresh queues for this generation: no rank may wait for work before that, or it
     # waits on a queue nothing is sent to any more (with 2 learner workers, the first update hung without this)
     dist.barrier()
@@ -175,8 +174,8 @@ def learner_loop(config: dict) -> None:
             state = lora_state(transformer, publish_dtype)
             stats.update({"lora/norm": lora_norm(state), "timing/learner_compute": time.perf_counter() - start,
                           "timing/learner_state_save": last_save_s})
-            # owned by the long-lived coordinator, so the driver's reference outlives a restart of this worker group
-            ray.get(coordinator.publish.remote(version, [ray.put(state, _owner=coordinator)], stats))
+            # owned by this process: a restart of the worker group loses it, and the driver asks for it again (sync)
+            ray.get(coordinator.publish.remote(version, [ray.put(state)], stats))
         if state_dir and version % config["state_every"] == 0:
             # after publishing: the driver keeps the updates since the last save and replays them after a restart
             t0 = time.perf_counter()
