@@ -363,11 +363,13 @@ def main(argv=None) -> dict:
         elif stage == "activations":
             r["activations"] = stage_activations(model_dir, args.depth)
         elif stage == "report":
+            r.setdefault("stage_s", {}).pop("report", None)
             r.update(host=f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} CPUs)",
                      date=time.strftime("%Y-%m-%d"), drm_workers=cfg.drm.num_workers)
             write_doc(r, Path(args.doc))
             print(Path(args.doc).read_text(), flush=True)
-        print(f"[scale] stage {stage} done in {time.perf_counter() - start:.0f}s", flush=True)
+        r.setdefault("stage_s", {})[stage] = round(time.perf_counter() - start, 1)
+        print(f"[scale] stage {stage} done in {r['stage_s'][stage]:.0f}s", flush=True)
         results_file.write_text(json.dumps(r, indent=2))
     return r
 

@@ -184,8 +184,10 @@ def measured_tables(r: dict) -> str:
              meta["prompt_bytes"] / meta["num_prompts"] / 1e6, meta.get("latent_dtype", "?")]]
     cache = format_table(["pairs", "distinct prompts", "kB per pair", "MB per prompt", "latent dtype"], crow,
                          "Embedding cache written by jobs/preprocess.py")
-    times = format_table(["stage", "wall s"], [[s, r[s]["wall_s"]] for s in ("preprocess", "drm", "rl") if s in r],
-                         "Wall time per stage (2 CPU cores; start-up dominates)")
+    stage_s = r.get("stage_s", {})
+    times = format_table(["stage", "wall s"], [[s, v] for s, v in stage_s.items()] + [["all", sum(stage_s.values())]],
+                         "Wall time per stage of `python bench/scale.py` (start-up of Ray, Ray Train and the models "
+                         "dominates)")
     return "\n\n".join([cache, acts, rss, times])
 
 
@@ -227,6 +229,10 @@ without checkpointing the same micro-batch needs the row above), `drm.num_worker
 state), `learner.micro_batch_states` (learner activations scale with it), `data.latent_dtype` (bf16 halves the
 latent bytes of the cache), the number of distinct prompts (the cache's prompt table and the RL prompt table grow
 with distinct prompts, not pairs), `learner.state_every` (LoRA + Adam writes to shared storage every N updates).
+The RL prompt table is the largest host-memory item: every node holds it once in Ray's object store (68 GB at 25k
+prompts; the store defaults to 30% of RAM, so size it with `ray start --object-store-memory`), and the task that
+encodes it holds it once more while storing it; fewer prompts per run, or a shorter T5 context
+(`model.max_sequence_length`, which changes what the model sees), shrink it.
 
 ## Measured in the rehearsal
 
