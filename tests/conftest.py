@@ -39,6 +39,27 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def process_group():
+    """torch.distributed with world size 1 in the test process, as DeepSpeed expects, for the whole session: DeepSpeed
+    keeps handles on the groups of its first engine, so a group destroyed and made again breaks later engines."""
+    import socket
+
+    import torch.distributed as dist
+
+    mp = pytest.MonkeyPatch()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        mp.setenv(key, value)  # what torchrun / Ray Train set for DeepSpeed
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
 def tiny_drm_dir(tmp_path_factory):
     """An untrained tiny DRM directory: an arbitrary but fixed scoring function, enough to exercise the machinery."""
     from drm_ray.reward.model import build_drm

@@ -138,40 +138,27 @@ def test_train_and_eval_jobs_run_end_to_end(tmp_path):
     assert {r.data.tags.get("job") for r in runs} == {"train_drm", "eval_drm"}
 
 
-def test_deepspeed_accumulation_gives_the_full_batch_gradient(monkeypatch):
+def test_deepspeed_accumulation_gives_the_full_batch_gradient(process_group):
     """The real engine (ZeRO-2, one gloo rank in this process): 4 accumulated, checkpointed micro-steps of 2 pairs
     reach the same loss and gradient norm as one step of 8 pairs (a wrong micro-step weight would scale the norm)."""
-    import socket
-
-    import torch.distributed as dist
-
     from drm_ray.models.sd3 import build_tiny
     from drm_ray.reward.model import build_drm
     from drm_ray.reward.train_loop import draw_pair_noise, train_step
     from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for name, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):  # as a launcher would set them
-        monkeypatch.setenv(name, value)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        g = torch.Generator().manual_seed(0)
-        batch = PairBatch(torch.randn(8, 16, 8, 8, generator=g), torch.randn(8, 16, 8, 8, generator=g),
-                          torch.randn(8, 109, 64, generator=g), torch.randn(8, 64, generator=g), torch.ones(8),
-                          ["p"] * 8)
-        s, eps = draw_pair_noise(8, (16, 8, 8), g, zero_prob=0.25, shift=3.0)
-        results = []
-        for micro, accum in ((8, 1), (2, 4)):
-            drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, n_drop=2, latent_size=8, seed=1)
-            drm.requires_grad_(True).train()
-            drm.gradient_checkpointing = accum > 1
-            engine, _ = init_engine(drm, drm.parameters(), 1e-3, 0.0, deepspeed_config(micro, accum, 1, 2, False, 1e9))
-            loss, _, _ = train_step(engine, batch, s, eps, micro, accum, world=1, pairs_per_step=8, device="cpu")
-            results.append((loss, float(engine.get_global_grad_norm())))
-        (loss_whole, norm_whole), (loss_split, norm_split) = results
-        assert loss_split == pytest.approx(loss_whole, rel=1e-6)
-        assert norm_split == pytest.approx(norm_whole, rel=1e-5) and norm_whole > 0
-    finally:
-        dist.destroy_process_group()
+    g = torch.Generator().manual_seed(0)
+    batch = PairBatch(torch.randn(8, 16, 8, 8, generator=g), torch.randn(8, 16, 8, 8, generator=g),
+                      torch.randn(8, 109, 64, generator=g), torch.randn(8, 64, generator=g), torch.ones(8),
+                      ["p"] * 8)
+    s, eps = draw_pair_noise(8, (16, 8, 8), g, zero_prob=0.25, shift=3.0)
+    results = []
+    for micro, accum in ((8, 1), (2, 4)):
+        drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, n_drop=2, latent_size=8, seed=1)
+        drm.requires_grad_(True).train()
+        drm.gradient_checkpointing = accum > 1
+        engine, _ = init_engine(drm, drm.parameters(), 1e-3, 0.0, deepspeed_config(micro, accum, 1, 2, False, 1e9))
+        loss, _, _ = train_step(engine, batch, s, eps, micro, accum, world=1, pairs_per_step=8, device="cpu")
+        results.append((loss, float(engine.get_global_grad_norm())))
+    (loss_whole, norm_whole), (loss_split, norm_split) = results
+    assert loss_split == pytest.approx(loss_whole, rel=1e-6)
+    assert norm_split == pytest.approx(norm_whole, rel=1e-5) and norm_whole > 0

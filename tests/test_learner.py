@@ -1,10 +1,8 @@
 """The learner's update in one process (real DeepSpeed over gloo, world size 1), on a real branching rollout."""
 
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from drm_ray.algorithms.rl_batch import learner_batch
 from drm_ray.config import SD3_LORA_TARGETS
@@ -23,19 +21,6 @@ LORA = dict(rank=4, alpha=8.0, target_modules=list(SD3_LORA_TARGETS))
 CFG = dict(grad_accum=2, guidance_scale=4.5, noise_level=0.7, clip_eps=1e-4, beta=0.004)
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    mp = pytest.MonkeyPatch()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        mp.setenv(key, value)  # what torchrun / Ray Train set for DeepSpeed
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    mp.undo()
 
 
 def _rollouts(algo, prompts):
