@@ -40,7 +40,7 @@ def untrained_drm(cfg, directory: Path) -> Path:
         return directory
     comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, cfg.sampling), text=False, vae=False,
                              device="cpu")
-    r = cfg.reward
+    r = cfg.drm
     drm = build_drm(comps.transformer, n_drop=r.n_drop, head=r.head, head_dim=r.head_dim, init=r.init,
                     latent_size=latent_size(cfg.model.preset, cfg.sampling.resolution), seed=cfg.run.seed)
     return drm.save_pretrained(directory)

@@ -75,7 +75,7 @@ def get_drm(args, cfg, out: Path) -> tuple[Path, str]:
     why = "--untrained" if args.untrained else "no --drm given and jobs/train_drm.py does not exist"
     print(f"[bench] {why}: building an UNTRAINED DRM; its scores are meaningless (timings still hold)", flush=True)
     comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, cfg.sampling), text=False, vae=False)
-    r = cfg.reward
+    r = cfg.drm
     drm = build_drm(comps.transformer, n_drop=r.n_drop, head=r.head, head_dim=r.head_dim, init=r.init,
                     latent_size=latent_size(cfg.model.preset, cfg.sampling.resolution), seed=cfg.run.seed)
     return drm.save_pretrained(out / "untrained_drm"), "UNTRAINED DRM (scores meaningless)"
