@@ -22,9 +22,14 @@ import numpy as np
 import ray
 import torch
 
-from drm_ray.workers.rollout import StaleLoRAError
-
 log = logging.getLogger(__name__)
+
+
+class StaleLoRAError(RuntimeError):
+    """A rollout worker does not hold the policy version the driver asked for (e.g. it restarted and lost its
+    LoRA): recoverable, like a dead actor."""
+
+
 RECOVERABLE = (ray.exceptions.RayActorError, StaleLoRAError)
 _bytes_in = [0]  # what the driver fetched since the last `take_bytes_in`
 

@@ -48,11 +48,6 @@ class RLSetup:
         self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
             m.preset, self.kwargs, self.lora_cfg, self.prompts_ref, sampling, cfg.grpo.algo, threads,
             self.scorers[i % len(self.scorers)]) for i in range(ro.num_workers)]
-        ray.get([a.ready.remote() for a in self.scorers + self.workers], timeout=ro.timeout_s)
-        policy_cfg = ray.get(self.workers[0].transformer_config.remote(), timeout=ro.timeout_s)
-        ray.get(self.scorers[0].check_compatible.remote(policy_cfg, latent_size(m.preset, s.resolution)), timeout=ro.timeout_s)
-        self.sigmas = ray.get(self.workers[0].schedule.remote(), timeout=ro.timeout_s)
-
         per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)
         states = cfg.grpo.prompts_per_iter * per_group
         loop_config = dict(
@@ -68,6 +63,16 @@ class RLSetup:
         self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
                                     max_failures=le.max_failures, resources_per_worker=resources,
                                     state_every=le.state_every)
+        # the learner starts (Ray Train's controller and workers, model builds) while the actors load theirs
+        try:
+            ray.get([a.ready.remote() for a in self.scorers + self.workers], timeout=ro.timeout_s)
+            policy_cfg = ray.get(self.workers[0].transformer_config.remote(), timeout=ro.timeout_s)
+            ray.get(self.scorers[0].check_compatible.remote(policy_cfg, latent_size(m.preset, s.resolution)),
+                    timeout=ro.timeout_s)
+            self.sigmas = ray.get(self.workers[0].schedule.remote(), timeout=ro.timeout_s)
+        except BaseException:
+            self.shutdown()  # a DRM that does not fit the policy, an actor that cannot start: stop everything
+            raise
 
         n_eval = cfg.grpo.eval_panel_size
         self.eval_prompts = [j % len(prompts) for j in range(n_eval)]

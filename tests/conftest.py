@@ -70,6 +70,17 @@ def tiny_drm_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def one_iteration(ray_session, tmp_path_factory, tiny_drm_dir):
+    """One Step-GRPO iteration of the default tiny RL config (one rollout worker, one learner worker), run once for
+    the tests that compare with it or read its metrics: (the driver after `run()`, its summary). A driver costs
+    ~30 s of actor and Ray Train start-up on 2 cores."""
+    from drm_ray.driver import StepGRPODriver
+
+    driver = StepGRPODriver(rl_config(tmp_path_factory.mktemp("one_iteration"), tiny_drm_dir))
+    return driver, driver.run()
+
+
 def rl_config(out, drm_dir, *overrides):
     """The tiny Step-GRPO config the RL tests share: one iteration of 4 prompts unless overridden."""
     from drm_ray.config import load_config

@@ -67,20 +67,19 @@ def test_gather_latents_fetches_only_the_chunks_a_shard_needs():
 
 
 @pytest.mark.slow
-def test_driver_bytes_per_iteration_do_not_grow_with_the_latent_size(ray_session, tmp_path):
+def test_driver_bytes_per_iteration_do_not_grow_with_the_latent_size(ray_session, tmp_path, one_iteration):
     from drm_ray.driver import StepGRPODriver
     from drm_ray.models.sd3 import build_tiny
     from drm_ray.reward.model import build_drm
 
-    metrics = {}
-    for res in (64, 128):
-        drm_dir = tmp_path / f"drm{res}"
-        build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=res // 8,
-                  seed=3).save_pretrained(drm_dir)
-        driver = StepGRPODriver(rl_config(tmp_path / f"run{res}", drm_dir, f"sampling.resolution={res}"))
-        metrics[res] = driver.step()
-        driver.finish()
-    small, large = metrics[64], metrics[128]
+    driver, small = one_iteration  # 64 px
+    assert driver.cfg.sampling.resolution == 64
+    drm_dir = tmp_path / "drm128"
+    transformer = build_tiny(seed=0, text=False, vae=False).transformer
+    build_drm(transformer, latent_size=128 // 8, seed=3).save_pretrained(drm_dir)
+    driver = StepGRPODriver(rl_config(tmp_path / "run128", drm_dir, "sampling.resolution=128"))
+    large = driver.step()
+    driver.finish()
     # the latents (states, children, finals of 4 groups) grow 4x with twice the resolution ...
     assert large["rollout/payload_bytes"] == 4 * small["rollout/payload_bytes"]
     # ... and never reach the driver: it receives records, scores and stats only, the same at both sizes

@@ -27,21 +27,34 @@ def _driver(out, drm_dir, *overrides):
     return StepGRPODriver(rl_config(out, drm_dir, *overrides))
 
 
-def test_resume_gives_the_same_lora_as_a_straight_run(ray_session, tmp_path, tiny_drm_dir):
-    common = ("grpo.checkpoint_every=2", "grpo.eval_every=2")
-    _driver(tmp_path / "straight", tiny_drm_dir, "grpo.iterations=4", *common).run()
-    _driver(tmp_path / "resumed", tiny_drm_dir, "grpo.iterations=2", *common).run()
-    staging_dir(tmp_path / "resumed", 3)  # a checkpoint being written when the job was killed: must be ignored
-    again = _driver(tmp_path / "resumed", tiny_drm_dir, "grpo.iterations=4", *common)
+RESUME = ("grpo.checkpoint_every=2", "grpo.eval_every=2")
+
+
+@pytest.fixture(scope="module")
+def first_two(ray_session, tmp_path_factory, tiny_drm_dir):
+    """2 iterations, checkpointed at 2: the first half of the resumed run, and the uninterrupted run the learner
+    failure is compared with (the LoRA does not depend on checkpoint, eval or learner-state settings).
+    Returns (output dir, LoRA checksum after 2 updates)."""
+    out = tmp_path_factory.mktemp("first_two")
+    driver = _driver(out, tiny_drm_dir, "grpo.iterations=2", *RESUME)
+    driver.run()
+    return out, driver.final_lora_checksum
+
+
+def test_resume_gives_the_same_lora_as_a_straight_run(ray_session, tmp_path, tiny_drm_dir, first_two):
+    _driver(tmp_path / "straight", tiny_drm_dir, "grpo.iterations=4", *RESUME).run()
+    resumed, _ = first_two
+    staging_dir(resumed, 3)  # a checkpoint being written when the job was killed: must be ignored
+    again = _driver(resumed, tiny_drm_dir, "grpo.iterations=4", *RESUME)
     assert again.iteration == 2 and again.version == 2 and again.sampler.drawn == 8
     again.run()
     a = load_file(latest_checkpoint(tmp_path / "straight") / "lora_state.safetensors")
-    b = load_file(latest_checkpoint(tmp_path / "resumed") / "lora_state.safetensors")
-    assert latest_checkpoint(tmp_path / "resumed").name == "iter-000004"
+    b = load_file(latest_checkpoint(resumed) / "lora_state.safetensors")
+    assert latest_checkpoint(resumed).name == "iter-000004"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the same MLflow run continues: each step logged once
-    runs = [json.loads((tmp_path / d / "summary.json").read_text())["mlflow_run_id"] for d in ("resumed",)]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'resumed' / 'mlflow.db'}")
+    runs = [json.loads((resumed / "summary.json").read_text())["mlflow_run_id"]]
+    client = MlflowClient(f"sqlite:///{resumed / 'mlflow.db'}")
     assert len(client.search_runs([client.get_experiment_by_name("drm-ray").experiment_id])) == 1
     steps = [m.step for m in client.get_metric_history(runs[0], "train/loss")]
     assert sorted(steps) == [1, 2, 3, 4]
@@ -72,14 +85,13 @@ def test_killed_rollout_worker_and_scorer_mid_iteration(ray_session, tmp_path, t
     driver.finish()
 
 
-def test_learner_failure_between_state_saves_replays_to_the_same_lora(ray_session, tmp_path, tiny_drm_dir):
+def test_learner_failure_between_state_saves_replays_to_the_same_lora(ray_session, tmp_path, tiny_drm_dir,
+                                                                      first_two):
     # The Ray Train worker of rank 0 dies after update 1. With state_every=2 nothing newer than v0 is saved: the
     # restarted group restores v0, the driver re-sends updates 0 and 1 in order, and the result equals an
     # uninterrupted run's bit for bit. (state_every=1 is the special case that re-sends only the unacknowledged one.)
-    common = ("grpo.iterations=2", "learner.max_failures=1", "learner.state_every=2")
-    straight = _driver(tmp_path / "straight", tiny_drm_dir, *common)
-    straight.run()
-    driver = _driver(tmp_path / "killed", tiny_drm_dir, *common)
+    driver = _driver(tmp_path / "killed", tiny_drm_dir, "grpo.iterations=2", "learner.max_failures=1",
+                     "learner.state_every=2")
     driver.step()
     members = ray.get(driver.rl.learner.coordinator.get_members.remote())
     os.kill(members[0]["pid"], signal.SIGKILL)
@@ -93,4 +105,4 @@ def test_learner_failure_between_state_saves_replays_to_the_same_lora(ray_sessio
     submits = [e for e in events if e.startswith("submit")]
     assert submits[-2:] == ["submit v0 (generation 2)", "submit v1 (generation 2)"]  # the replay, in order
     driver.finish()
-    assert driver.final_lora_checksum == straight.final_lora_checksum
+    assert driver.final_lora_checksum == first_two[1]

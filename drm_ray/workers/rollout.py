@@ -19,6 +19,7 @@ from drm_ray.data.prompt_table import PromptTable
 from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.diffusion.rollout import branching_rollout
 from drm_ray.diffusion.sampling import denoise, initial_latents
+from drm_ray.dispatch import StaleLoRAError
 from drm_ray.models.lora import add_lora, load_lora_state, lora_checksum, lora_state
 from drm_ray.models.sd3 import build_components, latent_size
 
@@ -76,10 +77,6 @@ def join_rollouts(rollouts: list[GroupRollout], latents: list[GroupLatents]) -> 
     if len(rollouts) != len(latents):
         raise ValueError(f"{len(rollouts)} rollout records but {len(latents)} latent payloads")
     return [r.with_latents(lat) for r, lat in zip(rollouts, latents)]
-
-
-class StaleLoRAError(RuntimeError):
-    """The worker does not hold the policy version the driver asked for (e.g. it restarted and lost its LoRA)."""
 
 
 def group_generators(seed: int, count: int) -> list[torch.Generator]:
