@@ -1,0 +1,273 @@
+"""Rewards: everything that scores a latent, behind one interface.
+
+    reward.score(latents [N, C, h, w], noise_levels [N], prompt_index [N]) -> scores [N] (float32, CPU)
+
+Prompts are named by index into the job's `PromptTable` (embeddings for the DRM, texts for image rewards), so a
+request never carries embeddings. Kinds (`reward_kinds()`; a spec string picks one, see `parse_spec`):
+
+- `drm`: R(x_s, s, c) of a trained DRM directory, on latents at any noise level s (the paper's reward).
+- image rewards score the decoded image of a CLEAN latent (noise level 0) against the prompt text; a noisy latent is
+  an error that says to score its denoised estimate x0_hat = x_s - s * v instead (that costs a policy forward per
+  latent, which is exactly what the DRM avoids):
+  - `oracle`: the toy world's hidden oracle (drm_ray/toy/oracle.py), for the toy preset.
+  - `clip`: a CLIP-family preference / alignment model loaded with transformers' `CLIPModel` + `AutoProcessor`
+    from a local directory (PickScore is such a model: score = logit_scale * cos(image, text), its own reward;
+    for an OpenAI CLIP checkpoint the same number is 100 x cosine, i.e. CLIPScore / 2.5 without the clamp at 0).
+  - `callable`: `module:attribute` for anything else (ImageReward, HPSv3, an in-house judge). The attribute is a
+    function `fn(images, prompts) -> N floats`, or a class built once with no arguments whose instances are such
+    functions (so it can load its model once). `images` is a uint8 numpy array [N, H, W, 3], `prompts` a list of N
+    strings; the result is anything `numpy.asarray` turns into N finite floats (higher is better).
+
+A `RewardSet` holds several named rewards with weights. Its `score_all` returns one column per reward ([N, R]);
+how columns combine is the caller's choice (Step-GRPO / GRPO and Step-wise Sampling combine them at the advantage
+level: `drm_ray.algorithms.advantages.combine_rewards`), and `score` is the weighted sum for callers that need one
+number per latent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IMAGE_KINDS = ("oracle", "clip", "callable")
+
+
+def reward_kinds() -> tuple[str, ...]:
+    return ("drm", *IMAGE_KINDS)
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    kind: str              # drm | oracle | clip | callable
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+
+def parse_spec(text: str) -> RewardSpec:
+    """`kind` or `kind=weight` (`drm`, `oracle=0.5`); the kind's model comes from its own config field
+    (reward.drm_path, reward.clip_path, reward.callable)."""
+    kind, sep, weight = str(text).partition("=")
+    kind = kind.strip()
+    if kind not in reward_kinds():
+        raise ValueError(f"unknown reward kind {kind!r} in {text!r}; known: {', '.join(reward_kinds())}")
+    try:
+        w = float(weight) if sep else 1.0
+    except ValueError:
+        raise ValueError(f"reward {text!r}: the weight after '=' must be a number") from None
+    if not math.isfinite(w) or w <= 0:
+        raise ValueError(f"reward {text!r}: the weight must be a finite number > 0")
+    return RewardSpec(kind, w)
+
+
+def _check_request(latents: torch.Tensor, noise_levels: torch.Tensor, prompt_index: torch.Tensor, n_prompts: int):
+    n = latents.shape[0]
+    if latents.dim() != 4 or noise_levels.shape != (n,) or prompt_index.shape != (n,):
+        raise ValueError(f"a reward request is latents [N, C, h, w], noise_levels [N], prompt_index [N]; got "
+                         f"{tuple(latents.shape)}, {tuple(noise_levels.shape)}, {tuple(prompt_index.shape)}")
+    if n and (int(prompt_index.min()) < 0 or int(prompt_index.max()) >= n_prompts):
+        raise IndexError(f"prompt_index must lie in [0, {n_prompts}) (the prompt table's rows), got "
+                         f"[{int(prompt_index.min())}, {int(prompt_index.max())}]")
+
+
+class DRMReward:
+    """R(x_s, s, c) of a DRM directory; each distinct prompt's embeddings are gathered once per call."""
+
+    kind = "drm"
+
+    def __init__(self, drm_path: str, prompts, device=None, dtype: torch.dtype | None = None, max_batch: int = 64):
+        from drm_ray.models.sd3 import default_device
+        from drm_ray.reward.model import DiffusionRewardModel
+
+        self.prompts = prompts
+        self.device = device or default_device()
+        self.drm = DiffusionRewardModel.from_pretrained(drm_path, device=self.device, dtype=dtype)
+        self.drm.requires_grad_(False)
+        self.max_batch = max_batch
+
+    @torch.no_grad()
+    def score_embedded(self, latents, noise_levels, prompt_embeds, pooled, rows=None) -> torch.Tensor:
+        """latents [N, ...], noise_levels [N], prompt_embeds [U, L, D], pooled [U, P]; latent i uses prompt row
+        rows[i] (rows=None: row i)."""
+        out = []
+        for lo in range(0, latents.shape[0], self.max_batch):
+            hi = lo + self.max_batch
+            sel = slice(lo, hi) if rows is None else rows[lo:hi]
+            r = self.drm(latents[lo:hi].to(self.device), noise_levels[lo:hi].to(self.device),
+                         prompt_embeds[sel].to(self.device), pooled[sel].to(self.device))
+            out.append(r.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score(self, latents, noise_levels, prompt_index) -> torch.Tensor:
+        prompt_index = torch.as_tensor(prompt_index, dtype=torch.long)
+        _check_request(latents, noise_levels, prompt_index, len(self.prompts))
+        distinct, rows = torch.unique(prompt_index, return_inverse=True)
+        embeds, pooled, _, _ = self.prompts.rows(distinct, self.device, self.drm.dtype)  # [U, L, D], [U, P]
+        return self.score_embedded(latents, noise_levels.float(), embeds, pooled, rows.to(self.device))
+
+
+class ImageReward:
+    """Decodes clean latents with the preset's VAE and scores the images against the prompt texts."""
+
+    def __init__(self, prompts, vae, max_batch: int = 32):
+        self.prompts, self.vae, self.max_batch = prompts, vae, max_batch
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        from drm_ray.diffusion.sampling import decode_latents
+
+        with torch.no_grad():
+            return torch.cat([decode_latents(self.vae, latents[lo:lo + self.max_batch].to(self.vae.device)).cpu()
+                              for lo in range(0, latents.shape[0], self.max_batch)])  # [N, 3, H, W] in [0, 1]
+
+    def score(self, latents, noise_levels, prompt_index) -> torch.Tensor:
+        prompt_index = torch.as_tensor(prompt_index, dtype=torch.long)
+        _check_request(latents, noise_levels, prompt_index, len(self.prompts))
+        if latents.shape[0] == 0:
+            return torch.zeros(0)
+        noisy = noise_levels.abs() > 0
+        if bool(noisy.any()):
+            raise ValueError(f"the {self.kind} reward scores clean images, but {int(noisy.sum())} of "
+                             f"{latents.shape[0]} latents have noise level > 0 (max {float(noise_levels.max()):.3f}): "
+                             "score their denoised estimate x0_hat = x_s - s * v (reward.step_input=x0_hat)")
+        texts = [self.prompts.prompts[i] for i in prompt_index.tolist()]
+        scores = torch.as_tensor(np.asarray(self.score_images(self.images(latents), texts), dtype=np.float64))
+        if scores.shape != (latents.shape[0],):
+            raise ValueError(f"the {self.kind} reward returned shape {tuple(scores.shape)} for "
+                             f"{latents.shape[0]} images (expected one score each)")
+        return scores.float()
+
+    def score_images(self, images: torch.Tensor, texts: list[str]):
+        raise NotImplementedError
+
+
+class OracleReward(ImageReward):
+    """The toy world's hidden oracle grade in [0, 1]."""
+
+    kind = "oracle"
+
+    def score_images(self, images, texts):
+        from drm_ray.toy.oracle import oracle_scores
+
+        return oracle_scores(images, texts).score
+
+
+class CLIPReward(ImageReward):
+    """logit_scale * cos(image embedding, text embedding) of a CLIPModel directory (PickScore's reward)."""
+
+    kind = "clip"
+
+    def __init__(self, path: str, prompts, vae, device=None, max_batch: int = 32):
+        from transformers import AutoProcessor, CLIPModel
+
+        from drm_ray.models.sd3 import default_device
+
+        super().__init__(prompts, vae, max_batch)
+        self.device = device or default_device()
+        try:
+            self.processor = AutoProcessor.from_pretrained(path)
+            self.model = CLIPModel.from_pretrained(path).to(self.device).eval()
+        except (OSError, ValueError) as err:
+            raise ValueError(f"reward.clip_path={path}: not a CLIPModel directory with its processor "
+                             f"(config.json, weights, preprocessor and tokenizer files): {err}") from err
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def score_images(self, images, texts):
+        pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # as a saved PNG holds them
+        inputs = self.processor(text=texts, images=list(pixels), return_tensors="pt", padding=True, truncation=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        # logits_per_image[i, j] = logit_scale * cos(image i, text j): image i goes with text i
+        return self.model(**inputs).logits_per_image.diagonal().float().cpu().numpy()
+
+
+class CallableReward(ImageReward):
+    """`module:attribute`, a function fn(images uint8 [N, H, W, 3], prompts) -> N floats (or a class of them)."""
+
+    kind = "callable"
+
+    def __init__(self, target: str, prompts, vae, max_batch: int = 32):
+        super().__init__(prompts, vae, max_batch)
+        self.fn = load_callable(target)
+        self.target = target
+
+    def score_images(self, images, texts):
+        pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        out = np.asarray(self.fn(pixels, texts), dtype=np.float64).reshape(-1)
+        if not np.isfinite(out).all():
+            raise ValueError(f"reward.callable={self.target} returned non-finite scores: {out[~np.isfinite(out)][:4]}")
+        return out
+
+
+def load_callable(target: str):
+    module, sep, attr = str(target).partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"reward.callable={target!r} must look like 'package.module:function'")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward.callable={target!r} cannot be loaded: {err}") from err
+    if isinstance(obj, type):
+        obj = obj()
+    if not callable(obj):
+        raise ValueError(f"reward.callable={target!r} is not callable")
+    return obj
+
+
+class RewardSet:
+    """Named rewards with weights over one prompt table: `score_all` -> [N, R], `score` -> the weighted sum [N]."""
+
+    def __init__(self, specs: list[RewardSpec], prompts, *, preset: str, model_path: str | None = None,
+                 resolution: int = 64, seed: int = 0, drm_path: str | None = None, clip_path: str | None = None,
+                 callable_target: str | None = None, dtype: torch.dtype | None = None, max_batch: int = 64):
+        if not specs:
+            raise ValueError("a reward set needs at least one reward")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each reward kind may appear once, got {names}")
+        self.specs, self.prompts = list(specs), prompts
+        vae = None
+        if any(s.kind in IMAGE_KINDS for s in specs):
+            from drm_ray.models.sd3 import load_vae
+
+            vae = load_vae(preset, model_path, resolution, seed)
+        self.models = []
+        for s in specs:
+            if s.kind == "drm":
+                if not drm_path:
+                    raise ValueError("the drm reward needs reward.drm_path (a directory from jobs/train_drm.py)")
+                self.models.append(DRMReward(drm_path, prompts, dtype=dtype, max_batch=max_batch))
+            elif s.kind == "oracle":
+                if preset != "toy":
+                    raise ValueError(f"the oracle reward grades toy-world images; model.preset is {preset!r}")
+                self.models.append(OracleReward(prompts, vae))
+            elif s.kind == "clip":
+                if not clip_path:
+                    raise ValueError("the clip reward needs reward.clip_path (a local CLIPModel directory, e.g. "
+                                     "PickScore)")
+                self.models.append(CLIPReward(clip_path, prompts, vae))
+            else:
+                if not callable_target:
+                    raise ValueError("the callable reward needs reward.callable='package.module:function'")
+                self.models.append(CallableReward(callable_target, prompts, vae))
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.specs]
+
+    def score_all(self, latents, noise_levels, prompt_index) -> torch.Tensor:
+        """[N, R]: one column per reward, in the order of the specs."""
+        cols = [m.score(latents, noise_levels, prompt_index) for m in self.models]
+        return torch.stack(cols, dim=1) if cols else torch.zeros(latents.shape[0], 0)
+
+    def score(self, latents, noise_levels, prompt_index) -> torch.Tensor:
+        return self.score_all(latents, noise_levels, prompt_index) @ torch.tensor(self.weights)

@@ -1,0 +1,156 @@
+"""The reward interface: score(latents, noise_levels, prompt_index) -> [N] for the DRM, CLIP-family models and
+plug-ins, compared with the stock models they wrap."""
+
+import numpy as np
+import pytest
+import torch
+
+from drm_ray.data.prompt_table import encode_prompt_table
+from drm_ray.models.sd3 import build_tiny
+from drm_ray.reward.model import build_drm
+from drm_ray.reward.rewards import CallableReward, CLIPReward, DRMReward, RewardSet, RewardSpec, parse_spec
+
+KWARGS = dict(path=None, dtype="float32", seed=0, num_layers=4, num_attention_heads=2, attention_head_dim=16,
+              resolution=64, max_sequence_length=32, shift=3.0)
+PROMPTS = ["a red circle", "a blue square", "two green triangles"]
+
+
+@pytest.fixture(scope="module")
+def table():
+    return encode_prompt_table(PROMPTS, "", "tiny", KWARGS)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return build_tiny(seed=0).vae
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random-init CLIPModel with its processor (byte-level tokenizer built in code), saved as a user's
+    PickScore directory would be."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from drm_ray.models.tiny_text import tiny_clip_tokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    path = tmp_path_factory.mktemp("clip") / "pickscore"
+    CLIPModel(config).save_pretrained(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tiny_clip_tokenizer())
+    processor.save_pretrained(path)
+    return path
+
+
+def test_specs_parse_kind_and_weight():
+    assert parse_spec("drm") == RewardSpec("drm", 1.0)
+    assert parse_spec("clip=0.25") == RewardSpec("clip", 0.25)
+    with pytest.raises(ValueError, match="unknown reward kind 'pickscore'.*known: drm, oracle, clip, callable"):
+        parse_spec("pickscore")
+    for bad in ("drm=x", "drm=0", "drm=-1", "drm=nan"):
+        with pytest.raises(ValueError, match="weight"):
+            parse_spec(bad)
+
+
+def test_drm_reward_scores_each_latent_with_its_own_prompt(tmp_path, table):
+    drm_dir = tmp_path / "drm"
+    drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8, seed=3)
+    drm.save_pretrained(drm_dir)
+    reward = DRMReward(str(drm_dir), table, device="cpu", max_batch=2)  # several batches
+    g = torch.Generator().manual_seed(0)
+    latents, levels = torch.randn(5, 16, 8, 8, generator=g), torch.rand(5, generator=g)
+    index = torch.tensor([2, 0, 2, 1, 0])
+    # reference: the DRM module called on each latent's own float16 table row, one latent at a time
+    ref = torch.stack([drm(latents[i:i + 1], levels[i:i + 1],
+                           torch.from_numpy(table.embeds[j:j + 1].astype(np.float32)),
+                           torch.from_numpy(table.pooled[j:j + 1].astype(np.float32)))[0]
+                       for i, j in enumerate(index.tolist())])
+    torch.testing.assert_close(reward.score(latents, levels, index), ref.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match=r"prompt_index must lie in \[0, 3\)"):
+        reward.score(latents[:1], levels[:1], torch.tensor([3]))
+
+
+def test_clip_reward_equals_the_stock_clip_logits(clip_dir, table, vae):
+    from transformers import AutoProcessor, CLIPModel
+
+    reward = CLIPReward(str(clip_dir), table, vae, device="cpu")
+    latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    index = torch.tensor([1, 2, 0])
+    got = reward.score(latents, torch.zeros(3), index)
+    # reference: the stock CLIPModel forward on the decoded images as PNG-like uint8, logits_per_image's diagonal
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
+    from drm_ray.diffusion.sampling import decode_latents
+
+    with torch.no_grad():
+        pixels = (decode_latents(vae, latents).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        inputs = processor(text=[PROMPTS[i] for i in index.tolist()], images=list(pixels), return_tensors="pt",
+                           padding=True)
+        logits = model(**inputs).logits_per_image  # [images, texts]
+    torch.testing.assert_close(got, logits.diagonal().float(), rtol=1e-4, atol=1e-4)
+    assert got.shape == (3,) and got.std() > 0
+
+
+def test_image_rewards_refuse_noisy_latents_and_name_the_fix(clip_dir, table, vae):
+    reward = CLIPReward(str(clip_dir), table, vae, device="cpu")
+    with pytest.raises(ValueError, match=r"clip reward scores clean images, but 1 of 2 .*x0_hat = x_s - s \* v"):
+        reward.score(torch.randn(2, 16, 8, 8), torch.tensor([0.0, 0.5]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="reward.clip_path=.*not a CLIPModel directory"):
+        CLIPReward(str(clip_dir.parent), table, vae)
+
+
+def test_callable_rewards_get_uint8_images_and_prompt_texts(table, vae):
+    latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([0, 2, 2])
+    got = CallableReward("reward_plugins:brightness", table, vae).score(latents, torch.zeros(3), index)
+    from drm_ray.diffusion.sampling import decode_latents
+
+    with torch.no_grad():
+        pixels = (decode_latents(vae, latents) * 255).round()  # [N, 3, H, W]
+    ref = pixels.flatten(1).mean(1) + torch.tensor([len(PROMPTS[i]) for i in index.tolist()], dtype=torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    counter = CallableReward("reward_plugins:Counter", table, vae)  # a class: built once, then called
+    counter.score(latents, torch.zeros(3), index)
+    assert counter.score(latents, torch.zeros(3), index).tolist() == [2.0, 2.0, 2.0]
+    for target, message in (("reward_plugins", "must look like 'package.module:function'"),
+                            ("reward_plugins:missing", "cannot be loaded"),
+                            ("no_such_module:f", "cannot be loaded")):
+        with pytest.raises(ValueError, match=message):
+            CallableReward(target, table, vae)
+    with pytest.raises(ValueError, match="non-finite scores"):
+        CallableReward("reward_plugins:one_nan", table, vae).score(latents, torch.zeros(3), index)
+    with pytest.raises(ValueError, match=r"returned shape \(2,\) for 3 images"):
+        CallableReward("reward_plugins:too_few", table, vae).score(latents, torch.zeros(3), index)
+
+
+def test_reward_set_columns_and_weighted_sum(tmp_path, clip_dir, table):
+    drm_dir = tmp_path / "drm"
+    build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8, seed=3).save_pretrained(drm_dir)
+    specs = [parse_spec("drm=2"), parse_spec("clip=0.5"), parse_spec("callable")]
+    rewards = RewardSet(specs, table, preset="tiny", drm_path=str(drm_dir), clip_path=str(clip_dir),
+                        callable_target="reward_plugins:brightness")
+    latents, index = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 0])
+    cols = rewards.score_all(latents, torch.zeros(4), index)
+    assert rewards.names == ["drm", "clip", "callable"] and cols.shape == (4, 3)
+    alone = [RewardSet([RewardSpec(k)], table, preset="tiny", drm_path=str(drm_dir), clip_path=str(clip_dir),
+                       callable_target="reward_plugins:brightness").score(latents, torch.zeros(4), index)
+             for k in ("drm", "clip", "callable")]
+    for j in range(3):
+        torch.testing.assert_close(cols[:, j], alone[j])
+    torch.testing.assert_close(rewards.score(latents, torch.zeros(4), index),
+                               2 * alone[0] + 0.5 * alone[1] + alone[2])
+    with pytest.raises(ValueError, match="each reward kind may appear once"):
+        RewardSet([RewardSpec("drm"), RewardSpec("drm", 2.0)], table, preset="tiny", drm_path=str(drm_dir))
+    with pytest.raises(ValueError, match="needs reward.drm_path"):
+        RewardSet([RewardSpec("drm")], table, preset="tiny")
+    with pytest.raises(ValueError, match="needs reward.clip_path"):
+        RewardSet([RewardSpec("clip")], table, preset="tiny")
+    with pytest.raises(ValueError, match="oracle reward grades toy-world images"):
+        RewardSet([RewardSpec("oracle")], table, preset="tiny")
