@@ -82,6 +82,12 @@ class GRPOConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     drm_path: str | None = None          # the DRM the RL job and Step-wise Sampling score with (jobs/train_drm.py)
+    rewards: tuple[str, ...] = ("drm",)  # what RL optimizes: "kind" or "kind=weight"; kinds drm | oracle (toy) |
+                                         # clip | callable. Several combine at the advantage level (each reward
+                                         # normalized in its group, then weighted)
+    judges: tuple[str, ...] = ()         # kinds that score the evaluation panel and are never optimized
+    clip_path: str | None = None         # clip kind: a local CLIPModel directory with its processor (PickScore)
+    callable: str | None = None          # callable kind: "package.module:function" (see drm_ray/reward/rewards.py)
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,8 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class DataConfig:
     prompts: str | None = None           # a .txt (one per line) or .parquet (`prompt` column); None: built-in set
+    eval_prompts: str | None = None      # held-out prompts for the RL evaluation panel and its judges (same
+                                         # formats); None: the panel uses training prompts
     preference_data: str | None = None   # Parquet of preference pairs; None: the built-in synthetic set (tiny)
     cache_dir: str | None = None         # latent / text-embedding cache
     heldout_data: str | None = None      # held-out preference Parquet or cache: DRM validation during training

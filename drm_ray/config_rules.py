@@ -58,6 +58,24 @@ def rule_errors(c, rl: bool) -> list[str]:
     need(g.eval_every > 0, "grpo.eval_every", "must be > 0", g.eval_every)
     need(g.eval_panel_size > 0, "grpo.eval_panel_size", "must be > 0", g.eval_panel_size)
     need(g.checkpoint_every > 0, "grpo.checkpoint_every", "must be > 0", g.checkpoint_every)
+    r = c.reward
+    from drm_ray.reward.specs import parse_spec
+
+    for field_name, items in (("reward.rewards", r.rewards), ("reward.judges", r.judges)):
+        kinds = []
+        for item in items:
+            try:
+                kinds.append(parse_spec(item).kind)
+            except ValueError as err:
+                e.append(f"{field_name} = {list(items)!r}: {err}")
+        need(len(set(kinds)) == len(kinds), field_name, "names each kind at most once", list(items))
+        need("oracle" not in kinds or m.preset == "toy", field_name, "oracle grades toy-world images: only with "
+             "model.preset=toy", list(items))
+        need("clip" not in kinds or bool(r.clip_path), "reward.clip_path", f"is required when {field_name} has "
+             "clip (a local CLIPModel directory with its processor, e.g. PickScore)", r.clip_path)
+        need("callable" not in kinds or bool(r.callable), "reward.callable", f"is required when {field_name} has "
+             "callable ('package.module:function')", r.callable)
+    need(len(r.rewards) > 0, "reward.rewards", "must name at least one reward", r.rewards)
     d = c.drm
     need(d.n_drop >= 0, "drm.n_drop", "must be >= 0", d.n_drop)
     need(d.head in ("mlp", "mean"), "drm.head", "must be mlp or mean", d.head)

@@ -3,7 +3,7 @@
     for each iteration:
         groups   = sample B prompts (one seed each)
         rollouts = rollout workers branch k SDE children at each branching step (one shared mean per state)
-        scores   = DRM scorers score every child at its noise level (and the final latents at s = 0)
+        scores   = reward scorers score every child at its noise level (and the final latents at s = 0)
         batch    = per-step group advantages (Step-GRPO) or per-image terminal advantages (GRPO)
         lora     = the learner takes one clipped policy-gradient step (+ beta KL to the adapter-free reference)
         sync       the new LoRA, serialized once, to every rollout worker
@@ -96,10 +96,14 @@ class StepGRPODriver:
         groups = self.sampler.next(g.prompts_per_iter)
         chunks = self.timed(t, "rollout", self.rollout, groups)  # [(records, latents ref)] per rollout call
         rollouts = [r for records, _ in chunks for r in records]
-        child_scores, final_scores = self.timed(t, "score", self.score, chunks)
+        child_scores, final_scores = self.timed(t, "score", self.score, chunks)  # [..., R]: one column per reward
         self.compute["policy_forwards"] += sum(r.num_final for r in rollouts) * self.cfg.sampling.num_steps
+        if self.rl.x0_children:  # one policy forward per child for x0_hat (and again to pick under "best")
+            per_child = 2 if g.continuation == "best" else 1
+            self.compute["x0_forwards"] = self.compute.get("x0_forwards", 0) + per_child * self.candidates(rollouts)
+        weights = [r.weight for r in self.rl.rewards]
         batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
-                                         g.adv_clip)
+                                         g.adv_clip, weights)
         latents = [[ref for _, ref in chunks], [sum(len(r.step_index) for r in recs) for recs, _ in chunks]]
         self.iteration += 1
         ckpt = staging_dir(self.out, self.iteration) if self.checkpoint_due() else None
@@ -108,7 +112,7 @@ class StepGRPODriver:
         self.version += 1
         self.timed(t, "sync", self.sync, self.lora_ref, self.version)
         t["timing/iteration"] = time.perf_counter() - start
-        metrics = {**reward_stats(rollouts, g.algo, child_scores, final_scores, self.rl.branch_steps),
+        metrics = {**self.reward_metrics(rollouts, child_scores, final_scores, weights),
                    **adv_stats, **train_stats, **t,
                    "driver/bytes_in": float(take_bytes_in()),
                    "rollout/payload_bytes": float(sum(r.payload_bytes for r in rollouts)),
@@ -127,6 +131,18 @@ class StepGRPODriver:
         return metrics
 
     # ------------------------------------------------------------------------------------------ steps
+
+    def reward_metrics(self, rollouts, child_scores, final_scores, weights) -> dict:
+        """reward/* of the weighted sum of the rewards (the one reward's scores when there is one), and with several
+        rewards reward/<kind>/* of each."""
+        algo, steps = self.cfg.grpo.algo, self.rl.branch_steps
+        w = torch.tensor(weights)
+        out = reward_stats(rollouts, algo, [c @ w for c in child_scores], final_scores @ w, steps)
+        if len(weights) > 1:
+            for i, r in enumerate(self.rl.rewards):
+                part = reward_stats(rollouts, algo, [c[..., i] for c in child_scores], final_scores[..., i], steps)
+                out.update({k.replace("reward/", f"reward/{r.kind}/", 1): v for k, v in part.items()})
+        return out
 
     @staticmethod
     def timed(timings: dict, name: str, fn, *args):
@@ -169,7 +185,7 @@ class StepGRPODriver:
 
     def recover_scorer(self, index: int) -> None:
         scorer = self.rl.scorers[index]
-        call_when_back(lambda: scorer.ready.remote(), self.cfg.rollout.timeout_s, f"DRM scorer {index}")
+        call_when_back(lambda: scorer.ready.remote(), self.cfg.rollout.timeout_s, f"reward scorer {index}")
 
     def sync(self, lora_ref, version: int) -> None:
         """Load LoRA `version` into every rollout worker (one object-store copy, one wait); a worker that died on the
@@ -207,20 +223,44 @@ class StepGRPODriver:
         print(f"[step_grpo] checkpoint {path}", flush=True)
 
     def log_panel(self, step: int) -> dict:
-        """ODE samples of the fixed evaluation prompts and seeds: mean DRM score (s = 0), an image grid, and on the
-        toy preset the hidden oracle's grade of the same images."""
-        score, images = self.rl.eval_panel()
-        metrics = {"eval/drm_score": score}
+        """ODE samples of the fixed evaluation prompts (held out when data.eval_prompts is set) and seeds: the mean
+        of each optimized reward (eval/drm_score for the DRM, eval/<kind>_score for the others) and of each judge
+        (eval/judge/<kind>), an image grid, and on the toy preset the hidden oracle's grade of the same images. A
+        judge that fell since the first panel while the optimized reward rose is flagged (eval/overopt/<kind> = 1)
+        and printed: the reward model's errors are being optimized."""
+        scores, images = self.rl.eval_panel()
+        metrics = {f"eval/{kind}_score": value for kind, value in scores.items() if not kind.startswith("judge/")}
+        metrics.update({f"eval/{kind}": value for kind, value in scores.items() if kind.startswith("judge/")})
+        weights = {r.kind: r.weight for r in self.rl.rewards}
+        metrics["eval/reward"] = sum(w * scores[k] for k, w in weights.items()) / sum(weights.values())
         if self.cfg.model.preset == "toy":
             from drm_ray.toy.oracle import oracle_scores
 
-            graded = oracle_scores(images, [self.prompts[i] for i in self.rl.eval_prompts])
+            graded = oracle_scores(images, self.rl.eval_texts)
             metrics.update({"eval/oracle_score": float(graded.score.mean()),
                             "eval/oracle_correct": float(graded.correct.mean())})
+        metrics.update(self.overoptimization(metrics))
         self.tracker.log_metrics(metrics, step)
         self.tracker.log_image(image_grid(to_pil(images)), f"panel/iter_{step:06d}.png")
         self.eval_history.append({"iteration": step, **self.compute, **metrics})
         return metrics
+
+    def overoptimization(self, metrics: dict) -> dict:
+        """eval/overopt/<judge> = 1 when, since the first panel, the optimized reward rose and the judge fell."""
+        if not self.eval_history:
+            return {}
+        first = self.eval_history[0]
+        rose = metrics["eval/reward"] > first.get("eval/reward", metrics["eval/reward"])
+        flags = {}
+        for key in [k for k in metrics if k.startswith("eval/judge/")]:
+            if key in first:
+                fell = metrics[key] < first[key]
+                flags[f"eval/overopt/{key.removeprefix('eval/judge/')}"] = float(rose and fell)
+                if rose and fell:
+                    print(f"[{self.cfg.grpo.algo}] WARNING: the optimized reward rose ({first['eval/reward']:+.4f} -> "
+                          f"{metrics['eval/reward']:+.4f}) while judge {key.removeprefix('eval/judge/')} fell "
+                          f"({first[key]:+.4f} -> {metrics[key]:+.4f}): look at the images", flush=True)
+        return flags
 
     def progress(self, m: dict) -> None:
         g = self.cfg.grpo

@@ -1,7 +1,7 @@
 """Where the RL job's roles run, and whether the cluster can hold them, checked before any actor is created.
 
-Three roles ask for resources: DRM scorers and rollout workers (Ray actors, `rollout.num_cpus` / `num_gpus` /
-`resources` each) and learner workers (Ray Train workers, `learner.num_cpus`, 1 GPU if `learner.use_gpu`,
+Three roles ask for resources: reward scorers (and one judge scorer when reward.judges is set) and rollout workers
+(Ray actors, `rollout.num_cpus` / `num_gpus` / `resources` each) and learner workers (Ray Train workers, `learner.num_cpus`, 1 GPU if `learner.use_gpu`,
 `learner.resources`). Custom resources pin a role to the node types that offer them (`"rollout=1"` on nodes started
 with `--resources '{"rollout": 1}'`, as in cluster/). Scorers and rollout workers are SPREAD over nodes (a lost node
 takes few of them, and no single node's PCIe or NIC carries every worker's traffic); the learner's workers stay
@@ -44,7 +44,7 @@ def parse_resources(items: tuple[str, ...] | list[str]) -> dict[str, float]:
 
 
 def rollout_actor_options(rollout) -> dict:
-    """`ray.remote(...).options(**this)` for a DRM scorer or a rollout worker (`rollout`: the RolloutConfig)."""
+    """`ray.remote(...).options(**this)` for a reward scorer or a rollout worker (`rollout`: the RolloutConfig)."""
     return dict(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, resources=parse_resources(rollout.resources),
                 scheduling_strategy="SPREAD")
 
@@ -59,8 +59,9 @@ def role_demands(cfg) -> list[RoleDemand]:
     """The demand of each role, built from the same options the actors are created with."""
     ro = rollout_actor_options(cfg.rollout)
     actor = _nonzero({"CPU": ro["num_cpus"], "GPU": ro["num_gpus"], **ro["resources"]})
-    return [RoleDemand("DRM scorers", cfg.rollout.num_scorers, actor),
+    return [RoleDemand("reward scorers", cfg.rollout.num_scorers, actor),
             RoleDemand("rollout workers", cfg.rollout.num_workers, actor),
+            RoleDemand("judge scorer", 1 if cfg.reward.judges else 0, actor),
             RoleDemand("learner workers", cfg.learner.num_workers, _nonzero(learner_worker_resources(cfg.learner)))]
 
 
@@ -78,7 +79,8 @@ def shortfalls(demands: list[RoleDemand], nodes: list[dict[str, float]]) -> list
             need[key] = need.get(key, 0.0) + d.count * amount
     for key, amount in need.items():
         if amount > have.get(key, 0.0) + EPS:
-            roles = ", ".join(f"{d.role} {d.count} x {d.bundle[key]:g}" for d in demands if d.bundle.get(key))
+            roles = ", ".join(f"{d.role} {d.count} x {d.bundle[key]:g}" for d in demands
+                              if d.count and d.bundle.get(key))
             problems.append(f"need {amount:g} {key} for {roles} (have {have.get(key, 0.0):g})")
     return problems
 

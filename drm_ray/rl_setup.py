@@ -1,4 +1,4 @@
-"""Wiring of the RL job's actors: prompt table, DRM scorers, rollout workers, the learner, the evaluation panel.
+"""Wiring of the RL job's actors: prompt table, reward scorers, rollout workers, the learner, the evaluation panel.
 
 Ray at the edges: the worker classes are plain Python; this is where they become actors with the resources the
 config asks for (`num_gpus=1` per actor on GPU presets, fractional CPUs on the tiny preset). The torch device of
@@ -14,15 +14,16 @@ from pathlib import Path
 import ray
 import torch
 
-from drm_ray.data.prompt_table import encode_prompt_table
+from drm_ray.data.prompt_table import prompt_table_ref
+from drm_ray.data.prompts import load_prompts
 from drm_ray.diffusion.sampling import decode_latents
 from drm_ray.models.lora import save_lora_diffusers
 from drm_ray.models.sd3 import latent_size, load_vae, model_kwargs
 from drm_ray.placement import ensure_resources, learner_worker_resources, role_demands, rollout_actor_options
-from drm_ray.runtime import CPU_PRESETS
 from drm_ray.workers.learner_group import LearnerGroup
 from drm_ray.workers.rollout import RolloutWorker
-from drm_ray.workers.scorer import DRMScorer
+from drm_ray.reward.specs import IMAGE_KINDS, parse_spec
+from drm_ray.workers.scorer import RewardScorer, scorer_kwargs
 
 
 class RLSetup:
@@ -35,19 +36,33 @@ class RLSetup:
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
 
         ensure_resources(role_demands(cfg), ro.autoscale_wait_s)  # before the first GPU task or actor
+        # held-out evaluation prompts (data.eval_prompts) follow the training prompts in one table; training draws
+        # from the first len(prompts) rows only
+        held_out = load_prompts(cfg.data.eval_prompts, m.preset) if cfg.data.eval_prompts else []
         # the prompt table stays in the object store (float16 numpy, zero-copy per node); actors get the reference
-        self.prompts_ref = self._encode_prompts(prompts)
-        drm_path = resolve_drm(cfg, out)
+        self.prompts_ref = prompt_table_ref(list(prompts) + held_out, s.negative_prompt, m.preset, self.kwargs,
+                                            on_gpu=bool(ro.num_gpus))
+        self.rewards = [parse_spec(r) for r in cfg.reward.rewards]  # what is optimized, with weights
+        self.judges = [parse_spec(j).kind for j in cfg.reward.judges]  # what only evaluates
+        uses_drm = any(r.kind == "drm" for r in self.rewards) or "drm" in self.judges
+        drm_path = resolve_drm(cfg, out) if uses_drm else None
+        # image rewards score a branching child through its denoised estimate x0_hat (a policy forward per child)
+        self.x0_children = cfg.grpo.algo == "step_grpo" and any(r.kind in IMAGE_KINDS for r in self.rewards)
         actor = rollout_actor_options(ro)  # resources from the config, SPREAD over nodes
         actor["max_restarts"] = ro.max_restarts  # a dead actor comes back; the driver resubmits its work
-        self.scorers = [ray.remote(DRMScorer).options(**actor).remote(
-            str(drm_path), m.dtype if ro.num_gpus else None, 64, threads, self.prompts_ref)
+        dtype = m.dtype if ro.num_gpus else None
+        self.scorers = [ray.remote(RewardScorer).options(**actor).remote(
+            prompts=self.prompts_ref, torch_threads=threads, **scorer_kwargs(cfg, cfg.reward.rewards, drm_path, dtype))
             for _ in range(ro.num_scorers)]
+        self.judge = None
+        if self.judges:  # one actor, off the training path: it scores the evaluation panel only
+            self.judge = ray.remote(RewardScorer).options(**actor).remote(
+                prompts=self.prompts_ref, torch_threads=threads, **scorer_kwargs(cfg, self.judges, drm_path, dtype))
         sampling = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
                     "k": s.k, "branch_steps": list(self.branch_steps), "continuation": cfg.grpo.continuation}
         self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
             m.preset, self.kwargs, self.lora_cfg, self.prompts_ref, sampling, cfg.grpo.algo, threads,
-            self.scorers[i % len(self.scorers)]) for i in range(ro.num_workers)]
+            self.scorers[i % len(self.scorers)], self.x0_children, ro.timeout_s) for i in range(ro.num_workers)]
         per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)
         states = cfg.grpo.prompts_per_iter * per_group
         loop_config = dict(
@@ -65,7 +80,8 @@ class RLSetup:
                                     state_every=le.state_every)
         # the learner starts (Ray Train's controller and workers, model builds) while the actors load theirs
         try:
-            ray.get([a.ready.remote() for a in self.scorers + self.workers], timeout=ro.timeout_s)
+            ray.get([a.ready.remote() for a in self.scorers + self.workers + self.judge_actors()],
+                    timeout=ro.timeout_s)
             policy_cfg = ray.get(self.workers[0].transformer_config.remote(), timeout=ro.timeout_s)
             ray.get(self.scorers[0].check_compatible.remote(policy_cfg, latent_size(m.preset, s.resolution)),
                     timeout=ro.timeout_s)
@@ -75,28 +91,29 @@ class RLSetup:
             raise
 
         n_eval = cfg.grpo.eval_panel_size
-        self.eval_prompts = [j % len(prompts) for j in range(n_eval)]
+        # the panel cycles through the held-out prompts when there are any, else through the training prompts
+        first, count = (len(prompts), len(held_out)) if held_out else (0, len(prompts))
+        self.eval_prompts = [first + j % count for j in range(n_eval)]
+        self.eval_texts = [(list(prompts) + held_out)[i] for i in self.eval_prompts]
         self.eval_seeds = [cfg.run.seed + 10_000 + j for j in range(n_eval)]
         self.vae = load_vae(m.preset, m.path, s.resolution, m.seed)  # decodes the image panel on the driver
 
-    def _encode_prompts(self, prompts) -> ray.ObjectRef:
-        """The PromptTable's reference. Pre-trained presets encode in a Ray task (on a GPU where the rollout actors
-        use GPUs) whose result the driver never fetches, so the text encoders never load on the driver."""
-        cfg = self.cfg
-        args = (prompts, cfg.sampling.negative_prompt, cfg.model.preset, self.kwargs)
-        if cfg.model.preset in CPU_PRESETS:
-            return ray.put(encode_prompt_table(*args))  # tiny / toy: the driver already has everything imported
-        task = ray.remote(encode_prompt_table).options(num_gpus=1 if cfg.rollout.num_gpus else 0, num_cpus=1)
-        return task.remote(*args)
+    def judge_actors(self) -> list:
+        return [self.judge] if self.judge is not None else []
 
-    def eval_panel(self) -> tuple[float, torch.Tensor]:
-        """(mean DRM score at s = 0 of ODE samples of the panel, the images [N, 3, H, W] in [0, 1])."""
+    def eval_panel(self) -> tuple[dict[str, float], torch.Tensor]:
+        """ODE samples of the evaluation panel: ({reward or judge name: mean score}, the images [N, 3, H, W] in
+        [0, 1]). The optimized rewards are keyed by their kind, the judges by `judge/<kind>`."""
         ro = self.cfg.rollout
         latents = ray.get(self.workers[0].sample_panel.remote(self.eval_prompts, self.eval_seeds,
                                                               self.cfg.sampling.eval_num_steps), timeout=ro.timeout_s)
-        scores = ray.get(self.scorers[0].score_indexed.remote(latents, torch.zeros(len(latents)),
-                                                              torch.tensor(self.eval_prompts)), timeout=ro.timeout_s)
-        return scores.mean().item(), decode_latents(self.vae, latents)
+        args = (latents, torch.zeros(len(latents)), torch.tensor(self.eval_prompts))
+        refs = [self.scorers[0].score_all.remote(*args)] + [j.score_all.remote(*args) for j in self.judge_actors()]
+        scores = ray.get(refs, timeout=ro.timeout_s)
+        means = {r.kind: float(scores[0][:, i].mean()) for i, r in enumerate(self.rewards)}
+        if self.judge is not None:
+            means.update({f"judge/{kind}": float(scores[1][:, i].mean()) for i, kind in enumerate(self.judges)})
+        return means, decode_latents(self.vae, latents)
 
     def save_lora(self, state: dict, directory: Path) -> Path:
         return save_lora_diffusers(state, directory, self.cfg.lora.rank, self.cfg.lora.alpha,
@@ -104,7 +121,7 @@ class RLSetup:
 
     def shutdown(self) -> None:
         self.learner.shutdown()
-        for a in self.workers + self.scorers:
+        for a in self.workers + self.scorers + self.judge_actors():
             ray.kill(a)
 
 

@@ -1,7 +1,9 @@
 """Driver side of (Step-wise) sampling: the per-prompt seed plan, batches, and running them in-process or on Ray.
 
-Ray layout: `StepwiseSampler` actors (SD3 components) and `DRMScorer` actors (the DRM) are separate actors with the
-same resources (`rollout.num_gpus`, `rollout.num_cpus`); sampler i sends its children to scorer i mod M. All
+Ray layout: `StepwiseSampler` actors (transformer + VAE) and `RewardScorer` actors (the rewards that select) are
+separate actors with the same resources (`rollout.num_gpus`, `rollout.num_cpus`), plus one judge `RewardScorer` when
+judges are configured; sampler i sends its children to scorer i mod M. The prompt table is encoded once and shared
+through the object store; requests name prompts by index. All
 batches are submitted at once, round-robin over the samplers (an actor runs its calls in order), then collected as
 they finish; every wait gives up after `timeout_s` with an error saying what was outstanding. Batches are formed
 before they are spread, and every item carries its own seed, so the images do not depend on the number of workers.
@@ -13,13 +15,11 @@ from dataclasses import dataclass
 
 from drm_ray.workers.sampler import RemoteScorer, SampleBatch, StepwiseSampler
 
-# Environment a locally started Ray passes to its workers (an explicit setting in the job's environment wins).
-
 
 @dataclass(frozen=True)
 class SampleItem:
     prompt: str
-    prompt_index: int   # the diversity group
+    prompt_index: int   # the row of the prompt table, and the diversity group
     replica: int        # 0 .. seeds_per_prompt - 1
     seed: int
 
@@ -43,7 +43,7 @@ def make_batches(n_items: int, batch_size: int) -> list[list[int]]:
 
 
 def sample_local(sampler: StepwiseSampler, items: list[SampleItem], batch_size: int) -> list[SampleBatch]:
-    return [sampler.sample([items[i].prompt for i in idx], [items[i].seed for i in idx], idx)
+    return [sampler.sample([items[i].prompt_index for i in idx], [items[i].seed for i in idx], idx)
             for idx in make_batches(len(items), batch_size)]
 
 
@@ -56,38 +56,42 @@ def init_ray() -> str:
     return join_or_start()
 
 
-def start_actors(sampler_kwargs: dict, drm_path: str | None, *, num_workers: int, num_scorers: int,
-                 num_cpus: float, num_gpus: float, timeout_s: float, scorer_dtype: str | None = None,
+def start_actors(sampler_kwargs: dict, prompts_ref, scorer_kwargs: dict | None, judge_kwargs: dict | None = None, *,
+                 num_workers: int, num_scorers: int, num_cpus: float, num_gpus: float, timeout_s: float,
                  torch_threads: int = 1) -> tuple[list, list]:
-    """`num_workers` sampler actors and (with a DRM) `num_scorers` scorer actors, ready; (samplers, scorers)."""
+    """`num_workers` sampler actors, `num_scorers` reward scorer actors (with `scorer_kwargs`, see
+    `drm_ray.workers.scorer.scorer_kwargs`) and a judge actor (with `judge_kwargs`), ready: (samplers, the others)."""
     import ray
 
-    from drm_ray.workers.scorer import DRMScorer
+    from drm_ray.workers.scorer import RewardScorer
 
     if num_workers < 1 or num_scorers < 1:
         raise ValueError(f"need at least one worker and one scorer, got workers={num_workers}, "
                          f"scorers={num_scorers}")
     opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
-    scorers = []
-    if drm_path is not None:
-        scorer_cls = ray.remote(**opts)(DRMScorer)
-        scorers = [scorer_cls.remote(drm_path, dtype=scorer_dtype, torch_threads=torch_threads)
-                   for _ in range(num_scorers)]
+    scorer_cls = ray.remote(**opts)(RewardScorer)
+    scorers = [] if scorer_kwargs is None else [
+        scorer_cls.remote(prompts=prompts_ref, torch_threads=torch_threads, **scorer_kwargs)
+        for _ in range(num_scorers)]
+    judge = None if judge_kwargs is None else scorer_cls.remote(prompts=prompts_ref, torch_threads=torch_threads,
+                                                                **judge_kwargs)
+    others = scorers + ([judge] if judge is not None else [])
     sampler_cls = ray.remote(**opts)(StepwiseSampler)
-    workers = [sampler_cls.remote(**sampler_kwargs, torch_threads=torch_threads,
-                                  scorer=RemoteScorer(scorers[i % len(scorers)], timeout_s) if scorers else None)
+    workers = [sampler_cls.remote(**sampler_kwargs, prompts=prompts_ref, torch_threads=torch_threads,
+                                  scorer=RemoteScorer(scorers[i % len(scorers)], timeout_s) if scorers else None,
+                                  judges=RemoteScorer(judge, timeout_s) if judge is not None else None)
                for i in range(num_workers)]
     try:
-        ray.get([a.ready.remote() for a in workers + scorers], timeout=timeout_s)
+        ray.get([a.ready.remote() for a in workers + others], timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as err:
-        stop_actors(workers + scorers)
-        raise TimeoutError(f"{num_workers} sampler and {len(scorers)} scorer actors (each num_gpus={num_gpus}, "
+        stop_actors(workers + others)
+        raise TimeoutError(f"{num_workers} sampler and {len(others)} scorer actors (each num_gpus={num_gpus}, "
                            f"num_cpus={num_cpus}) were not ready within rollout.timeout_s={timeout_s:g}s; "
                            "actors asking for GPUs the cluster lacks wait forever") from err
     except Exception:
-        stop_actors(workers + scorers)
+        stop_actors(workers + others)
         raise
-    return workers, scorers
+    return workers, others
 
 
 def sample_on_ray(workers: list, items: list[SampleItem], batch_size: int, timeout_s: float) -> list[SampleBatch]:
@@ -98,8 +102,8 @@ def sample_on_ray(workers: list, items: list[SampleItem], batch_size: int, timeo
         raise ValueError("sample_on_ray needs at least one sampler actor")
     owner = {}
     for b, idx in enumerate(make_batches(len(items), batch_size)):
-        ref = workers[b % len(workers)].sample.remote([items[i].prompt for i in idx], [items[i].seed for i in idx],
-                                                      idx)
+        ref = workers[b % len(workers)].sample.remote([items[i].prompt_index for i in idx],
+                                                      [items[i].seed for i in idx], idx)
         owner[ref] = b % len(workers)
     pending, done = list(owner), []
     while pending:

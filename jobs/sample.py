@@ -7,11 +7,15 @@
         --prompts prompts.txt --k 6 --drm /ckpt/drm --ray --workers 4 --scorers 1
 
 With k = 1 every step but the last is an SDE step (sampling.noise_level; 0 gives ODE sampling) and no DRM is
-needed. With k > 1 each such step draws k children from one shared mean, the DRM (--drm, a directory written by
-jobs/train_drm.py to `<run.output_dir>/drm`) scores them at the children's noise level and the best continues; the
-last step is deterministic. `sampling.k` is Step-GRPO's group size and is not read here: --k decides.
+needed. With k > 1 each such step draws k children from one shared mean, the rewards of `reward.rewards` (default:
+the DRM of --drm, a directory written by jobs/train_drm.py to `<run.output_dir>/drm`, scoring each child at its
+noise level; image rewards score each child's denoised estimate x0_hat, one extra policy forward per child) rate
+them and the best continues; the last step is deterministic. Several rewards select by the weighted mean of their
+scores standardized over the k children (as the RL job combines them), so no reward wins by its scale alone.
+`sampling.k` is Step-GRPO's group size and is not read here: --k decides. `reward.judges` (e.g. [clip] with reward.clip_path) score every final image and
+are reported beside the selecting reward, never used to select.
 
---ray runs sampler actors and DRM scorer actors (rollout.num_gpus / rollout.num_cpus each; --workers, --scorers),
+--ray runs sampler actors and reward scorer actors (rollout.num_gpus / rollout.num_cpus each; --workers, --scorers),
 joining the cluster in RAY_ADDRESS or starting a local Ray. Seeds are per image: `run.seed + replica * P + prompt
 index` (P prompts; replica 0 is `run.seed + prompt index`), one generator for the initial noise and every SDE draw,
 so images do not depend on batching or on the number of workers.
@@ -74,9 +78,6 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.k > 1 and not args.drm:
-        parser.error(f"--k {args.k} needs --drm DIR (a DRM directory from jobs/train_drm.py): the DRM picks the best "
-                     "of the k candidates at each step")
     if args.drm:
         from drm_ray.reward.model import CONFIG_NAME, WEIGHTS_NAME
 
@@ -88,6 +89,10 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    drm_path = args.drm or cfg.reward.drm_path
+    if args.k > 1 and "drm" in [spec.partition("=")[0].strip() for spec in cfg.reward.rewards] and not drm_path:
+        raise SystemExit(f"error: --k {args.k} needs --drm DIR (a DRM directory from jobs/train_drm.py): the DRM "
+                         "picks the best of the k candidates at each step (or select with other reward.rewards)")
     prompts = load_prompts(args.prompts, cfg.model.preset)
     job_env(cfg.model.preset, cfg.model.path)  # sd35m: fails here, once, if model.path cannot provide weights
     import torch
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     from drm_ray.models.sd3 import model_kwargs
     from drm_ray.sample_driver import plan_items
     from drm_ray.tracking import Tracker
+    from drm_ray.workers.scorer import scorer_kwargs
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
@@ -107,17 +113,22 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out or Path(cfg.run.output_dir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
     sampler_kwargs = dict(preset=cfg.model.preset, model_kwargs=model_kwargs(cfg.model, s), num_steps=s.num_steps,
-                          k=args.k, noise_level=s.noise_level, guidance_scale=s.guidance_scale,
-                          negative_prompt=s.negative_prompt)
+                          k=args.k, noise_level=s.noise_level, guidance_scale=s.guidance_scale)
+    # the rewards that select (and score the final images): needed for k > 1; with k = 1 only when a DRM is given
+    selecting = args.k > 1 or bool(args.drm)
+    rewards = dict(scorer_kwargs(cfg, cfg.reward.rewards, drm_path, cfg.model.dtype)) if selecting else None
+    judges = dict(scorer_kwargs(cfg, cfg.reward.judges, drm_path, cfg.model.dtype)) if cfg.reward.judges else None
 
     tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.run.output_dir,
                       run_name=cfg.tracking.run_name or f"sample-k{args.k}", tags={"job": "sample"})
-    tracker.log_params({**cfg.flat(), "sample.k": args.k, "sample.drm": args.drm, "sample.prompts": args.prompts,
+    tracker.log_params({**cfg.flat(), "sample.k": args.k, "sample.drm": drm_path, "sample.prompts": args.prompts,
                         "sample.seeds_per_prompt": args.seeds_per_prompt, "sample.batch_size": args.batch_size,
                         "sample.ray": args.ray, "sample.workers": workers if args.ray else 1,
-                        "sample.scorers": scorers if args.ray and args.drm else 0})
+                        "sample.scorers": scorers if args.ray and rewards else 0})
     try:
-        batches, timing = run_sampling(args, sampler_kwargs, items, workers, scorers, ro, cfg.model.dtype, threads)
+        batches, timing = run_sampling(args, cfg, prompts, sampler_kwargs, rewards, judges, items, workers, scorers,
+                                       threads)
+        timing["x0_forwards"] = sum(b.x0_forwards for b in batches)
         rows, images = write_outputs(out, items, batches, args.k, s)
         report(tracker, out, rows, images, items, args, timing)
     except BaseException:
@@ -127,33 +138,43 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-def run_sampling(args, sampler_kwargs, items, workers, scorers, ro, dtype, threads):
-    """All batches, in plan order, and {startup_s, sampling_s}."""
+def run_sampling(args, cfg, prompts, sampler_kwargs, rewards, judges, items, workers, scorers, threads):
+    """All batches, in plan order, and {startup_s, sampling_s}. `rewards` / `judges`: RewardScorer keyword
+    arguments (None: no such scorer)."""
     from drm_ray.sample_driver import init_ray, sample_local, sample_on_ray, start_actors, stop_actors
     from drm_ray.workers.sampler import StepwiseSampler
-    from drm_ray.workers.scorer import DRMScorer
+    from drm_ray.workers.scorer import RewardScorer
 
+    ro, s = cfg.rollout, cfg.sampling
     start = time.perf_counter()
     if not args.ray:
-        scorer = DRMScorer(args.drm, dtype=dtype, torch_threads=threads) if args.drm else None
-        sampler = StepwiseSampler(**sampler_kwargs, scorer=scorer, torch_threads=threads)
+        from drm_ray.data.prompt_table import encode_prompt_table
+
+        table = encode_prompt_table(prompts, s.negative_prompt, cfg.model.preset, sampler_kwargs["model_kwargs"])
+        scorer = RewardScorer(prompts=table, torch_threads=threads, **rewards) if rewards else None
+        judge = RewardScorer(prompts=table, torch_threads=threads, **judges) if judges else None
+        sampler = StepwiseSampler(**sampler_kwargs, prompts=table, scorer=scorer, judges=judge, torch_threads=threads)
         ready = time.perf_counter()
         batches = sample_local(sampler, items, args.batch_size)
         return batches, dict(startup_s=ready - start, sampling_s=time.perf_counter() - ready)
     print(f"[sample] {init_ray()}", flush=True)
+    from drm_ray.data.prompt_table import prompt_table_ref
     from drm_ray.placement import RoleDemand, ensure_resources
 
     bundle = {k: v for k, v in {"CPU": ro.num_cpus, "GPU": ro.num_gpus}.items() if v}
     ensure_resources([RoleDemand("sampler actors", workers, bundle),
-                      RoleDemand("DRM scorers", scorers if args.drm else 0, bundle)], ro.autoscale_wait_s)
-    samplers, scorer_actors = start_actors(sampler_kwargs, args.drm, num_workers=workers, num_scorers=scorers,
-                                           num_cpus=ro.num_cpus, num_gpus=ro.num_gpus, timeout_s=ro.timeout_s,
-                                           scorer_dtype=dtype, torch_threads=threads)
+                      RoleDemand("reward scorers", scorers if rewards else 0, bundle),
+                      RoleDemand("judge scorer", 1 if judges else 0, bundle)], ro.autoscale_wait_s)
+    table = prompt_table_ref(prompts, s.negative_prompt, cfg.model.preset, sampler_kwargs["model_kwargs"],
+                             on_gpu=bool(ro.num_gpus))
+    samplers, others = start_actors(sampler_kwargs, table, rewards, judges, num_workers=workers,
+                                    num_scorers=scorers, num_cpus=ro.num_cpus, num_gpus=ro.num_gpus,
+                                    timeout_s=ro.timeout_s, torch_threads=threads)
     try:
         ready = time.perf_counter()
         batches = sample_on_ray(samplers, items, args.batch_size, ro.timeout_s)
     finally:
-        stop_actors(samplers + scorer_actors)
+        stop_actors(samplers + others)
     return batches, dict(startup_s=ready - start, sampling_s=time.perf_counter() - ready)
 
 
@@ -174,8 +195,13 @@ def write_outputs(out: Path, items, batches, k: int, s) -> tuple[list[dict], np.
                 chosen=batch.chosen[j].tolist() if scored else None,
                 final_score=None if batch.final_score is None else float(batch.final_score[j]),
                 diversity_group=item.prompt_index, replica=item.replica, num_steps=s.num_steps,
-                guidance_scale=s.guidance_scale, noise_level=s.noise_level))
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out / "metadata.parquet")
+                guidance_scale=s.guidance_scale, noise_level=s.noise_level,
+                **{f"judge_{name}": float(v[j]) for name, v in (batch.judges or {}).items()}))
+    judges = sorted(k for k in rows[0] if k.startswith("judge_")) if rows else []
+    schema = SCHEMA
+    for name in judges:
+        schema = schema.append(pa.field(name, pa.float64()))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "metadata.parquet")
     return rows, np.stack(images)
 
 
@@ -186,11 +212,15 @@ def report(tracker, out: Path, rows, images: np.ndarray, items, args, timing: di
     from drm_ray.diversity import prompt_diversity
 
     n = len(rows)
+    x0_forwards = timing.pop("x0_forwards", 0)  # policy forwards for the x0_hat of image rewards
     metrics = {f"timing/{key}": value for key, value in timing.items()}
     metrics["timing/s_per_image"] = timing["sampling_s"] / n
     finals = [r["final_score"] for r in rows if r["final_score"] is not None]
     if finals:
         metrics["sample/final_score_mean"] = float(np.mean(finals))
+    for key in sorted(k for k in rows[0] if k.startswith("judge_")):  # judges: never used to select
+        metrics[f"sample/judge/{key.removeprefix('judge_')}"] = float(np.mean([r[key] for r in rows]))
+    metrics["compute/x0_forwards"] = float(x0_forwards)
     if args.seeds_per_prompt >= 2:
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # [N, 3, H, W]
         metrics.update(prompt_diversity(pixels, [it.prompt_index for it in items]))

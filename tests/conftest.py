@@ -31,9 +31,12 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # address="local": never attach to a `ray start` cluster that another process left on this machine
+        # address="local": never attach to a `ray start` cluster that another process left on this machine.
+        # PYTHONPATH: actors import the tests' reward plug-ins (reward.callable=reward_plugins:...) as a user's would
+        path = os.pathsep.join(p for p in (os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                                           "PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 
@@ -79,6 +82,31 @@ def one_iteration(ray_session, tmp_path_factory, tiny_drm_dir):
 
     driver = StepGRPODriver(rl_config(tmp_path_factory.mktemp("one_iteration"), tiny_drm_dir))
     return driver, driver.run()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random-init CLIPModel with its processor (byte-level tokenizer built in code), saved as a user's
+    PickScore directory would be."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from drm_ray.models.components import seeded
+    from drm_ray.models.tiny_text import tiny_clip_tokenizer
+
+    config = CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    path = tmp_path_factory.mktemp("clip") / "pickscore"
+    seeded(0, lambda: CLIPModel(config)).save_pretrained(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tiny_clip_tokenizer())
+    processor.save_pretrained(path)
+    return path
 
 
 def rl_config(out, drm_dir, *overrides):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from drm_ray.algorithms.advantages import grpo_advantages, step_group_advantages
+from drm_ray.algorithms.advantages import combine_rewards, grpo_advantages, step_group_advantages
 from drm_ray.algorithms.losses import clipped_policy_loss
 
 
@@ -32,6 +32,25 @@ def test_grpo_advantages_repeat_over_steps():
     assert adv.shape == (1, 3, 2) and valid.shape == (1, 3)
     for i in range(3):  # mean 1, std 1 -> [-1, 1] / (1 + 1e-4)
         torch.testing.assert_close(adv[0, i], torch.tensor([-1.0, 1.0]) / (1 + 1e-4))
+
+
+def test_two_rewards_combine_at_the_advantage_level_by_hand():
+    # one group of k=2: reward a = [0, 10] -> A_a = [-1, 1] / (5 + 1e-4) * 5; reward b = [0.3, 0.1] -> A_b = [1, -1]
+    # (each normalized by its own std, so b's 100x smaller scale does not matter); weights 3 and 1 -> (3 A_a + A_b) / 4
+    scores = torch.tensor([[[0.0, 0.3], [10.0, 0.1]]])  # [G=1, k=2, R=2]
+    adv, valid, stats = combine_rewards(scores, [3.0, 1.0])
+    a = torch.tensor([-5.0, 5.0]) / (5 + 1e-4)
+    b = torch.tensor([0.1, -0.1]) / (0.1 + 1e-4)
+    torch.testing.assert_close(adv[0], (3 * a + b) / 4)
+    assert valid.tolist() == [True] and stats["adv/dropped_groups"] == 0
+    # one reward: exactly the single-reward advantages, whatever its weight
+    one, _, _ = combine_rewards(scores[..., :1], [7.0])
+    torch.testing.assert_close(one, step_group_advantages(scores[..., 0])[0])
+    # a non-finite score in either reward drops the group; a group flat in every reward has zero std
+    bad = torch.tensor([[[0.0, 1.0], [1.0, float("nan")]], [[2.0, 5.0], [2.0, 5.0]]])  # [G=2, k=2, R=2]
+    adv, valid, stats = combine_rewards(bad, [1.0, 1.0])
+    assert valid.tolist() == [False, True] and torch.equal(adv, torch.zeros(2, 2))
+    assert stats["adv/dropped_groups"] == 1 and stats["adv/zero_std_frac"] == 1.0
 
 
 def test_clipped_loss_on_policy_and_clipping_by_hand():

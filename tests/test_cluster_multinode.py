@@ -49,17 +49,17 @@ def test_roles_are_placed_by_custom_resources_on_a_multinode_cluster(tmp_path):
     assert report["fixed"]["seconds"] < 60
     message = report["fixed"]["error"]
     assert "fixed-size cluster" in message, message
-    assert "need 3 rollout for DRM scorers 1 x 1, rollout workers 2 x 1 (have 2)" in message, message
+    assert "need 3 rollout for reward scorers 1 x 1, rollout workers 2 x 1 (have 2)" in message, message
     # the job placed each role where its custom resource is, and the learner's placement group packs
     nodes = report["nodes"]
     placed = report["actors"]
-    assert placed["DRMScorer"] == [nodes["rollout"]], placed
+    assert placed["RewardScorer"] == [nodes["rollout"]], placed
     assert placed["RolloutWorker"] == [nodes["rollout"]], placed
     assert placed["RayTrainWorker"] == [nodes["learner"]], placed
     assert report["learner_pg_strategies"] == ["PACK"], report["learner_pg_strategies"]
     assert report["summary"]["iteration"] == 1 and report["lora_saved"]
     # autoscaling: the wait says what it waits for, and ends when a node with the missing resource joins
-    assert any("waiting for 3 rollout for DRM scorers 1 x 1, rollout workers 2 x 1 (have 2)" in line
+    assert any("waiting for 3 rollout for reward scorers 1 x 1, rollout workers 2 x 1 (have 2)" in line
                for line in report["wait"]["log"]), report["wait"]["log"]
     assert report["wait"]["ok"] and report["wait"]["seconds"] < 60
     # ... and gives up clearly when nothing comes

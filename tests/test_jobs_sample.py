@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -46,13 +47,15 @@ def test_sample_job_writes_the_images_it_promises(tmp_path):
 
 
 @pytest.mark.slow
-def test_stepwise_sample_job_with_a_drm(tmp_path, drm_dir):
-    """--k 2 with a DRM and 2 seeds per prompt: PNGs, the Parquet table, an MLflow run with diversity."""
+def test_stepwise_sample_job_with_a_drm(tmp_path, drm_dir, tiny_clip_dir):
+    """--k 2 with a DRM and 2 seeds per prompt, judged by CLIP: PNGs, the Parquet table, an MLflow run with
+    diversity and the judge."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na green square\n")
     run = tmp_path / "run"
     proc = run_job("--prompts", prompts, "--k", 2, "--drm", drm_dir, "--seeds-per-prompt", 2, "--batch-size", 3,
-                   "sampling.num_steps=3", f"run.output_dir={run}")
+                   "sampling.num_steps=3", f"run.output_dir={run}", "reward.judges=[clip]",
+                   f"reward.clip_path={tiny_clip_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = pq.read_table(run / "samples" / "metadata.parquet").to_pylist()
     # Prompt-major; seed = 42 + replica * 2 prompts + prompt index.
@@ -67,7 +70,18 @@ def test_stepwise_sample_job_with_a_drm(tmp_path, drm_dir):
     (mlrun,) = client.search_runs([client.get_experiment_by_name("drm-ray").experiment_id])
     assert mlrun.info.status == "FINISHED" and mlrun.data.params["sample.k"] == "2"
     assert {"diversity/pairwise_rms", "diversity/one_minus_ssim", "sample/final_score_mean",
-            "sample/selected_score"} <= set(mlrun.data.metrics)
+            "sample/selected_score", "sample/judge/clip"} <= set(mlrun.data.metrics)
+    # the judge's column is the stock CLIP's logit of each written PNG and its prompt
+    from transformers import AutoProcessor, CLIPModel
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
+    for m in meta:
+        inputs = processor(text=[m["prompt"]], images=[np.asarray(Image.open(run / "samples" / m["file"]))],
+                           return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logit = float(model(**inputs).logits_per_image[0, 0])
+        assert m["judge_clip"] == pytest.approx(logit, abs=1e-3)
+    assert mlrun.data.metrics["sample/judge/clip"] == pytest.approx(np.mean([m["judge_clip"] for m in meta]))
     assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["samples_grid.png"]
 
 

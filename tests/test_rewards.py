@@ -8,7 +8,8 @@ import torch
 from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.models.sd3 import build_tiny
 from drm_ray.reward.model import build_drm
-from drm_ray.reward.rewards import CallableReward, CLIPReward, DRMReward, RewardSet, RewardSpec, parse_spec
+from drm_ray.reward.rewards import CallableReward, CLIPReward, DRMReward, RewardSet
+from drm_ray.reward.specs import RewardSpec, parse_spec
 
 KWARGS = dict(path=None, dtype="float32", seed=0, num_layers=4, num_attention_heads=2, attention_head_dim=16,
               resolution=64, max_sequence_length=32, shift=3.0)
@@ -25,29 +26,9 @@ def vae():
     return build_tiny(seed=0).vae
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny random-init CLIPModel with its processor (byte-level tokenizer built in code), saved as a user's
-    PickScore directory would be."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from drm_ray.models.tiny_text import tiny_clip_tokenizer
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    path = tmp_path_factory.mktemp("clip") / "pickscore"
-    CLIPModel(config).save_pretrained(path)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tiny_clip_tokenizer())
-    processor.save_pretrained(path)
-    return path
+@pytest.fixture
+def clip_dir(tiny_clip_dir):
+    return tiny_clip_dir
 
 
 def test_specs_parse_kind_and_weight():
@@ -154,3 +135,34 @@ def test_reward_set_columns_and_weighted_sum(tmp_path, clip_dir, table):
         RewardSet([RewardSpec("clip")], table, preset="tiny")
     with pytest.raises(ValueError, match="oracle reward grades toy-world images"):
         RewardSet([RewardSpec("oracle")], table, preset="tiny")
+
+
+def test_rollouts_carry_each_childs_x0_hat_for_image_rewards(table):
+    """x0_hat of a child at noise level s is one deterministic (Euler) step from s to 0 under the policy; the
+    rollout is otherwise unchanged, and scoring_requests hands image rewards x0_hat for children, the final latent
+    for finals."""
+    from drm_ray.algorithms.rl_batch import scoring_requests
+    from drm_ray.config import SD3_LORA_TARGETS
+    from drm_ray.diffusion.sampling import denoise
+    from drm_ray.workers.rollout import RolloutWorker
+
+    sampling = dict(num_steps=3, guidance_scale=4.5, noise_level=0.7, k=2, branch_steps=[0, 1],
+                    continuation="random")
+    lora = dict(rank=4, alpha=8.0, target_modules=list(SD3_LORA_TARGETS))
+    plain = RolloutWorker("tiny", KWARGS, lora, table, sampling)
+    worker = RolloutWorker("tiny", KWARGS, lora, table, sampling, x0_children=True)
+    groups = [(0, 2, 11), (1, 0, 12)]
+    (a, b), (c, d) = plain.rollout(groups, version=-1), worker.rollout(groups, version=-1)
+    assert a.children_x0 is None and torch.equal(a.children, c.children) and torch.equal(a.final, c.final)
+    for r, g in ((c, 2), (d, 0)):
+        assert r.children_x0.shape == r.children.shape  # [S, k, C, h, w]
+        e, p, ne, npool = table.rows([g] * 2)
+        for j, step in enumerate(r.step_index.tolist()):
+            s = worker.sigmas[step + 1]
+            ref = denoise(worker.transformer, torch.stack([s, torch.zeros(())]), e, p, ne, npool, 4.5, 0.0,
+                          r.children[j])
+            torch.testing.assert_close(r.children_x0[j], ref, rtol=1e-5, atol=1e-5)
+    lat, lvl, idx, clean = scoring_requests([c, d], "step_grpo", worker.sigmas)
+    assert clean.shape == lat.shape and torch.equal(clean[4], c.final[0]) and torch.equal(clean[:4],
+                                                                                            c.children_x0.flatten(0, 1))
+    assert scoring_requests([a, b], "step_grpo", worker.sigmas)[3] is None

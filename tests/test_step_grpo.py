@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,9 +78,35 @@ def test_grpo_baseline_runs_and_logs_to_mlflow(ray_session, tmp_path, drm_dir):
         assert key in run.data.metrics, key
 
 
-def test_two_learner_workers_apply_the_update(ray_session, tmp_path, drm_dir):
-    # rank 1 must not wait for work before rank 0 has opened the generation's queues (this hung before)
+def test_two_learner_workers_two_rewards_and_judges_on_held_out_prompts(ray_session, tmp_path, drm_dir,
+                                                                         tiny_clip_dir):
+    # rank 1 must not wait for work before rank 0 has opened the generation's queues (this hung before).
+    # The same run optimizes the DRM and a plug-in image reward (on each child's x0_hat) and evaluates held-out
+    # prompts with a CLIP judge, so one driver start-up covers them all.
+    held_out = tmp_path / "eval_prompts.txt"
+    held_out.write_text("a yellow star\na purple moon\n")
     driver, summary = _run(tmp_path / "two", drm_dir, "learner.num_workers=2", "learner.num_cpus=0.5",
-                           "rollout.timeout_s=120")
+                           "rollout.timeout_s=120", "reward.rewards=[drm, callable=0.5]",
+                           "reward.callable=reward_plugins:brightness", "reward.judges=[clip]",
+                           f"reward.clip_path={tiny_clip_dir}", f"data.eval_prompts={held_out}",
+                           "grpo.eval_panel_size=3")
     assert driver.version == 1 and torch.isfinite(torch.tensor(summary["train/loss"]))
     assert summary["train/states"] == 4 * 3  # every state trained once across the two ranks
+    # both rewards scored every child (the plug-in on x0_hat: one policy forward per child) and are logged apart
+    written = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert written["compute"]["x0_forwards"] == 4 * 3 * 4  # prompts x branching steps x k
+    for key in ("reward/drm/final_mean", "reward/callable/final_mean", "reward/callable/step0_mean",
+                "eval/drm_score", "eval/callable_score", "eval/reward", "eval/judge/clip", "eval/overopt/clip"):
+        assert key in summary, key
+    # the panel is the held-out prompts, cycled; the judge's score is the stock CLIP's on the same images
+    assert driver.rl.eval_texts == ["a yellow star", "a purple moon", "a yellow star"]
+    assert [e["iteration"] for e in written["eval"]] == [0, 1]
+    # the plug-in saw the panel's images as uint8 and their prompt texts: recompute it from the logged panel PNG
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}")
+    png = client.download_artifacts(written["mlflow_run_id"], "panel/iter_000001.png", str(tmp_path))
+    grid = np.asarray(Image.open(png)).astype(np.float64)  # one row of 64 px tiles
+    ref = np.mean([grid[:, 64 * i:64 * (i + 1)].mean() + len(p) for i, p in enumerate(driver.rl.eval_texts)])
+    assert summary["eval/callable_score"] == pytest.approx(ref, abs=1e-3)

@@ -20,9 +20,9 @@ def cond(tiny):
 
 def channel0_scorer(calls=None):
     """Prefers a high mean of latent channel 0; records every call."""
-    def score(latents, levels, embeds, pooled):
+    def score(latents, levels, rows):
         if calls is not None:
-            calls.append((latents.clone(), levels.clone(), embeds.clone(), pooled.clone()))
+            calls.append((latents.clone(), levels.clone(), rows.clone()))
         return latents[:, 0].mean(dim=(-2, -1))  # [N]
     return score
 
@@ -66,9 +66,9 @@ def test_selects_the_argmax_child_in_one_batched_call_per_step(tiny, cond):
     sigmas = schedule_sigmas(tiny.scheduler, 4)
     assert len(calls) == 3  # one call per branching step (4 steps, the last is Euler)
     embeds, pooled, neg, neg_pooled = (t[idx] for t in cond)
-    for i, (lat, levels, e, p) in enumerate(calls):
+    for i, (lat, levels, rows) in enumerate(calls):
         assert lat.shape == (2 * k, 16, 8, 8) and torch.equal(levels, sigmas[i + 1].expand(2 * k))
-        assert torch.equal(e, embeds.repeat_interleave(k, 0)) and torch.equal(p, pooled.repeat_interleave(k, 0))
+        assert rows.tolist() == [0] * k + [1] * k  # child-major per prompt: the caller maps rows to its prompts
 
     # Recompute independently: same generators, shared mean, k children, keep the highest channel-0 mean.
     gens = [torch.Generator().manual_seed(SEEDS[i]) for i in idx]

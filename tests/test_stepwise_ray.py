@@ -6,8 +6,9 @@ import pytest
 from drm_ray.reward.model import build_drm
 from drm_ray.models.sd3 import build_tiny
 from drm_ray.sample_driver import plan_items, sample_local, sample_on_ray, start_actors, stop_actors
+from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.workers.sampler import StepwiseSampler
-from drm_ray.workers.scorer import DRMScorer
+from drm_ray.workers.scorer import RewardScorer
 
 MODEL = dict(seed=0, num_layers=4, num_attention_heads=2, attention_head_dim=16, resolution=64,
              max_sequence_length=32, shift=3.0, path=None, dtype="float32")
@@ -19,10 +20,14 @@ def test_ray_mode_matches_local_mode(ray_session, tmp_path):
     ray = ray_session
     drm_dir = tmp_path / "drm"
     build_drm(build_tiny(seed=7, text=False, vae=False).transformer, latent_size=8, seed=7).save_pretrained(drm_dir)
-    items = plan_items(["a red circle", "a blue square", "a green triangle"], seeds_per_prompt=1, base_seed=42)
-    local = sample_local(StepwiseSampler(**SAMPLER, scorer=DRMScorer(str(drm_dir))), items, batch_size=2)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    items = plan_items(prompts, seeds_per_prompt=1, base_seed=42)
+    table = encode_prompt_table(prompts, "", "tiny", MODEL)
+    rewards = dict(specs=["drm"], preset="tiny", drm_path=str(drm_dir))
+    local = sample_local(StepwiseSampler(**SAMPLER, prompts=table, scorer=RewardScorer(prompts=table, **rewards)),
+                         items, batch_size=2)
 
-    workers, scorers = start_actors(SAMPLER, str(drm_dir), num_workers=2, num_scorers=1, num_cpus=0.5,
+    workers, scorers = start_actors(SAMPLER, ray.put(table), rewards, num_workers=2, num_scorers=1, num_cpus=0.5,
                                     num_gpus=0, timeout_s=120)
     try:
         for n in (1, 2):
@@ -43,4 +48,5 @@ def test_ray_mode_matches_local_mode(ray_session, tmp_path):
 def test_actors_that_cannot_be_placed_time_out_with_a_clear_error(ray_session):
     # The session's Ray has no GPUs, so a num_gpus=1 actor is never scheduled: the wait must end, naming why.
     with pytest.raises(TimeoutError, match=r"not ready within rollout.timeout_s=2s.*GPUs"):
-        start_actors({**SAMPLER, "k": 1}, None, num_workers=1, num_scorers=1, num_cpus=0.5, num_gpus=1, timeout_s=2)
+        start_actors({**SAMPLER, "k": 1}, None, None, num_workers=1, num_scorers=1, num_cpus=0.5, num_gpus=1,
+                     timeout_s=2)

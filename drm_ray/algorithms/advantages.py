@@ -38,13 +38,49 @@ def group_advantages(scores: torch.Tensor, clip: float = 5.0) -> tuple[torch.Ten
     return adv, valid, stats
 
 
-def step_group_advantages(child_scores: torch.Tensor, clip: float = 5.0):
-    """Step-GRPO: child_scores [G, S, k] (G prompts, S branching steps, k children) -> adv [G, S, k], valid [G, S]."""
+def combine_rewards(scores: torch.Tensor, weights: list[float] | None = None, clip: float = 5.0):
+    """Several rewards combined at the advantage level: scores [..., k, R] (R rewards) -> the weighted mean of the
+    per-reward group advantages, `A = sum_r w_r A_r / sum_r w_r` ([..., k]), valid [...] (every reward finite), stats.
+
+    Each reward is normalized within the group before weighting, so its scale does not matter (a DRM logit, a
+    CLIP logit around 20 and an oracle grade in [0, 1] count by their weights alone); a weighted sum of raw scores
+    (Flow-GRPO's multi-reward) would let the widest-spread reward dominate unless the weights undo the scales.
+    With one reward this is `group_advantages` exactly.
+    """
+    if scores.shape[-1] == 1:
+        return group_advantages(scores[..., 0], clip)
+    w = torch.tensor(weights if weights is not None else [1.0] * scores.shape[-1], dtype=torch.float32)
+    parts = [group_advantages(scores[..., r], clip) for r in range(scores.shape[-1])]
+    valid = torch.stack([v for _, v, _ in parts]).all(dim=0)  # [...]
+    adv = sum(wr * a for wr, (a, _, _) in zip(w, parts)) / w.sum()  # [..., k]
+    adv = torch.where(valid.unsqueeze(-1), adv, torch.zeros_like(adv))
+    kept = adv[valid]
+    zero_std = (scores.float().std(dim=-2, unbiased=False) < 1e-6).all(dim=-1) & valid  # every reward flat
+    stats = {
+        "adv/mean": kept.mean().item() if kept.numel() else 0.0,
+        "adv/std": kept.std(unbiased=False).item() if kept.numel() else 0.0,
+        "adv/abs_max": kept.abs().max().item() if kept.numel() else 0.0,
+        "adv/zero_std_frac": zero_std.float().sum().item() / max(valid.sum().item(), 1),
+        "adv/dropped_groups": float((~valid).sum().item()),
+    }
+    return adv, valid, stats
+
+
+def step_group_advantages(child_scores: torch.Tensor, clip: float = 5.0, weights: list[float] | None = None):
+    """Step-GRPO: child_scores [G, S, k] (G prompts, S branching steps, k children), or [G, S, k, R] for R rewards
+    with `weights` -> adv [G, S, k], valid [G, S]."""
+    if weights is not None:
+        return combine_rewards(child_scores, weights, clip)
     return group_advantages(child_scores, clip)
 
 
-def grpo_advantages(final_scores: torch.Tensor, num_steps: int, clip: float = 5.0):
-    """GRPO: final_scores [G, k] (k images per prompt) -> adv [G, S, k] (repeated over S steps), valid [G, S]."""
-    adv, valid, stats = group_advantages(final_scores, clip)  # [G, k], [G]
+def grpo_advantages(final_scores: torch.Tensor, num_steps: int, clip: float = 5.0,
+                    weights: list[float] | None = None):
+    """GRPO: final_scores [G, k] (k images per prompt), or [G, k, R] with `weights` -> adv [G, S, k] (repeated over
+    S steps), valid [G, S]."""
+    if weights is not None:
+        adv, valid, stats = combine_rewards(final_scores, weights, clip)  # [G, k], [G]
+    else:
+        adv, valid, stats = group_advantages(final_scores, clip)  # [G, k], [G]
     return (adv.unsqueeze(1).expand(-1, num_steps, -1).contiguous(),
             valid.unsqueeze(1).expand(-1, num_steps).contiguous(), stats)

@@ -18,21 +18,26 @@ import torch
 from drm_ray.algorithms.advantages import grpo_advantages, step_group_advantages
 
 
-def scoring_requests(rollouts, algo: str, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Everything the DRM must score for these rollouts, flattened: latents [N, C, h, w], noise levels [N], prompt
-    indices [N]. Step-GRPO: every child (at sigma of the step it lands on) and every final latent (s = 0); GRPO: the
-    final latents only."""
-    lat, lvl, idx = [], [], []
+def scoring_requests(rollouts, algo: str, sigmas: torch.Tensor):
+    """Everything the rewards must score for these rollouts, flattened: latents [N, C, h, w], noise levels [N], prompt
+    indices [N], and the clean estimates [N, C, h, w] image rewards score instead (x0_hat of each child, the final
+    latent itself), or None when the rollouts carry no x0_hat. Step-GRPO: every child (at sigma of the step it
+    lands on) and every final latent (s = 0); GRPO: the final latents only."""
+    lat, lvl, idx, clean = [], [], [], []
+    with_x0 = algo == "step_grpo" and bool(rollouts) and rollouts[0].children_x0 is not None
     for r in rollouts:
         if algo == "step_grpo":
             t, m = r.children.shape[:2]
             lat.append(r.children.flatten(0, 1))  # [T * m, C, h, w]
             lvl.append(sigmas[r.step_index + 1].repeat_interleave(m))
             idx.append(torch.full((t * m,), r.prompt_index))
+            if with_x0:
+                clean.append(r.children_x0.flatten(0, 1))
         lat.append(r.final)
         lvl.append(torch.zeros(r.final.shape[0]))
         idx.append(torch.full((r.final.shape[0],), r.prompt_index))
-    return torch.cat(lat), torch.cat(lvl).float(), torch.cat(idx).long()
+        clean.append(r.final)
+    return torch.cat(lat), torch.cat(lvl).float(), torch.cat(idx).long(), torch.cat(clean) if with_x0 else None
 
 
 def num_scored(rollouts, algo: str) -> int:
@@ -41,12 +46,13 @@ def num_scored(rollouts, algo: str) -> int:
 
 
 def split_scores(rollouts, algo: str, scores: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Inverse of `scoring_requests`: child scores per rollout ([T, m] each; empty for GRPO) and final scores [G, F]."""
+    """Inverse of `scoring_requests`: child scores per rollout ([T, m] each; empty for GRPO) and final scores [G, F];
+    scores [N, R] (R rewards) give [T, m, R] and [G, F, R]."""
     child, final, pos = [], [], 0
     for r in rollouts:
         if algo == "step_grpo":
             t, m = r.log_probs.shape
-            child.append(scores[pos:pos + t * m].view(t, m))
+            child.append(scores[pos:pos + t * m].view(t, m, *scores.shape[1:]))
             pos += t * m
         f = r.num_final
         final.append(scores[pos:pos + f])
@@ -55,17 +61,18 @@ def split_scores(rollouts, algo: str, scores: torch.Tensor) -> tuple[list[torch.
 
 
 def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_scores: torch.Tensor,
-                  num_branch_steps: int, adv_clip: float) -> tuple[dict, dict]:
-    """The learner's update batch (valid states only) and advantage stats.
+                  num_branch_steps: int, adv_clip: float, weights: list[float] | None = None) -> tuple[dict, dict]:
+    """The learner's update batch (valid states only) and advantage stats. With `weights`, the scores carry a last
+    dimension of R rewards, combined at the advantage level (`combine_rewards`).
 
     Batch: state_index [N], step_index [N], prompt_index [N], old_log_probs [N, m], advantages [N, m]; when the
     rollouts carry their latents (in-process use) also states [N, C, h, w] and children [N, m, C, h, w].
     """
     if algo == "step_grpo":
-        adv, valid, stats = step_group_advantages(torch.stack(child_scores), adv_clip)  # [G, S, k], [G, S]
+        adv, valid, stats = step_group_advantages(torch.stack(child_scores), adv_clip, weights)  # [G, S, k], [G, S]
     else:
-        g, k = final_scores.shape
-        adv_gsk, valid_gs, stats = grpo_advantages(final_scores, num_branch_steps, adv_clip)  # [G, S, k], [G, S]
+        g, k = final_scores.shape[:2]
+        adv_gsk, valid_gs, stats = grpo_advantages(final_scores, num_branch_steps, adv_clip, weights)  # [G, S, k]
         adv = adv_gsk.permute(0, 2, 1).reshape(g, k * num_branch_steps, 1)  # trajectory-major, as states are stored
         valid = valid_gs[:, :1].expand(-1, k * num_branch_steps)
     keep = valid.flatten()  # [G * T]

@@ -73,3 +73,17 @@ def encode_prompt_table(prompts: list[str], negative_prompt: str, preset: str, m
         embeds[lo:lo + len(e)] = _half(e)
         pooled[lo:lo + len(p)] = _half(p)
     return PromptTable(list(prompts), embeds, pooled, neg[0], neg_pooled[0])
+
+
+def prompt_table_ref(prompts: list[str], negative_prompt: str, preset: str, model_kwargs: dict, on_gpu: bool):
+    """The table of `prompts` in the object store, as an ObjectRef. Pre-trained presets encode in a Ray task (on a
+    GPU when `on_gpu`) whose result the caller never fetches, so the text encoders never load on the driver; the
+    CPU presets encode here (the driver already has everything imported)."""
+    import ray
+
+    from drm_ray.runtime import CPU_PRESETS
+
+    args = (prompts, negative_prompt, preset, model_kwargs)
+    if preset in CPU_PRESETS:
+        return ray.put(encode_prompt_table(*args))
+    return ray.remote(encode_prompt_table).options(num_gpus=1 if on_gpu else 0, num_cpus=1).remote(*args)

@@ -19,7 +19,8 @@ import torch
 from drm_ray.diffusion.flow import euler_step, sde_step_with_logprob
 from drm_ray.diffusion.sampling import predict_velocity
 
-Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# scorer(children [N, C, h, w], noise levels [N], batch rows [N]) -> scores [N]: the caller knows each row's prompt
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -61,8 +62,8 @@ def branching_rollout(transformer, sigmas: torch.Tensor, latents: torch.Tensor, 
             pick = torch.stack([torch.randint(k, (1,), generator=g)[0] for g in generators])  # [B]
         elif continuation == "best":
             flat = step.sample.flatten(0, 1)  # [B * k, C, h, w]
-            scores = scorer(flat, torch.full((b * k,), float(sigmas[i + 1])), embeds.repeat_interleave(k, 0),
-                            pooled.repeat_interleave(k, 0)).view(b, k)
+            rows = torch.arange(b).repeat_interleave(k)  # the batch row (prompt) of each child
+            scores = scorer(flat, torch.full((b * k,), float(sigmas[i + 1])), rows).view(b, k)
             pick = scores.argmax(dim=1)
         else:  # "mean": continue on the deterministic path
             pick = torch.full((b,), -1, dtype=torch.long)

@@ -72,6 +72,17 @@ def denoise(transformer, sigmas: torch.Tensor, embeds: torch.Tensor, pooled: tor
 
 
 @torch.no_grad()
+@torch.no_grad()
+def denoised_estimate(transformer, x: torch.Tensor, sigma: float | torch.Tensor, embeds: torch.Tensor,
+                      pooled: torch.Tensor, neg_embeds: torch.Tensor | None = None,
+                      neg_pooled: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """x0_hat = x_s - s * v(x_s, s, c): the clean latent the policy predicts from a noisy one (one policy forward,
+    the CFG pair), which a clean-image reward can score at any step. float32, [B, C, H, W]."""
+    v = predict_velocity(transformer, x, sigma, embeds, pooled, neg_embeds, neg_pooled, guidance_scale)
+    s = sigma.to(x.device, torch.float32).view(-1, 1, 1, 1) if isinstance(sigma, torch.Tensor) else sigma
+    return x.float() - s * v
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """SD3 latents -> images [B, 3, H, W] in [0, 1], float32."""
     z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

@@ -5,8 +5,9 @@ around it (`sde_step_with_logprob(..., k=k)`), the scorer rates all B * k childr
 children's noise level `sigmas[i + 1]` (ARCHITECTURE.md: "a candidate produced by a step into s' is scored at s'"),
 and the best-scored child continues. The last step is a deterministic Euler step, as in `denoise`.
 
-The scorer is any callable `scorer(latents [N, C, h, w], noise_levels [N], prompt_embeds [N, L, D], pooled [N, P])
--> [N]`, so a local `DRMScorer` and a remote scorer actor plug in alike. It sees the conditional prompt only.
+The scorer is any callable `scorer(latents [N, C, h, w], noise_levels [N], rows [N]) -> [N]`, where rows[i] is
+the batch row (prompt) latent i belongs to: the caller maps rows to its prompts (`StepwiseSampler` asks a
+`RewardScorer` by prompt index, with the children's x0_hat when image rewards select).
 
 Equivalences (tested): with k = 1 the scorer is never called and the result equals `denoise(..., noise_level=a)`
 with the same per-item generators, bit for bit (both draw each step's noise as one [1, k, C, h, w] tensor per
@@ -27,7 +28,7 @@ import torch
 from drm_ray.diffusion.flow import euler_step, sde_step_with_logprob
 from drm_ray.diffusion.sampling import predict_velocity
 
-Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -56,9 +57,7 @@ def stepwise_sample(transformer, sigmas: torch.Tensor, embeds: torch.Tensor, poo
     nan = torch.full((b, n - 1), math.nan)
     scores, spread, score_std = nan.clone(), nan.clone(), nan.clone()
     chosen = torch.zeros(b, n - 1, dtype=torch.long)
-    if k > 1:
-        cond = embeds.repeat_interleave(k, dim=0)                          # [B * k, L, D], child-major per prompt
-        cond_pooled = pooled.repeat_interleave(k, dim=0)                   # [B * k, P]
+    rows = torch.arange(b).repeat_interleave(k)                            # [B * k] batch row of each child
     for i in range(n):
         v = predict_velocity(transformer, x, float(sigmas[i]), embeds, pooled, neg_embeds, neg_pooled,
                              guidance_scale)                               # [B, C, h, w]
@@ -70,7 +69,7 @@ def stepwise_sample(transformer, sigmas: torch.Tensor, embeds: torch.Tensor, poo
             x = children[:, 0]
             continue
         levels = sigmas[i + 1].to(torch.float32).expand(b * k).clone()    # [B * k]
-        r = _call_scorer(scorer, children.flatten(0, 1), levels, cond, cond_pooled, b * k).view(b, k)  # [B, k]
+        r = _call_scorer(scorer, children.flatten(0, 1), levels, rows, b * k).view(b, k)  # [B, k]
         best = r.argmax(dim=1)                                             # [B], first index on ties
         x = children[torch.arange(b, device=children.device), best.to(children.device)]  # [B, C, h, w]
         scores[:, i] = r.gather(1, best[:, None])[:, 0]
@@ -80,9 +79,9 @@ def stepwise_sample(transformer, sigmas: torch.Tensor, embeds: torch.Tensor, poo
     return StepwiseResult(latents=x, scores=scores, spread=spread, score_std=score_std, chosen=chosen)
 
 
-def _call_scorer(scorer: Scorer, latents: torch.Tensor, levels: torch.Tensor, embeds: torch.Tensor,
-                 pooled: torch.Tensor, n: int) -> torch.Tensor:
-    r = scorer(latents, levels, embeds, pooled)
+def _call_scorer(scorer: Scorer, latents: torch.Tensor, levels: torch.Tensor, rows: torch.Tensor,
+                 n: int) -> torch.Tensor:
+    r = scorer(latents, levels, rows)
     if not isinstance(r, torch.Tensor) or r.shape != (n,):
         got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
         raise ValueError(f"scorer must return a tensor of shape [{n}] (one score per child), got {got}")

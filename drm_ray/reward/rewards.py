@@ -27,44 +27,11 @@ number per latent.
 from __future__ import annotations
 
 import importlib
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-IMAGE_KINDS = ("oracle", "clip", "callable")
-
-
-def reward_kinds() -> tuple[str, ...]:
-    return ("drm", *IMAGE_KINDS)
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    kind: str              # drm | oracle | clip | callable
-    weight: float = 1.0
-
-    @property
-    def name(self) -> str:
-        return self.kind
-
-
-def parse_spec(text: str) -> RewardSpec:
-    """`kind` or `kind=weight` (`drm`, `oracle=0.5`); the kind's model comes from its own config field
-    (reward.drm_path, reward.clip_path, reward.callable)."""
-    kind, sep, weight = str(text).partition("=")
-    kind = kind.strip()
-    if kind not in reward_kinds():
-        raise ValueError(f"unknown reward kind {kind!r} in {text!r}; known: {', '.join(reward_kinds())}")
-    try:
-        w = float(weight) if sep else 1.0
-    except ValueError:
-        raise ValueError(f"reward {text!r}: the weight after '=' must be a number") from None
-    if not math.isfinite(w) or w <= 0:
-        raise ValueError(f"reward {text!r}: the weight must be a finite number > 0")
-    return RewardSpec(kind, w)
-
+from drm_ray.reward.specs import IMAGE_KINDS, RewardSpec
 
 def _check_request(latents: torch.Tensor, noise_levels: torch.Tensor, prompt_index: torch.Tensor, n_prompts: int):
     n = latents.shape[0]
@@ -264,10 +231,26 @@ class RewardSet:
     def weights(self) -> list[float]:
         return [s.weight for s in self.specs]
 
-    def score_all(self, latents, noise_levels, prompt_index) -> torch.Tensor:
-        """[N, R]: one column per reward, in the order of the specs."""
-        cols = [m.score(latents, noise_levels, prompt_index) for m in self.models]
-        return torch.stack(cols, dim=1) if cols else torch.zeros(latents.shape[0], 0)
+    def score_all(self, latents, noise_levels, prompt_index, clean=None) -> torch.Tensor:
+        """[N, R]: one column per reward, in the order of the specs. `clean` [N, C, h, w] (optional): the denoised
+        estimate x0_hat of each latent, which image rewards score (at noise level 0) in place of a noisy latent;
+        the DRM always scores `latents` at `noise_levels`."""
+        cols = []
+        for m in self.models:
+            if m.kind != "drm" and clean is not None:
+                cols.append(m.score(clean, torch.zeros_like(noise_levels), prompt_index))
+            else:
+                cols.append(m.score(latents, noise_levels, prompt_index))
+        return torch.stack(cols, dim=1)
 
-    def score(self, latents, noise_levels, prompt_index) -> torch.Tensor:
-        return self.score_all(latents, noise_levels, prompt_index) @ torch.tensor(self.weights)
+    def score(self, latents, noise_levels, prompt_index, clean=None) -> torch.Tensor:
+        """The weighted sum of `score_all` [N]."""
+        return self.score_all(latents, noise_levels, prompt_index, clean) @ torch.tensor(self.weights)
+
+    @property
+    def needs_clean(self) -> bool:
+        """True when some reward scores images: noisy latents need their x0_hat."""
+        return any(s.kind in IMAGE_KINDS for s in self.specs)
+
+    def drm(self) -> DRMReward | None:
+        return next((m for m in self.models if m.kind == "drm"), None)

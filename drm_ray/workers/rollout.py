@@ -18,7 +18,7 @@ import torch
 from drm_ray.data.prompt_table import PromptTable
 from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.diffusion.rollout import branching_rollout
-from drm_ray.diffusion.sampling import denoise, initial_latents
+from drm_ray.diffusion.sampling import denoise, denoised_estimate, initial_latents
 from drm_ray.dispatch import StaleLoRAError
 from drm_ray.models.lora import add_lora, load_lora_state, lora_checksum, lora_state
 from drm_ray.models.sd3 import build_components, latent_size
@@ -30,10 +30,12 @@ class GroupLatents:
     states: torch.Tensor      # [T, C, h, w] trained states (T = S for step_grpo, k * S for grpo)
     children: torch.Tensor    # [T, m, C, h, w] (m = k for step_grpo, 1 for grpo)
     final: torch.Tensor       # [F, C, h, w] final latents (F = 1 for step_grpo, k for grpo)
+    children_x0: torch.Tensor | None = None  # [T, m, C, h, w] x0_hat of each child, when image rewards score them
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.states, self.children, self.final))
+        return sum(t.numel() * t.element_size() for t in (self.states, self.children, self.final, self.children_x0)
+                   if t is not None)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class GroupRollout:
     final: torch.Tensor | None     # [F, C, h, w]; None in the driver's copy
     num_final: int = 0             # F, kept when the latents are split off
     payload_bytes: int = 0         # bytes of the latents, kept when they are split off
+    children_x0: torch.Tensor | None = None  # [T, m, C, h, w] x0_hat of each child (image rewards); else None
 
     def __post_init__(self):
         if self.final is not None:
@@ -60,15 +63,16 @@ class GroupRollout:
         return self.log_probs.numel()
 
     def latents(self) -> GroupLatents:
-        return GroupLatents(self.states, self.children, self.final)
+        return GroupLatents(self.states, self.children, self.final, self.children_x0)
 
     def with_latents(self, latents: GroupLatents) -> GroupRollout:
-        return replace(self, states=latents.states, children=latents.children, final=latents.final)
+        return replace(self, states=latents.states, children=latents.children, final=latents.final,
+                       children_x0=latents.children_x0)
 
 
 def split_rollouts(rollouts: list[GroupRollout]) -> tuple[list[GroupRollout], list[GroupLatents]]:
     """(records without latents, for the driver; the latents, for the object store)."""
-    small = [replace(r, states=None, children=None, final=None) for r in rollouts]
+    small = [replace(r, states=None, children=None, final=None, children_x0=None) for r in rollouts]
     return small, [r.latents() for r in rollouts]
 
 
@@ -86,7 +90,8 @@ def group_generators(seed: int, count: int) -> list[torch.Generator]:
 
 class RolloutWorker:
     def __init__(self, preset: str, model_kwargs: dict, lora: dict, prompts: PromptTable, sampling: dict,
-                 algo: str = "step_grpo", torch_threads: int = 1, scorer=None):
+                 algo: str = "step_grpo", torch_threads: int = 1, scorer=None, x0_children: bool = False,
+                 timeout_s: float = 600.0):
         torch.set_num_threads(torch_threads)
         comps = build_components(preset, text=False, vae=False, **model_kwargs)
         self.transformer = comps.transformer
@@ -100,7 +105,9 @@ class RolloutWorker:
         self.sigmas = schedule_sigmas(comps.scheduler, sampling["num_steps"])
         self.scheduler = comps.scheduler
         self.latent_size = latent_size(preset, model_kwargs["resolution"])
-        self.scorer = scorer
+        self.scorer = scorer  # a RewardScorer actor (continuation=best asks it which child continues)
+        self.x0_children = x0_children  # image rewards score the children's denoised estimates x0_hat
+        self.timeout_s = timeout_s
         self.version = -1  # no adapter state loaded from the learner yet
 
     def ready(self) -> int:
@@ -118,10 +125,28 @@ class RolloutWorker:
     def transformer_config(self) -> dict:
         return dict(self.transformer.config)
 
-    def _score(self, latents, noise_levels, embeds, pooled):
+    def _x0(self, children: torch.Tensor, sigma: float, rows: torch.Tensor, conds) -> torch.Tensor:
+        """x0_hat of children [N, C, h, w] at noise level sigma; rows: each child's batch row in `conds`."""
+        embeds, pooled, neg, neg_pooled = (c[rows.to(c.device)] for c in conds)
+        return denoised_estimate(self.transformer, children, sigma, embeds, pooled, neg, neg_pooled,
+                                 self.s["guidance_scale"])
+
+    def _best_scorer(self, prompt_index: list[int], conds):
+        """continuation=best: the RewardScorer actor scores a step's children (by prompt index; with their x0_hat
+        when image rewards are among the rewards), waiting at most timeout_s."""
         import ray
 
-        return ray.get(self.scorer.score.remote(latents, noise_levels, embeds, pooled))
+        index = torch.tensor(prompt_index, dtype=torch.long)
+
+        def score(children, levels, rows):
+            clean = self._x0(children, float(levels[0]), rows, conds).cpu() if self.x0_children else None
+            ref = self.scorer.score.remote(children.cpu(), levels, index[rows], clean)
+            try:
+                return ray.get(ref, timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError as err:
+                raise TimeoutError(f"the reward scorer did not answer within rollout.timeout_s={self.timeout_s:g}s "
+                                   "(continuation=best)") from err
+        return score
 
     @torch.no_grad()
     def rollout(self, groups: list[tuple[int, int, int]], version: int) -> list[GroupRollout]:
@@ -132,14 +157,20 @@ class RolloutWorker:
         per_group = 1 if self.algo == "step_grpo" else k
         idx = [p for _, p, _ in groups for _ in range(per_group)]
         gens = [g for _, _, seed in groups for g in group_generators(seed, per_group)]
-        embeds, pooled, neg, neg_pooled = self.prompts.rows(idx, self.device)
+        conds = self.prompts.rows(idx, self.device)  # embeds, pooled, neg, neg_pooled [B, ...]
         x1 = initial_latents(len(idx), self.transformer.config.in_channels, self.latent_size, gens, self.device)
+        continuation = s["continuation"] if self.algo == "step_grpo" else "random"
         out = branching_rollout(
-            self.transformer, self.sigmas, x1, embeds, pooled, neg, neg_pooled, s["guidance_scale"],
-            s["noise_level"], k if self.algo == "step_grpo" else 1, tuple(s["branch_steps"]), gens,
-            s["continuation"] if self.algo == "step_grpo" else "random",
-            self._score if s["continuation"] == "best" else None)
+            self.transformer, self.sigmas, x1, *conds, s["guidance_scale"],
+            s["noise_level"], k if self.algo == "step_grpo" else 1, tuple(s["branch_steps"]), gens, continuation,
+            self._best_scorer(idx, conds) if continuation == "best" else None)
         steps = torch.tensor(out.steps, dtype=torch.long)
+        x0 = None
+        if self.x0_children and self.algo == "step_grpo":  # [B, S, k, C, h, w]: what image rewards score
+            b, n_steps, m = out.children.shape[:3]
+            rows = torch.arange(b).repeat_interleave(m)
+            x0 = torch.stack([self._x0(out.children[:, j].flatten(0, 1), float(self.sigmas[i + 1]), rows, conds)
+                              .view(b, m, *out.children.shape[3:]) for j, i in enumerate(out.steps)], dim=1)
         results = []
         for g, (gid, pidx, seed) in enumerate(groups):
             sl = slice(g * per_group, (g + 1) * per_group)  # this group's trajectories
@@ -150,6 +181,7 @@ class RolloutWorker:
                 children=out.children[sl].flatten(0, 1).cpu(),      # [per_group * S, m, C, h, w]
                 log_probs=out.log_probs[sl].flatten(0, 1).cpu(),    # [per_group * S, m]
                 final=out.final[sl].cpu(),                          # [per_group, C, h, w]
+                children_x0=None if x0 is None else x0[sl].flatten(0, 1).cpu(),
             ))
         return results
 

@@ -1,8 +1,13 @@
-"""DRMScorer: batched R(x_s, s, c) over a trained DRM directory. A plain class; the driver makes it a Ray actor.
+"""RewardScorer: the one scoring actor. A plain class; the driver makes it a Ray actor.
 
-Stateless between calls (the DRM weights are read-only), so a restarted actor serves exactly as before and several
-scorers can serve several rollout workers. Prompts are named by index into a `PromptTable` (zero-copy in the object
-store); in the RL loop the scorer fetches the rollout latents itself (`score_rollouts`) and returns only scores.
+    score(latents [N, C, h, w], noise_levels [N], prompt_index [N], clean=None) -> [N]   (the weighted sum)
+    score_all(...) -> [N, R]                                                            (one column per reward)
+
+It holds a `RewardSet` (drm_ray/reward/rewards.py: the DRM, CLIP-family models, the toy oracle, plug-ins) over the
+job's `PromptTable` (zero-copy in the object store), so requests name prompts by index and never carry embeddings.
+Stateless between calls (the weights are read-only): a restarted actor serves exactly as before, and several
+scorers can serve several rollout workers. Step-GRPO, GRPO, Step-wise Sampling and evaluation (judges) all call
+this class. In the RL loop the scorer fetches the rollout latents itself (`score_rollouts`) and returns only scores.
 """
 
 from __future__ import annotations
@@ -10,64 +15,72 @@ from __future__ import annotations
 import torch
 
 from drm_ray.algorithms.rl_batch import scoring_requests
-from drm_ray.models.sd3 import default_device, torch_dtype
-from drm_ray.reward.model import DiffusionRewardModel
+from drm_ray.models.sd3 import torch_dtype
+from drm_ray.reward.rewards import RewardSet
+from drm_ray.reward.specs import parse_spec
 
 
-class DRMScorer:
-    def __init__(self, drm_path: str, dtype: str | None = None, max_batch: int = 64, torch_threads: int = 1,
-                 prompts=None):
+def scorer_kwargs(cfg, specs: tuple[str, ...] | list[str], drm_path=None, dtype: str | None = None) -> dict:
+    """RewardScorer's keyword arguments from a job config (every job builds them here)."""
+    return dict(specs=list(specs), preset=cfg.model.preset, model_path=cfg.model.path,
+                resolution=cfg.sampling.resolution, seed=cfg.model.seed,
+                drm_path=str(drm_path) if drm_path else cfg.reward.drm_path, clip_path=cfg.reward.clip_path,
+                callable_target=cfg.reward.callable, dtype=dtype)
+
+
+class RewardScorer:
+    def __init__(self, specs, prompts, *, preset: str, model_path: str | None = None, resolution: int = 64,
+                 seed: int = 0, drm_path: str | None = None, clip_path: str | None = None,
+                 callable_target: str | None = None, dtype: str | None = None, max_batch: int = 64,
+                 torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
-        self.prompts = prompts  # a PromptTable, so requests can name prompts by index
-        self.device = default_device()
-        self.drm = DiffusionRewardModel.from_pretrained(drm_path, device=self.device,
-                                                        dtype=torch_dtype(dtype) if dtype else None)
-        self.drm.requires_grad_(False)
-        self.max_batch = max_batch
+        self.prompts = prompts  # a PromptTable (resolved by Ray from its object-store reference)
+        self.rewards = RewardSet([parse_spec(s) for s in specs], prompts, preset=preset, model_path=model_path,
+                                 resolution=resolution, seed=seed, drm_path=drm_path, clip_path=clip_path,
+                                 callable_target=callable_target, dtype=torch_dtype(dtype) if dtype else None,
+                                 max_batch=max_batch)
 
     def ready(self) -> bool:
         return True
 
-    def transformer_config(self) -> dict:
-        return dict(self.drm.transformer_config)
+    def names(self) -> list[str]:
+        return self.rewards.names
+
+    def weights(self) -> list[float]:
+        return self.rewards.weights
+
+    def needs_clean(self) -> bool:
+        return self.rewards.needs_clean
 
     def check_compatible(self, transformer_config: dict, latent_size: int) -> None:
-        self.drm.check_compatible(transformer_config, latent_size)
+        """Raise if the DRM (when there is one) cannot score this policy's latents and prompt embeddings."""
+        drm = self.rewards.drm()
+        if drm is not None:
+            drm.drm.check_compatible(transformer_config, latent_size)
 
-    @torch.no_grad()
-    def score(self, latents: torch.Tensor, noise_levels: torch.Tensor, prompt_embeds: torch.Tensor,
-              pooled: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """latents [N, C, h, w], noise_levels [N], prompt_embeds [N, L, D], pooled [N, P] -> rewards [N] (CPU fp32).
-        With `rows` [N], latent i is scored with prompt row rows[i] of prompt_embeds / pooled ([U, ...])."""
-        out = []
-        for lo in range(0, latents.shape[0], self.max_batch):
-            hi = lo + self.max_batch
-            sel = slice(lo, hi) if rows is None else rows[lo:hi]
-            r = self.drm(latents[lo:hi].to(self.device), noise_levels[lo:hi].to(self.device),
-                         prompt_embeds[sel].to(self.device), pooled[sel].to(self.device))
-            out.append(r.float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+    def score_all(self, latents: torch.Tensor, noise_levels: torch.Tensor, prompt_index: torch.Tensor,
+                  clean: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rewards.score_all(latents, noise_levels, torch.as_tensor(prompt_index), clean)
 
-    def score_indexed(self, latents: torch.Tensor, noise_levels: torch.Tensor,
-                      prompt_indices: torch.Tensor) -> torch.Tensor:
-        """As `score`, with prompts named by index into the PromptTable given at construction. Each distinct
-        prompt's embeddings are gathered once and moved to the device in the DRM's dtype (a chunk of 4 groups holds
-        220 children but 4 prompts)."""
-        if self.prompts is None:
-            raise ValueError("this scorer was built without a prompt table")
-        distinct, rows = torch.unique(torch.as_tensor(prompt_indices, dtype=torch.long), return_inverse=True)
-        embeds, pooled, _, _ = self.prompts.rows(distinct, self.device, self.drm.dtype)  # [U, L, D], [U, P]
-        return self.score(latents, noise_levels, embeds, pooled, rows.to(self.device))
+    def score(self, latents: torch.Tensor, noise_levels: torch.Tensor, prompt_index: torch.Tensor,
+              clean: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rewards.score(latents, noise_levels, torch.as_tensor(prompt_index), clean)
+
+    def score_embedded(self, latents, noise_levels, prompt_embeds, pooled) -> torch.Tensor:
+        """The DRM on explicit embeddings (Step-wise Sampling's samplers encode their own prompts)."""
+        drm = self.rewards.drm()
+        if drm is None or len(self.rewards.names) != 1:
+            raise ValueError(f"scoring with explicit prompt embeddings needs the drm reward alone, this scorer holds "
+                             f"{self.rewards.names}")
+        return drm.score_embedded(latents, noise_levels, prompt_embeds, pooled)
 
     def score_rollouts(self, rollouts: list, latent_refs: list, algo: str, sigmas: torch.Tensor) -> torch.Tensor:
-        """Scores of everything `scoring_requests` asks for: `rollouts` are the records without latents,
+        """Scores [N, R] of everything `scoring_requests` asks for: `rollouts` are the records without latents,
         `latent_refs` (nested in a list, so Ray passes them unresolved) the object-store payloads holding their
-        latents, in order (lists of `GroupLatents`). Only the scores [N] go back."""
+        latents, in order (lists of `GroupLatents`). Only the scores go back."""
         import ray
 
         from drm_ray.workers.rollout import join_rollouts
 
         latents = [g for chunk in ray.get(list(latent_refs)) for g in chunk]
-        return self.score_indexed(*scoring_requests(join_rollouts(rollouts, latents), algo, sigmas))
-
-    __call__ = score
+        return self.score_all(*scoring_requests(join_rollouts(rollouts, latents), algo, sigmas))
