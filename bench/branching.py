@@ -7,7 +7,7 @@ All k children of a state share ONE mean (ARCHITECTURE.md), so one policy forwar
 the whole group in the rollout and in the learner: only the DRM scoring grows with k, and the learner's extra work
 per child is elementwise (a Gaussian log-prob and the clipped ratio), so its cost should grow far slower than k
 (target: k = 6 at most 1.3x k = 1). In ONE plain process, no Ray: `RolloutWorker.rollout` over `--groups` prompt
-groups (the states are groups x branching steps, whatever k), `DRMScorer.score_indexed` over every child and final
+groups (the states are groups x branching steps, whatever k), `RewardScorer.score` over every child and final
 latent, `learner_batch`, and `train_update` on a DeepSpeed engine (gloo, world size 1) over the same states.
 
 Measured: the least of `--repeats` runs after a warm-up. FLOP-implied: `torch.utils.flop_counter.FlopCounterMode`
@@ -58,7 +58,7 @@ def run(args) -> tuple[str, dict]:
     from drm_ray.models.sd3 import model_kwargs
     from drm_ray.workers.learner import train_update
     from drm_ray.workers.rollout import RolloutWorker
-    from drm_ray.workers.scorer import DRMScorer
+    from drm_ray.workers.scorer import RewardScorer
 
     out = Path(args.out or ROOT / "outputs" / f"bench_branching_{args.config}").resolve()
     cfg = load_config(args.config, args.overrides)
@@ -67,7 +67,7 @@ def run(args) -> tuple[str, dict]:
     branch = cfg.branch_steps()
     prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
     table = encode_prompt_table(prompts, s.negative_prompt, cfg.model.preset, kw)
-    scorer = DRMScorer(str(untrained_drm(cfg, out / "drm")), None, 64, 1, table)
+    scorer = RewardScorer(["drm"], table, preset=cfg.model.preset, drm_path=str(untrained_drm(cfg, out / "drm")))
     groups = PromptSampler(len(prompts), cfg.run.seed).next(args.groups)
     states = args.groups * len(branch)
     single_process_group()
@@ -87,8 +87,8 @@ def run(args) -> tuple[str, dict]:
 
         rollout()  # warm-up
         t_roll, rollouts = best_of(args.repeats, rollout)
-        lat, lvl, idx = scoring_requests(rollouts, g.algo, sigmas)
-        t_score, scores = best_of(args.repeats, lambda: scorer.score_indexed(lat, lvl, idx))
+        lat, lvl, idx, _ = scoring_requests(rollouts, g.algo, sigmas)
+        t_score, scores = best_of(args.repeats, lambda: scorer.score(lat, lvl, idx))
         child, final = split_scores(rollouts, g.algo, scores)
         batch, _ = learner_batch(rollouts, g.algo, child, final, len(branch), g.adv_clip)
         n = batch["states"].shape[0]
@@ -97,7 +97,7 @@ def run(args) -> tuple[str, dict]:
         t_learn, _ = best_of(args.repeats, learn)
         results.append(dict(k=k, states=n, children=int(batch["children"].shape[:2].numel()), t_roll=t_roll,
                             t_score=t_score, t_learn=t_learn, f_roll=flops(rollout),
-                            f_score=flops(lambda: scorer.score_indexed(lat, lvl, idx)), f_learn=flops(learn),
+                            f_score=flops(lambda: scorer.score(lat, lvl, idx)), f_learn=flops(learn),
                             mb=sum(v.numel() * v.element_size() for v in batch.values()) / 2**20))
         print(f"[bench] k={k}: rollout {t_roll:.3f}s score {t_score:.3f}s learn {t_learn:.3f}s", flush=True)
     return report(args, cfg, results)

@@ -272,7 +272,8 @@ class Check:
         def sample(k):
             gens = [self.torch.Generator().manual_seed(5)]
             return stepwise_sample(t, sigmas, e, p, self.latents(1), k=k, noise_level=0.7, generator=gens,
-                                   scorer=(lambda lat, lvl, em, po: drm(lat, lvl.to(self.device), em, po))
+                                   scorer=(lambda lat, lvl, rows: drm(lat, lvl.to(self.device), e[rows.to(e.device)],
+                                                                      p[rows.to(p.device)]))
                                    if k > 1 else None, neg_embeds=ne, neg_pooled=npool, guidance_scale=4.5)
 
         with self.torch.no_grad():

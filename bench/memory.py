@@ -53,7 +53,7 @@ def prepare(cfg, work: Path) -> None:
     from drm_ray.diffusion.flow import schedule_sigmas
     from drm_ray.models.sd3 import model_kwargs
     from drm_ray.workers.rollout import RolloutWorker
-    from drm_ray.workers.scorer import DRMScorer
+    from drm_ray.workers.scorer import RewardScorer
 
     kw = model_kwargs(cfg.model, cfg.sampling)
     prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
@@ -61,9 +61,9 @@ def prepare(cfg, work: Path) -> None:
     worker = RolloutWorker(cfg.model.preset, kw, lora_args(cfg), table, sampling_args(cfg), cfg.grpo.algo, 1)
     groups = PromptSampler(len(prompts), cfg.run.seed).next(cfg.grpo.prompts_per_iter)
     rollouts = worker.rollout(groups, -1)
-    scorer = DRMScorer(str(untrained_drm(cfg, work / "drm")), None, 64, 1, table)
+    scorer = RewardScorer(["drm"], table, preset=cfg.model.preset, drm_path=str(untrained_drm(cfg, work / "drm")))
     request = scoring_requests(rollouts, cfg.grpo.algo, worker.sigmas)
-    child, final = split_scores(rollouts, cfg.grpo.algo, scorer.score_indexed(*request))
+    child, final = split_scores(rollouts, cfg.grpo.algo, scorer.score(*request))
     batch, _ = learner_batch(rollouts, cfg.grpo.algo, child, final, len(cfg.branch_steps()), cfg.grpo.adv_clip)
     torch.save({"table": table, "groups": groups, "rollouts": rollouts, "request": request, "batch": batch,
                 "sigmas": schedule_sigmas(worker.scheduler, cfg.sampling.num_steps)}, work / "payload.pt")
@@ -93,9 +93,9 @@ def run_role(role: str, cfg, work: Path) -> dict:
         worker = RolloutWorker(cfg.model.preset, kw, lora_args(cfg), table, sampling_args(cfg), cfg.grpo.algo, 1)
         worker.rollout(payload["groups"][:cfg.rollout.groups_per_call], -1)
     elif role == "DRM scorer":
-        from drm_ray.workers.scorer import DRMScorer
+        from drm_ray.workers.scorer import RewardScorer
 
-        DRMScorer(str(work / "drm"), None, 64, 1, table).score_indexed(*payload["request"])
+        RewardScorer(["drm"], table, preset=cfg.model.preset, drm_path=str(work / "drm")).score(*payload["request"])
     elif role == "learner worker":
         from common import learner_engine, learner_train_cfg, single_process_group
         from drm_ray.workers.learner import train_update

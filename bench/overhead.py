@@ -5,7 +5,7 @@
     python bench/overhead.py --mlflow                 # also log the tables to MLflow (sqlite in --out)
 
 Three fresh subprocesses, same config, same seeds, same untrained DRM (timings only):
-- `single`: ONE plain process, no Ray: `RolloutWorker` and `DRMScorer` as plain objects, `learner_batch`, and the
+- `single`: ONE plain process, no Ray: `RolloutWorker` and `RewardScorer` as plain objects, `learner_batch`, and the
   learner's `train_update` on a DeepSpeed engine over gloo with world size 1; the same chunking, prompt sampler and
   LoRA hand-over (`lora_state` -> `set_lora`) as the driver.
 - `ray`: `StepGRPODriver(cfg).step()` in-process (1 scorer, N rollout workers, 1 Ray Train learner worker), with the
@@ -33,7 +33,7 @@ from common import ROOT, format_table, log_to_mlflow, setup_env  # noqa: E402
 setup_env()
 
 PHASES = ("rollout", "score", "learn", "sync")
-ROLE_OF_ACTOR = {"TimedRolloutWorker": "rollout worker(s)", "TimedDRMScorer": "DRM scorer",
+ROLE_OF_ACTOR = {"TimedRolloutWorker": "rollout worker(s)", "TimedRewardScorer": "reward scorer",
                  "RayTrainWorker": "learner worker", "Coordinator": "learner coordinator"}
 RAY_TRAIN_ACTORS = ("TrainController", "SynchronizationActor", "DatasetManager", "PreemptionWatcher",
                     "PlacementGroupCleaner", "_AutoscalingCoordinatorActor")
@@ -60,7 +60,7 @@ def run_single(args, out: Path) -> dict:
     from drm_ray.models.sd3 import model_kwargs, torch_dtype
     from drm_ray.workers.learner import train_update
     from drm_ray.workers.rollout import RolloutWorker
-    from drm_ray.workers.scorer import DRMScorer
+    from drm_ray.workers.scorer import RewardScorer
     from common import learner_engine, learner_train_cfg, pickle_cost, single_process_group
 
     cfg = bench_config(args, out, 1)
@@ -73,7 +73,7 @@ def run_single(args, out: Path) -> dict:
                 "branch_steps": list(branch), "continuation": g.continuation}
     lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
     worker = RolloutWorker(cfg.model.preset, kw, lora, table, sampling, g.algo, 1)
-    scorer = DRMScorer(cfg.reward.drm_path, None, 64, 1, table)
+    scorer = RewardScorer(["drm"], table, preset=cfg.model.preset, drm_path=cfg.reward.drm_path)
     single_process_group()
     train_cfg = learner_train_cfg(cfg, g.prompts_per_iter * len(branch))
     engine, transformer, sigmas = learner_engine(cfg, train_cfg)
@@ -90,8 +90,8 @@ def run_single(args, out: Path) -> dict:
                                                                                         version)]
         t["rollout"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lat, lvl, idx = scoring_requests(rollouts, g.algo, sigmas)
-        child, final = split_scores(rollouts, g.algo, scorer.score_indexed(lat, lvl, idx))
+        lat, lvl, idx, _ = scoring_requests(rollouts, g.algo, sigmas)
+        child, final = split_scores(rollouts, g.algo, scorer.score(lat, lvl, idx))
         t["score"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         batch, _ = learner_batch(rollouts, g.algo, child, final, len(branch), g.adv_clip)
@@ -124,7 +124,7 @@ def run_single(args, out: Path) -> dict:
 def timed_classes():
     """Subclasses of the worker classes that record how long each method ran inside the actor."""
     from drm_ray.workers.rollout import RolloutWorker
-    from drm_ray.workers.scorer import DRMScorer
+    from drm_ray.workers.scorer import RewardScorer
 
     def timed(name, fn):
         def wrapper(self, *a, **k):
@@ -145,8 +145,8 @@ def timed_classes():
     worker = type("TimedRolloutWorker", (RolloutWorker,), {
         "bench_times": {}, "take_times": take, "rollout": timed("rollout", RolloutWorker.rollout),
         "set_lora": timed("set_lora", RolloutWorker.set_lora)})
-    scorer = type("TimedDRMScorer", (DRMScorer,), {
-        "bench_times": {}, "take_times": take, "score_indexed": timed("score", DRMScorer.score_indexed)})
+    scorer = type("TimedRewardScorer", (RewardScorer,), {
+        "bench_times": {}, "take_times": take, "score_rollouts": timed("score", RewardScorer.score_rollouts)})
     return worker, scorer
 
 
@@ -194,7 +194,7 @@ def run_ray(args, out: Path, workers: int) -> dict:
 
     cfg = bench_config(args, out, workers)
     job_env(cfg.model.preset, cfg.model.path)
-    rl_setup.RolloutWorker, rl_setup.DRMScorer = timed_classes()  # in-actor timing; the logic is unchanged
+    rl_setup.RolloutWorker, rl_setup.RewardScorer = timed_classes()  # in-actor timing; the logic is unchanged
     from drm_ray.driver import StepGRPODriver
 
     t0 = time.perf_counter()

@@ -116,7 +116,7 @@ def write_data(work: Path, n_pairs: int) -> dict:
 
 def role_of(title: str) -> str | None:
     """A Ray process title (`ray::RolloutWorker.rollout`) -> the role it plays; None for processes to ignore."""
-    for needle, role in (("RolloutWorker", "rollout worker"), ("DRMScorer", "DRM scorer"),
+    for needle, role in (("RolloutWorker", "rollout worker"), ("RewardScorer", "reward scorer"),
                          ("RayTrainWorker", "train worker"), ("PairEncoder", "encoder actor"),
                          ("MapWorker", "encoder actor"), ("encode_prompt", "prompt table task"),
                          ("Coordinator", "ray control actors"), ("Controller", "ray control actors")):

@@ -5,7 +5,7 @@
     python bench/stepwise_cost.py --untrained --ks 1,2,4,6 --seeds 4 sampling.num_steps=6
     python bench/stepwise_cost.py --config sd35m model.path=/models/sd3.5-medium --drm /ckpt/drm --prompts p.txt
 
-For each k, the same prompts and seeds (in-process, one DRMScorer, batches of --batch-size) are denoised with
+For each k, the same prompts and seeds (in-process, one RewardScorer, batches of --batch-size) are denoised with
 `stepwise_sample`; the table shows the wall time per image (denoising only: prompt encoding, VAE decoding and the
 final scoring are outside the clock; the least of --repeats runs), its ratio to the first k (1 by default), and the ratio implied by
 counting transformer blocks: per image, T policy steps of a CFG forward over n blocks on 2 latents, plus for k > 1
@@ -46,9 +46,10 @@ from drm_ray.diffusion.sampling import decode_latents, initial_latents  # noqa: 
 from drm_ray.diffusion.stepwise import stepwise_sample  # noqa: E402
 from drm_ray.diversity import prompt_diversity  # noqa: E402
 from drm_ray.reward.model import build_drm  # noqa: E402
-from drm_ray.models.sd3 import build_components, encode_prompts, latent_size, model_kwargs  # noqa: E402
+from drm_ray.data.prompt_table import encode_prompt_table  # noqa: E402
+from drm_ray.models.sd3 import build_components, latent_size, model_kwargs  # noqa: E402
 from drm_ray.sample_driver import make_batches, plan_items  # noqa: E402
-from drm_ray.workers.scorer import DRMScorer  # noqa: E402
+from drm_ray.workers.scorer import RewardScorer  # noqa: E402
 
 SD35M_BLOCKS = 24  # transformer blocks of Stable Diffusion 3.5-Medium
 
@@ -84,17 +85,20 @@ def get_drm(args, cfg, out: Path) -> tuple[Path, str]:
 def run_k(comps, scorer, sigmas, cond, items, k: int, s, batch_size: int,
           size: int) -> tuple[float, torch.Tensor, dict]:
     """Denoise every item with k candidates: (denoising seconds, final latents [N, C, h, w], step stats)."""
-    embeds, pooled, neg, neg_pooled = cond
+    embeds, pooled, neg, neg_pooled = cond  # [P, ...] rows of the prompt table
     latents, spreads, seconds = [], [], 0.0
     for idx in make_batches(len(items), batch_size):
         gens = [torch.Generator().manual_seed(items[i].seed) for i in idx]
         x1 = initial_latents(len(idx), comps.transformer.config.in_channels, size, gens, comps.transformer.device)
         rows = torch.tensor([items[i].prompt_index for i in idx])
+
+        def select(lat, lvl, batch_rows, rows=rows):  # the scorer names prompts by table row
+            return scorer.score(lat, lvl, rows[batch_rows])
+
         start = time.perf_counter()
         res = stepwise_sample(comps.transformer, sigmas, embeds[rows], pooled[rows], x1, k=k,
-                              noise_level=s.noise_level, generator=gens, scorer=scorer if k > 1 else None,
-                              neg_embeds=neg.expand(len(idx), -1, -1), neg_pooled=neg_pooled.expand(len(idx), -1),
-                              guidance_scale=s.guidance_scale)
+                              noise_level=s.noise_level, generator=gens, scorer=select if k > 1 else None,
+                              neg_embeds=neg[rows], neg_pooled=neg_pooled[rows], guidance_scale=s.guidance_scale)
         seconds += time.perf_counter() - start
         latents.append(res.latents)
         spreads.append(res.spread)
@@ -126,16 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     drm_dir, drm_note = get_drm(args, cfg, out)
 
     comps = build_components(cfg.model.preset, **model_kwargs(cfg.model, s))
-    scorer = DRMScorer(str(drm_dir), dtype=cfg.model.dtype)
-    scorer.check_compatible(dict(comps.transformer.config), latent_size(cfg.model.preset, s.resolution))
     prompts = load_prompts(args.prompts, cfg.model.preset)[:args.num_prompts]
+    prompt_table = encode_prompt_table(prompts, s.negative_prompt, cfg.model.preset, model_kwargs(cfg.model, s))
+    scorer = RewardScorer(["drm"], prompt_table, preset=cfg.model.preset, drm_path=str(drm_dir), dtype=cfg.model.dtype)
+    scorer.check_compatible(dict(comps.transformer.config), latent_size(cfg.model.preset, s.resolution))
     items = plan_items(prompts, args.seeds, cfg.run.seed)
     sigmas = schedule_sigmas(comps.scheduler, s.num_steps)
-    embeds, pooled = encode_prompts(comps, prompts, cfg.model.max_sequence_length)  # [P, L, D], [P, P']
-    neg, neg_pooled = encode_prompts(comps, [s.negative_prompt], cfg.model.max_sequence_length)
-    cond = (embeds, pooled, neg, neg_pooled)
+    cond = prompt_table.rows(list(range(len(prompts))), comps.transformer.device)  # as the sample job's sampler
     rows_all = torch.tensor([it.prompt_index for it in items])
-    n_blocks, n_drm = comps.transformer.config.num_layers, len(scorer.drm.blocks)
+    n_blocks, n_drm = comps.transformer.config.num_layers, len(scorer.rewards.drm().drm.blocks)
     cfg_latents = 2 if s.guidance_scale > 1 else 1
 
     size = latent_size(cfg.model.preset, s.resolution)
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeats):
             seconds, latents, stats = run_k(comps, scorer, sigmas, cond, items, k, s, args.batch_size, size)
             times.append(seconds)
-        final = scorer.score(latents, torch.zeros(len(items)), embeds[rows_all], pooled[rows_all])  # [N]
+        final = scorer.score(latents, torch.zeros(len(items)), rows_all)  # [N]
         first = final if first is None else first
         gain = final - first                                                 # [N], paired with the first k
         images = torch.cat([decode_latents(comps.vae, latents[lo:lo + 16]) for lo in range(0, len(items), 16)])
