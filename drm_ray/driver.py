@@ -228,11 +228,14 @@ class StepGRPODriver:
         (eval/judge/<kind>), an image grid, and on the toy preset the hidden oracle's grade of the same images. A
         judge that fell since the first panel while the optimized reward rose is flagged (eval/overopt/<kind> = 1)
         and printed: the reward model's errors are being optimized."""
-        scores, images = self.rl.eval_panel()
-        metrics = {f"eval/{kind}_score": value for kind, value in scores.items() if not kind.startswith("judge/")}
-        metrics.update({f"eval/{kind}": value for kind, value in scores.items() if kind.startswith("judge/")})
-        weights = {r.kind: r.weight for r in self.rl.rewards}
-        metrics["eval/reward"] = sum(w * scores[k] for k, w in weights.items()) / sum(weights.values())
+        stats, images = self.rl.eval_panel()  # {name: (mean, standard error over the panel)}
+        metrics = {f"eval/{kind}_score": mean for kind, (mean, _) in stats.items() if not kind.startswith("judge/")}
+        for kind, (mean, sem) in stats.items():
+            if kind.startswith("judge/"):
+                metrics.update({f"eval/{kind}": mean, f"eval/{kind}_sem": sem})
+        weights = {r.kind: r.weight / sum(r.weight for r in self.rl.rewards) for r in self.rl.rewards}
+        metrics["eval/reward"] = sum(w * stats[k][0] for k, w in weights.items())
+        metrics["eval/reward_sem"] = sum((w * stats[k][1]) ** 2 for k, w in weights.items()) ** 0.5
         if self.cfg.model.preset == "toy":
             from drm_ray.toy.oracle import oracle_scores
 
@@ -246,20 +249,27 @@ class StepGRPODriver:
         return metrics
 
     def overoptimization(self, metrics: dict) -> dict:
-        """eval/overopt/<judge> = 1 when, since the first panel, the optimized reward rose and the judge fell."""
+        """eval/overopt/<judge> = 1 when, since the first panel, the optimized reward rose and the judge fell, each
+        by more than twice the first panel's standard error (the panel is the same prompts and seeds every time,
+        so this is conservative: a paired comparison would be tighter)."""
         if not self.eval_history:
             return {}
         first = self.eval_history[0]
-        rose = metrics["eval/reward"] > first.get("eval/reward", metrics["eval/reward"])
+        if "eval/reward_sem" not in first:  # a checkpoint from before judges existed
+            return {}
+        rose = metrics["eval/reward"] - first["eval/reward"] > 2 * first["eval/reward_sem"]
         flags = {}
-        for key in [k for k in metrics if k.startswith("eval/judge/")]:
-            if key in first:
-                fell = metrics[key] < first[key]
-                flags[f"eval/overopt/{key.removeprefix('eval/judge/')}"] = float(rose and fell)
-                if rose and fell:
-                    print(f"[{self.cfg.grpo.algo}] WARNING: the optimized reward rose ({first['eval/reward']:+.4f} -> "
-                          f"{metrics['eval/reward']:+.4f}) while judge {key.removeprefix('eval/judge/')} fell "
-                          f"({first[key]:+.4f} -> {metrics[key]:+.4f}): look at the images", flush=True)
+        for key in [k for k in metrics if k.startswith("eval/judge/") and not k.endswith("_sem")]:
+            if key not in first:
+                continue
+            judge = key.removeprefix("eval/judge/")
+            fell = first[key] - metrics[key] > 2 * first[f"{key}_sem"]
+            flags[f"eval/overopt/{judge}"] = float(rose and fell)
+            if rose and fell:
+                print(f"[{self.cfg.grpo.algo}] WARNING: the optimized reward rose ({first['eval/reward']:+.4f} -> "
+                      f"{metrics['eval/reward']:+.4f}) while judge {judge} fell ({first[key]:+.4f} -> "
+                      f"{metrics[key]:+.4f}), each by more than 2 standard errors of the panel: the reward's errors "
+                      "are being optimized; look at the images", flush=True)
         return flags
 
     def progress(self, m: dict) -> None:

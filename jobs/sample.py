@@ -226,11 +226,19 @@ def report(tracker, out: Path, rows, images: np.ndarray, items, args, timing: di
         metrics.update(prompt_diversity(pixels, [it.prompt_index for it in items]))
     tracker.log_metrics(metrics, step=0)
     if args.k > 1:
+        from drm_ray.algorithms.ranking import spearman
+
         per_step = np.array([r["step_scores"] for r in rows])  # [N, steps - 1]
         spread = np.array([r["score_spread"] for r in rows])
+        final = np.array([r["final_score"] for r in rows], dtype=np.float64)
+        judges = {k.removeprefix("judge_"): np.array([r[k] for r in rows]) for k in rows[0] if k.startswith("judge_")}
         for i in range(per_step.shape[1]):
-            tracker.log_metrics({"sample/selected_score": per_step[:, i].mean(),
-                                 "sample/score_spread": spread[:, i].mean()}, step=i)
+            # how well the selected child's score at this step predicts the final image's reward and each judge
+            step = {"sample/selected_score": per_step[:, i].mean(), "sample/score_spread": spread[:, i].mean(),
+                    "sample/step_final_spearman": spearman(per_step[:, i], final)}
+            step.update({f"sample/step_judge_spearman/{name}": spearman(per_step[:, i], v)
+                         for name, v in judges.items()})
+            tracker.log_metrics(step, step=i)
     cols = args.seeds_per_prompt if args.seeds_per_prompt > 1 else min(8, n)
     tracker.log_image(image_grid(images[:GRID_MAX_IMAGES], cols), "samples_grid.png")
     shown = {key: round(value, 4) for key, value in metrics.items()}

@@ -68,3 +68,35 @@ def test_clipped_loss_on_policy_and_clipping_by_hand():
     assert loss.item() == pytest.approx(-1.2) and stats["clipped"].item() == 1.0
     loss.sum().backward()
     assert new.grad.item() == 0.0
+
+
+def test_spearman_by_hand_with_ties_and_edge_cases():
+    from drm_ray.algorithms.ranking import spearman
+
+    # ranks [1..5] vs [1, 2, 3.5, 5, 3.5]: centred products sum to 8, squares to 10 and 9.5 -> 8 / sqrt(95)
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # any increasing map
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, float("nan"), 3, 4], [1, 2, 0, 3, 5]) == pytest.approx(1.0)  # the NaN pair is left out
+    assert math.isnan(spearman([1, 2], [2, 1])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_step_reward_predictiveness_uses_the_continued_child():
+    from types import SimpleNamespace
+
+    from drm_ray.algorithms.rl_batch import reward_stats
+
+    # 4 groups, 2 branching steps, k=3. Step 0: the continued child's score ranks the finals exactly; step 1: the
+    # continued child's score ranks them in reverse, while the children not continued say the opposite
+    finals = torch.tensor([[0.1], [0.4], [0.2], [0.9]])  # [G, 1]
+    chosen = [torch.tensor([2, 0]), torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 0])]
+    child = []
+    for g, pick in enumerate(chosen):
+        c = torch.full((2, 3), float(finals[g, 0]))  # the children not continued: a perfect predictor
+        c[0, pick[0]] = 10 * finals[g, 0]  # continued at step 0: same order as the finals
+        c[1, pick[1]] = -finals[g, 0]  # continued at step 1: reversed
+        child.append(c)
+    rollouts = [SimpleNamespace(chosen=p) for p in chosen]
+    stats = reward_stats(rollouts, "step_grpo", child, finals, (0, 1))
+    assert stats["reward/step0_final_spearman"] == pytest.approx(1.0)
+    assert stats["reward/step1_final_spearman"] == pytest.approx(-1.0)

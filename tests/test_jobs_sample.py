@@ -70,7 +70,8 @@ def test_stepwise_sample_job_with_a_drm(tmp_path, drm_dir, tiny_clip_dir):
     (mlrun,) = client.search_runs([client.get_experiment_by_name("drm-ray").experiment_id])
     assert mlrun.info.status == "FINISHED" and mlrun.data.params["sample.k"] == "2"
     assert {"diversity/pairwise_rms", "diversity/one_minus_ssim", "sample/final_score_mean",
-            "sample/selected_score", "sample/judge/clip"} <= set(mlrun.data.metrics)
+            "sample/selected_score", "sample/judge/clip", "sample/step_final_spearman",
+            "sample/step_judge_spearman/clip"} <= set(mlrun.data.metrics)
     # the judge's column is the stock CLIP's logit of each written PNG and its prompt
     from transformers import AutoProcessor, CLIPModel
 

@@ -166,3 +166,22 @@ def test_rollouts_carry_each_childs_x0_hat_for_image_rewards(table):
     assert clean.shape == lat.shape and torch.equal(clean[4], c.final[0]) and torch.equal(clean[:4],
                                                                                             c.children_x0.flatten(0, 1))
     assert scoring_requests([a, b], "step_grpo", worker.sigmas)[3] is None
+
+
+def test_overoptimization_flag_needs_the_reward_up_and_the_judge_down_beyond_the_panel_noise(capsys):
+    from types import SimpleNamespace
+
+    from drm_ray.driver import StepGRPODriver
+
+    first = {"eval/reward": 0.0, "eval/reward_sem": 0.1, "eval/judge/clip": 1.0, "eval/judge/clip_sem": 0.1}
+    driver = SimpleNamespace(eval_history=[first], cfg=SimpleNamespace(grpo=SimpleNamespace(algo="step_grpo")))
+
+    def flag(reward, judge):
+        metrics = {"eval/reward": reward, "eval/judge/clip": judge, "eval/judge/clip_sem": 0.1}
+        return StepGRPODriver.overoptimization(driver, metrics)["eval/overopt/clip"]
+
+    assert flag(0.5, 0.5) == 1.0 and "judge clip fell" in capsys.readouterr().out
+    assert flag(0.15, 0.5) == 0.0  # the reward moved by less than 2 s.e.
+    assert flag(0.5, 0.85) == 0.0  # the judge moved by less than 2 s.e.
+    assert flag(0.5, 1.5) == 0.0 and flag(-0.5, 0.5) == 0.0  # both up; both down
+    assert StepGRPODriver.overoptimization(SimpleNamespace(eval_history=[]), {"eval/reward": 1.0}) == {}

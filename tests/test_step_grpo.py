@@ -96,7 +96,8 @@ def test_two_learner_workers_two_rewards_and_judges_on_held_out_prompts(ray_sess
     written = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert written["compute"]["x0_forwards"] == 4 * 3 * 4  # prompts x branching steps x k
     for key in ("reward/drm/final_mean", "reward/callable/final_mean", "reward/callable/step0_mean",
-                "eval/drm_score", "eval/callable_score", "eval/reward", "eval/judge/clip", "eval/overopt/clip"):
+                "eval/drm_score", "eval/callable_score", "eval/reward", "eval/judge/clip", "eval/overopt/clip",
+                "reward/step0_final_spearman", "reward/step1_final_spearman"):
         assert key in summary, key
     # the panel is the held-out prompts, cycled; the judge's score is the stock CLIP's on the same images
     assert driver.rl.eval_texts == ["a yellow star", "a purple moon", "a yellow star"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from drm_ray.algorithms.advantages import grpo_advantages, step_group_advantages
+from drm_ray.algorithms.ranking import spearman
 
 
 def scoring_requests(rollouts, algo: str, sigmas: torch.Tensor):
@@ -120,7 +121,10 @@ def gather_latents(state_index: torch.Tensor, chunks: list, chunk_sizes: list[in
 
 def reward_stats(rollouts, algo: str, child_scores: list[torch.Tensor], final_scores: torch.Tensor,
                  branch_steps: tuple[int, ...]) -> dict[str, float]:
-    """reward/* metrics: mean and std per branching step (Step-GRPO) and of the final samples (both)."""
+    """reward/* metrics: mean and std per branching step (Step-GRPO) and of the final samples (both); for Step-GRPO
+    also, per branching step, Spearman's rho over the groups between the score of the child each trajectory
+    continued from and the final image's score (`reward/step{i}_final_spearman`): how well the step reward
+    predicts the outcome at that noise level (rewards at high noise are weak; this shows where)."""
     out = {}
     finite = final_scores[torch.isfinite(final_scores)]
     out["reward/final_mean"] = finite.mean().item() if finite.numel() else float("nan")
@@ -131,4 +135,12 @@ def reward_stats(rollouts, algo: str, child_scores: list[torch.Tensor], final_sc
             vals = per_step[:, j][torch.isfinite(per_step[:, j])]
             out[f"reward/step{step}_mean"] = vals.mean().item() if vals.numel() else float("nan")
             out[f"reward/step{step}_std"] = vals.std(unbiased=False).item() if vals.numel() else float("nan")
+        if rollouts and rollouts[0].chosen is not None and len(rollouts) >= 3:
+            chosen = torch.stack([r.chosen for r in rollouts])  # [G, S]
+            for j, step in enumerate(branch_steps):
+                pick = chosen[:, j]
+                if (pick < 0).any():  # continuation=mean: no child continued
+                    continue
+                continued = per_step[:, j].gather(1, pick[:, None])[:, 0]  # [G]
+                out[f"reward/step{step}_final_spearman"] = spearman(continued.numpy(), final_scores[:, 0].numpy())
     return out

@@ -52,6 +52,7 @@ class GroupRollout:
     num_final: int = 0             # F, kept when the latents are split off
     payload_bytes: int = 0         # bytes of the latents, kept when they are split off
     children_x0: torch.Tensor | None = None  # [T, m, C, h, w] x0_hat of each child (image rewards); else None
+    chosen: torch.Tensor | None = None  # [T] the child each state's trajectory continued from (-1: the ODE mean)
 
     def __post_init__(self):
         if self.final is not None:
@@ -182,6 +183,7 @@ class RolloutWorker:
                 log_probs=out.log_probs[sl].flatten(0, 1).cpu(),    # [per_group * S, m]
                 final=out.final[sl].cpu(),                          # [per_group, C, h, w]
                 children_x0=None if x0 is None else x0[sl].flatten(0, 1).cpu(),
+                chosen=out.chosen[sl].flatten(0, 1).cpu(),          # [per_group * S]
             ))
         return results
 

@@ -1,0 +1,146 @@
+"""Benchmark: the toy world's ceiling. Can RL raise the oracle when the oracle itself is the reward?
+
+    python bench/ceiling.py                  # pretrain (reused if done) + 2 algorithms x 3 seeds -> docs/CEILING.md
+    python bench/ceiling.py --quick          # a smoke run (~5 min) -> <out>/CEILING.md
+
+docs/REPRODUCTION.md could not decide the paper's RL claim: with a DRM that ranks held-out pairs 60% right, neither
+GRPO nor Step-GRPO moved the panel oracle. Before blaming the DRM, this measures the ceiling with the oracle as the
+reward (no reward-model error at all), through the real job (`jobs/step_grpo.py --config toy`):
+
+- GRPO, `reward.rewards=[oracle]`: the oracle grades each final image; one terminal reward per trajectory.
+- Step-GRPO, `reward.rewards=[oracle]`: every branching child is graded through its denoised estimate
+  x0_hat = x_s - s * v (one extra policy forward per child, counted): dense per-step credit from the same reward.
+  The difference between the two isolates the algorithm claim (dense step credit vs a terminal reward) from the
+  quality of a reward model.
+
+Both at equal rollout compute per iteration (GRPO: k trajectories for each of B/k prompts; Step-GRPO: one for each of
+B prompts), the same settings as bench/reproduce.py's RL stage, several seeds; the oracle grades the fixed
+180-image evaluation panel (ODE) every few iterations. If GRPO with the oracle cannot raise the panel oracle clearly,
+the policy or its training settings are the bottleneck, and no reward model can be judged in this world until that
+is fixed. Stages reuse finished runs (`--force` re-runs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.reproduce import FULL, QUICK, Chain  # noqa: E402
+
+ALGOS = ("grpo", "step_grpo")
+
+
+def run_rl(chain: Chain, p: dict, seeds: int, k: int = 4) -> None:
+    for seed in range(seeds):
+        for algo in ALGOS:
+            run = chain.out / "ceiling" / f"{algo}-oracle-s{seed}"
+            prompts = p["prompts"] // k if algo == "grpo" else p["prompts"]
+            chain.run(f"ceiling-{algo}-s{seed}", [
+                "jobs/step_grpo.py", "--config", "toy", "--algo", algo, chain.model, chain.tracking,
+                "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", f"sampling.k={k}",
+                f"grpo.prompts_per_iter={prompts}", f"grpo.iterations={p['iterations']}",
+                f"grpo.eval_every={p['eval_every']}", f"grpo.checkpoint_every={p['iterations']}",
+                f"tracking.run_name={algo}-oracle-s{seed}"], run / "summary.json")
+
+
+def curves(out: Path, seeds: int) -> dict:
+    result = {}
+    for algo in ALGOS:
+        runs = [json.loads(f.read_text()) for s in range(seeds)
+                if (f := out / "ceiling" / f"{algo}-oracle-s{s}" / "summary.json").is_file()]
+        if not runs:
+            continue
+        result[algo] = dict(
+            iters=np.array([e["iteration"] for e in runs[0]["eval"]]),
+            oracle=np.array([[e["eval/oracle_score"] for e in r["eval"]] for r in runs]),  # [seeds, evals]
+            correct=np.array([[e["eval/oracle_correct"] for e in r["eval"]] for r in runs]),
+            policy=np.array([e["policy_forwards"] for e in runs[0]["eval"]]),
+            x0=np.array([e.get("x0_forwards", 0) for e in runs[0]["eval"]]))
+    return result
+
+
+def ms(v: np.ndarray) -> str:
+    return f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+
+
+def report(out: Path, p: dict, seeds: int, timings: dict, path: Path, quick: bool) -> None:
+    c = curves(out, seeds)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    md = [f"# The toy world's ceiling: RL with the oracle as the reward{' (QUICK SMOKE RUN)' if quick else ''}", "",
+          f"Written by `python bench/ceiling.py{' --quick' if quick else ''}` at commit {commit or 'unknown'} on "
+          f"{platform.machine()} with {os.cpu_count()} CPU cores, no GPU; every number was measured by that run. "
+          "Settings as bench/reproduce.py's RL stage: " + ", ".join(f"{k}={p[k]}" for k in
+                                                                   ("iterations", "eval_every", "prompts")) +
+          f", k=4, {seeds} seed(s). Panel: 180 ODE images (every caption twice, fixed seeds).", ""]
+    if not c:
+        path.write_text("\n".join(md + ["No run finished.", ""]))
+        return
+    algos = [a for a in ALGOS if a in c]
+    iters = c[algos[0]]["iters"]
+    rows = []
+    for j, it in enumerate(iters):
+        cells = [str(it), str(c[algos[0]]["policy"][j])]
+        for a in algos:
+            cells += [ms(c[a]["oracle"][:, j]), f"{100 * c[a]['correct'][:, j].mean():.1f}%"]
+        rows.append(cells)
+    header = ["iteration", "policy forwards (rollouts)"]
+    for a in algos:
+        header += [f"{a} oracle (mean +- sd)", f"{a} correct"]
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += [""]
+    verdicts = []
+    for a in algos:
+        gain = c[a]["oracle"][:, -1] - c[a]["oracle"][:, 0]  # per seed
+        se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float("nan")
+        clear = len(gain) > 1 and gain.mean() > 2 * se and gain.mean() > 0.01
+        x0 = c[a]["x0"][-1]
+        verdicts.append(f"- {a} with the oracle: panel oracle {c[a]['oracle'][:, 0].mean():.4f} -> "
+                        f"{c[a]['oracle'][:, -1].mean():.4f}, gain {gain.mean():+.4f} +- {se:.4f} (s.e. over "
+                        f"{len(gain)} seeds; per seed {', '.join(f'{g:+.4f}' for g in gain)}): "
+                        f"{'CLEAR' if clear else 'NOT CLEAR'} (criterion: gain > 2 s.e. and > 0.01)"
+                        + (f"; x0_hat forwards spent: {x0} (policy forwards for rollouts: {c[a]['policy'][-1]})"
+                           if x0 else ""))
+    md += ["## Verdicts", ""] + verdicts + [""]
+    md += ["## Timings (wall clock)", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {k} | {v:.0f} |" for k, v in timings.items() if k.startswith(("ceiling", "pretrain"))] + [""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(md) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="work directory (default outputs/reproduce[_quick], shared "
+                                                     "with bench/reproduce.py so the pre-trained model is reused)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run with tiny budgets")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per algorithm (default 3; quick 1)")
+    parser.add_argument("--force", action="store_true", help="re-run finished runs")
+    parser.add_argument("--report", default=None, help="default docs/CEILING.md (<out>/CEILING.md with --quick)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = QUICK if args.quick else FULL
+    seeds = args.seeds or (1 if args.quick else 3)
+    out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    chain = Chain(out, p, args.force)
+    chain.pretrain()
+    run_rl(chain, p, seeds)
+    path = Path(args.report) if args.report else (out / "CEILING.md" if args.quick else ROOT / "docs" / "CEILING.md")
+    report(out, p, seeds, chain.timings, path, args.quick)
+    print(f"[ceiling] report written to {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
