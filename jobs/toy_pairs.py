@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heldout-samples", type=int, default=16)
     parser.add_argument("--heldout-pairs", type=int, default=64)
     parser.add_argument("--margin", type=float, default=0.05, help="minimum oracle difference of a pair")
+    parser.add_argument("--mix", action="store_true",
+                        help="train set spanning the quality range RL visits: samples at several guidance scales "
+                             "and noise levels, dataset renders, other captions' renders (held-out set unchanged)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
                   max_sequence_length=cfg.model.max_sequence_length, margin=args.margin)
     meta = {
         "train": write_oracle_pairs(out / "train.parquet", comps, samples_per_caption=args.samples,
-                                    pairs_per_caption=args.pairs, seed=cfg.run.seed, **common),
+                                    pairs_per_caption=args.pairs, seed=cfg.run.seed, mix=args.mix, **common),
         "heldout": write_oracle_pairs(out / "heldout.parquet", comps, samples_per_caption=args.heldout_samples,
                                       pairs_per_caption=args.heldout_pairs, seed=cfg.run.seed + 7_919, **common),
         "model_path": str(Path(cfg.model.path).resolve()),

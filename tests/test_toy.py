@@ -222,3 +222,31 @@ def test_step_grpo_optimizes_the_oracle_on_x0_hat_and_a_drm_judges(ray_session, 
     assert summary["eval/oracle_score"] == pytest.approx(graded.score.mean(), abs=0.01)
     assert summary["eval/oracle_correct"] == pytest.approx(graded.correct.mean(), abs=1 / 6 + 1e-9)
     assert written["eval"][1]["eval/oracle_score"] == summary["eval/oracle_score"]
+
+
+def test_renders_grade_high_and_other_captions_renders_low():
+    from drm_ray.toy.pairs import renders
+
+    captions = ["a red circle on the left", "two blue squares", "a green triangle at the top"]
+    right, wrong = renders(captions, 3, seed=0), renders(captions, 3, seed=0, mismatched=True)
+    assert right.shape == wrong.shape == (3, 3, 3, 32, 32)
+    graded = lambda imgs: oracle_scores(imgs.flatten(0, 1), [c for c in captions for _ in range(3)])  # noqa: E731
+    assert graded(right).score.mean() > 0.9 and graded(right).correct.all()
+    assert graded(wrong).score.mean() < 0.6 and not graded(wrong).correct.any()
+
+
+def test_mixed_training_images_span_settings_renders_and_other_captions(toy_ckpt):
+    from drm_ray.config import load_config
+    from drm_ray.models.sd3 import build_components, model_kwargs
+    from drm_ray.toy.pairs import MIX_SETTINGS, mixed_images
+
+    path, _ = toy_ckpt
+    cfg = load_config("toy", [f"model.path={path}", "sampling.eval_num_steps=2"])
+    comps = build_components("toy", device="cpu", **model_kwargs(cfg.model, cfg.sampling))
+    captions = ["a red circle on the left", "two blue squares"]
+    images, sources = mixed_images(comps, captions, len(MIX_SETTINGS), seed=0, num_steps=2,
+                                   max_sequence_length=cfg.model.max_sequence_length)
+    assert images.shape == (2, len(MIX_SETTINGS) + 4, 3, 32, 32) and len(sources) == images.shape[1]
+    assert sources[-4:] == ["render", "render", "other_caption", "other_caption"]
+    assert len(set(sources[:len(MIX_SETTINGS)])) == len(MIX_SETTINGS)  # one sample per (guidance, noise) setting
+    assert not torch.equal(images[:, 0], images[:, 1])  # settings differ

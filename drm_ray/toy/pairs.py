@@ -5,6 +5,12 @@ distribution a policy starts RL from); the oracle grades each; pairs are drawn a
 when the oracle scores differ by more than `margin` (closer pairs are label noise, and the DRM trainer drops ties).
 The winner is the higher-scored image. Samples depend only on (seed, caption index, sample index), pairs only on
 (seed, caption index), so a set is deterministic per seed.
+
+`mix=True` widens the training images to the quality range a policy visits during RL, not only where it starts:
+the model's samples at several guidance scales and SDE noise levels (`MIX_SETTINGS`), dataset renders of the
+caption (near-perfect) and renders of other captions (wrong content, clean pixels). Pairs are still drawn within a
+caption, across all of these. The held-out set stays the pre-trained policy's own ODE samples: that is where the
+DRM's accuracy matters first.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.diffusion.sampling import decode_latents, denoise, initial_latents, to_pil
 from drm_ray.models.sd3 import encode_prompts, latent_size
 from drm_ray.toy.oracle import oracle_scores
-from drm_ray.toy.world import RESOLUTION, caption_texts
+from drm_ray.toy.world import RESOLUTION, all_captions, caption_texts, parse_caption, render_scene
 
 SOURCE = "toy_oracle"
+MIX_SETTINGS = tuple((g, a) for g in (1.5, 4.5, 7.5) for a in (0.0, 0.7))  # (guidance scale, SDE noise level)
 
 
 @torch.no_grad()
@@ -40,6 +47,40 @@ def sample_captions(comps, captions: list[str], samples_per_caption: int, seed: 
                       guidance_scale, noise_level, x1, gens if noise_level > 0 else None)
         out.append(decode_latents(comps.vae, lat))
     return torch.stack(out, dim=1)
+
+
+def renders(captions: list[str], per_caption: int, seed: int, mismatched: bool = False) -> torch.Tensor:
+    """Dataset renders [P, per_caption, 3, H, W] of each caption, or (mismatched) of another caption drawn at
+    random for each image: clean pixels with the wrong content."""
+    rng = np.random.default_rng([seed, 1 if mismatched else 0])
+    pool = all_captions()
+    out = []
+    for text in captions:
+        cap = parse_caption(text)
+        row = []
+        for _ in range(per_caption):
+            shown = cap
+            while mismatched and shown == cap:
+                shown = pool[int(rng.integers(len(pool)))]
+            row.append(render_scene(shown, rng))
+        out.append(np.stack(row))
+    return torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3).float()
+
+
+def mixed_images(comps, captions: list[str], samples_per_caption: int, seed: int, num_steps: int,
+                 max_sequence_length: int, per_render: int = 2) -> tuple[torch.Tensor, list[str]]:
+    """Images [P, S, 3, H, W] spanning the quality range (see the module doc) and the source of each column:
+    `samples_per_caption` model samples split evenly over MIX_SETTINGS, `per_render` renders of the caption and
+    `per_render` renders of other captions."""
+    per = max(1, samples_per_caption // len(MIX_SETTINGS))
+    parts, sources = [], []
+    for c, (guidance, noise) in enumerate(MIX_SETTINGS):
+        parts.append(sample_captions(comps, captions, per, seed * 31 + c, num_steps, guidance, max_sequence_length,
+                                     noise))
+        sources += [f"sample_g{guidance:g}_a{noise:g}"] * per
+    parts += [renders(captions, per_render, seed), renders(captions, per_render, seed, mismatched=True)]
+    sources += ["render"] * per_render + ["other_caption"] * per_render
+    return torch.cat(parts, dim=1), sources
 
 
 def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: int, margin: float,
@@ -67,11 +108,19 @@ def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: i
 
 def write_oracle_pairs(path: str | Path, comps, *, samples_per_caption: int, pairs_per_caption: int, seed: int,
                        num_steps: int, guidance_scale: float, max_sequence_length: int,
-                       margin: float = 0.05) -> dict:
+                       margin: float = 0.05, mix: bool = False) -> dict:
     """Sample, grade, pair and write a preference Parquet at `path`; returns the labelling statistics."""
     captions = caption_texts()
-    images = sample_captions(comps, captions, samples_per_caption, seed, num_steps, guidance_scale,
-                             max_sequence_length)
+    if mix:
+        images, sources = mixed_images(comps, captions, samples_per_caption, seed, num_steps, max_sequence_length)
+    else:
+        images = sample_captions(comps, captions, samples_per_caption, seed, num_steps, guidance_scale,
+                                 max_sequence_length)
+        sources = [f"sample_g{guidance_scale:g}_a0"] * samples_per_caption
     rows, stats = oracle_pairs(images, captions, pairs_per_caption, margin, seed)
+    graded = oracle_scores(images.flatten(0, 1), [c for c in captions for _ in range(images.shape[1])]).score
+    graded = graded.reshape(images.shape[0], images.shape[1])
+    stats["sources"] = {name: float(graded[:, [j for j, s in enumerate(sources) if s == name]].mean())
+                        for name in dict.fromkeys(sources)}  # mean oracle grade per source
     write_preference_parquet(path, rows)
     return stats
