@@ -279,11 +279,16 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
         metrics.update({"pretrain/oracle": q["oracle_mean"], "pretrain/correct": q["correct_fraction"]})
     if pairs:
         tr, ho = pairs["train"], pairs["heldout"]
+        sources = tr.get("sources", {})
+        mixed = len(sources) > 1
         md += ["## Oracle-labelled pairs", "",
-               f"Train: {tr['pairs']} pairs from {tr['images']} samples of the pre-trained model (oracle "
-               f"{tr['oracle_mean']:.3f} +- {tr['oracle_std']:.3f}); held-out: {ho['pairs']} pairs from "
-               f"{ho['images']} samples with other seeds. Pairs closer than {tr['margin']} in oracle score are "
-               "dropped.", ""]
+               f"Train: {tr['pairs']} pairs from {tr['images']} "
+               + ("images spanning the quality range (mean oracle grade per source: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in sources.items()) + ")" if mixed
+                  else "samples of the pre-trained model")
+               + f" (oracle {tr['oracle_mean']:.3f} +- {tr['oracle_std']:.3f}); held-out: {ho['pairs']} pairs from "
+               f"{ho['images']} ODE samples of the pre-trained model with other seeds. Pairs closer than "
+               f"{tr['margin']} in oracle score are dropped.", ""]
     md += ["## (a, b) DRM: pretrained vs random init, accuracy vs t", "", drm_text]
     md += ["## (c) GRPO vs Step-GRPO at equal rollout compute", "", rl_text]
     md += ["## (d) Step-wise Sampling vs k", "", sw_text]
