@@ -26,16 +26,19 @@ def group_advantages(scores: torch.Tensor, clip: float = 5.0) -> tuple[torch.Ten
     std = safe.std(dim=-1, keepdim=True, unbiased=False)
     adv = ((safe - mean) / (std + STD_EPS)).clamp(-clip, clip)
     adv = torch.where(valid.unsqueeze(-1), adv, torch.zeros_like(adv))
+    return adv, valid, advantage_stats(adv, valid, (std.squeeze(-1) < 1e-6) & valid)
+
+
+def advantage_stats(adv: torch.Tensor, valid: torch.Tensor, zero_std: torch.Tensor) -> dict[str, float]:
+    """adv/* of advantages [..., k] over the kept groups (`valid` [...]); `zero_std` [...]: groups with no spread."""
     kept = adv[valid]
-    zero_std = (std.squeeze(-1) < 1e-6) & valid
-    stats = {
+    return {
         "adv/mean": kept.mean().item() if kept.numel() else 0.0,
         "adv/std": kept.std(unbiased=False).item() if kept.numel() else 0.0,
         "adv/abs_max": kept.abs().max().item() if kept.numel() else 0.0,
         "adv/zero_std_frac": zero_std.float().sum().item() / max(valid.sum().item(), 1),
         "adv/dropped_groups": float((~valid).sum().item()),
     }
-    return adv, valid, stats
 
 
 def combine_rewards(scores: torch.Tensor, weights: list[float] | None = None, clip: float = 5.0):
@@ -54,16 +57,8 @@ def combine_rewards(scores: torch.Tensor, weights: list[float] | None = None, cl
     valid = torch.stack([v for _, v, _ in parts]).all(dim=0)  # [...]
     adv = sum(wr * a for wr, (a, _, _) in zip(w, parts)) / w.sum()  # [..., k]
     adv = torch.where(valid.unsqueeze(-1), adv, torch.zeros_like(adv))
-    kept = adv[valid]
     zero_std = (scores.float().std(dim=-2, unbiased=False) < 1e-6).all(dim=-1) & valid  # every reward flat
-    stats = {
-        "adv/mean": kept.mean().item() if kept.numel() else 0.0,
-        "adv/std": kept.std(unbiased=False).item() if kept.numel() else 0.0,
-        "adv/abs_max": kept.abs().max().item() if kept.numel() else 0.0,
-        "adv/zero_std_frac": zero_std.float().sum().item() / max(valid.sum().item(), 1),
-        "adv/dropped_groups": float((~valid).sum().item()),
-    }
-    return adv, valid, stats
+    return adv, valid, advantage_stats(adv, valid, zero_std)
 
 
 def step_group_advantages(child_scores: torch.Tensor, clip: float = 5.0, weights: list[float] | None = None):
