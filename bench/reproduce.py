@@ -126,7 +126,7 @@ class Chain:
         self.run("stepwise", ["bench/stepwise_cost.py", "--config", "toy", self.model,
                               "--drm", str(self.drm_dir("pretrained", 0) / "drm"), "--ks", self.p["ks"],
                               "--num-prompts", str(self.p["stepwise_prompts"]), "--seeds",
-                              str(self.p["stepwise_seeds"]), "--batch-size", "90", "--repeats", "1",
+                              str(self.p["stepwise_seeds"]), "--batch-size", "90", "--repeats", "1", "--best-of",
                               "--out", str(self.out / "stepwise"), "--json", str(self.out / "stepwise.json")],
                  self.out / "stepwise.json")
 

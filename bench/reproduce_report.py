@@ -172,6 +172,16 @@ def stepwise_section(out: Path, metrics: dict) -> tuple[str, dict]:
     text = (f"{data['images']} images per k (every caption x seeds); the DRM selects, the oracle judges. {data['drm']}."
             f"\n\n" + _table(["k", "oracle (mean +- s.e.)", "gain vs k=1 (paired)", "correct", "DRM score",
                               "pairwise RMS", "1 - SSIM", "ms / image"], rows) + "\n")
+    if data.get("best_of") and "oracle" in data["best_of"][0]:
+        # the baseline: best-of-k whole images with the same DRM, k x the policy forwards
+        pairs = zip(data["rows"], data["best_of"])
+        text += ("\nBeside it, best-of-k whole images selected by the same DRM at s = 0 (k independent trajectories, "
+                 "k x the policy forwards of Step-wise Sampling):\n\n" + _table(
+                     ["k", "policy forwards / image (step-wise / best-of)", "oracle step-wise", "oracle best-of-k",
+                      "gain vs k=1: step-wise / best-of"],
+                     [[a["k"], f"{a.get('policy_forwards', '?')} / {b['policy_forwards']}",
+                       f"{a['oracle']:.4f} +- {a['oracle_sem']:.4f}", f"{b['oracle']:.4f} +- {b['oracle_sem']:.4f}",
+                       f"{a['oracle_gain']:+.4f} / {b['oracle_gain']:+.4f}"] for a, b in pairs]) + "\n")
     return text, {"verdict": verdict, "rows": data["rows"]}
 
 

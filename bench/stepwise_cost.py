@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from drm_ray.config import add_config_args, load_config  # noqa: E402
 from drm_ray.data.prompts import load_prompts  # noqa: E402
 from drm_ray.diffusion.flow import schedule_sigmas  # noqa: E402
-from drm_ray.diffusion.sampling import decode_latents, initial_latents  # noqa: E402
+from drm_ray.diffusion.sampling import decode_latents, denoise, initial_latents  # noqa: E402
 from drm_ray.diffusion.stepwise import stepwise_sample  # noqa: E402
 from drm_ray.diversity import prompt_diversity  # noqa: E402
 from drm_ray.reward.model import build_drm  # noqa: E402
@@ -105,6 +105,35 @@ def run_k(comps, scorer, sigmas, cond, items, k: int, s, batch_size: int,
     return seconds, torch.cat(latents), {"spread": float(torch.cat(spreads).nanmean()) if k > 1 else float("nan")}
 
 
+def run_best_of(comps, scorer, sigmas, cond, items, k: int, s, batch_size: int,
+                size: int) -> tuple[float, torch.Tensor]:
+    """The baseline at the same selection budget: best-of-k WHOLE images. k independent trajectories per item (the
+    first from the item's own seed, so best-of-1 is plain sampling, as Step-wise Sampling with k = 1), the same DRM
+    scores each final image at s = 0, the best is kept. Costs k x the policy forwards of one image (Step-wise
+    Sampling spends 1 x, its k candidates per step sharing one mean) and k DRM forwards per image."""
+    embeds, pooled, neg, neg_pooled = cond
+    out, seconds = [], 0.0
+    for idx in make_batches(len(items), batch_size):
+        rows = torch.tensor([items[i].prompt_index for i in idx])
+        best, best_score = None, None
+        start = time.perf_counter()
+        for j in range(k):
+            gens = [torch.Generator().manual_seed(items[i].seed + 1_000_003 * j) for i in idx]
+            x1 = initial_latents(len(idx), comps.transformer.config.in_channels, size, gens, comps.transformer.device)
+            lat = denoise(comps.transformer, sigmas, embeds[rows], pooled[rows], neg[rows], neg_pooled[rows],
+                          s.guidance_scale, s.noise_level, x1, gens)
+            score = scorer.score(lat, torch.zeros(len(idx)), rows)  # [B]
+            if best is None:
+                best, best_score = lat.clone(), score
+            else:
+                better = score > best_score
+                best[better] = lat[better]
+                best_score = torch.maximum(best_score, score)
+        seconds += time.perf_counter() - start
+        out.append(best)
+    return seconds, torch.cat(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
@@ -118,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per k; the least is reported")
     parser.add_argument("--out", default=None, help="work directory (default <run.output_dir>/bench_stepwise)")
     parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
+    parser.add_argument("--best-of", action="store_true",
+                        help="also run best-of-k whole images with the same DRM (k x the policy forwards)")
     args = parser.parse_intermixed_args(argv)
     ks = [int(v) for v in args.ks.split(",")]
     if min(ks) < 1 or args.num_prompts < 1 or args.seeds < 2 or args.repeats < 1:
@@ -143,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
 
     size = latent_size(cfg.model.preset, s.resolution)
     run_k(comps, scorer, sigmas, cond, items[:2], max(ks), s, args.batch_size, size)  # warm-up
-    table, first, first_oracle = [], None, None
+    table, best_of, first, first_oracle = [], [], None, None
     for k in ks:
         times = []
         for _ in range(args.repeats):
@@ -161,10 +192,30 @@ def main(argv: list[str] | None = None) -> None:
                    score=float(final.mean()), sem=float(final.std() / len(final) ** 0.5),
                    gain=float(gain.mean()), gain_sem=float(gain.std() / len(gain) ** 0.5),
                    spread=stats["spread"], rms=div["diversity/pairwise_rms"], dssim=div["diversity/one_minus_ssim"])
+        row.update(policy_forwards=s.num_steps, drm_forwards=(k * (s.num_steps - 1) if k > 1 else 0) + 1)
         table.append(row)
+        if args.best_of:
+            seconds, latents = run_best_of(comps, scorer, sigmas, cond, items, k, s, args.batch_size, size)
+            final = scorer.score(latents, torch.zeros(len(items)), rows_all)
+            images = torch.cat([decode_latents(comps.vae, latents[lo:lo + 16]) for lo in range(0, len(items), 16)])
+            row, _ = oracle_columns(cfg.model.preset, images, captions, first_oracle)
+            gain = final - first
+            row.update(k=k, t=seconds / len(items), score=float(final.mean()),
+                       sem=float(final.std() / len(final) ** 0.5), gain=float(gain.mean()),
+                       gain_sem=float(gain.std() / len(gain) ** 0.5), policy_forwards=k * s.num_steps,
+                       drm_forwards=k)
+            best_of.append(row)
     print_table(table, cfg, args, drm_note, n_blocks, n_drm, len(items))
+    if best_of:
+        print("\nbest-of-k whole images (same DRM at s = 0, k x the policy forwards):")
+        for r in best_of:
+            print(f"{r['k']:>3} | {r['t']:>9.4f} s/image | DRM {r['score']:+.4f} | "
+                  f"policy forwards {r['policy_forwards']}"
+                  + (f" | oracle {r['oracle']:.4f} +- {r['oracle_sem']:.4f}, gain {r['oracle_gain']:+.4f} +- "
+                     f"{r['oracle_gain_sem']:.4f}" if "oracle" in r else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"drm": drm_note, "images": len(items), "rows": table}, indent=2))
+        Path(args.json).write_text(json.dumps({"drm": drm_note, "images": len(items), "rows": table,
+                                               "best_of": best_of}, indent=2))
 
 
 def oracle_columns(preset: str, images: torch.Tensor, captions: list[str],
