@@ -40,41 +40,51 @@ from bench.reproduce import FULL, QUICK, Chain  # noqa: E402
 ALGOS = ("grpo", "step_grpo")
 
 
-def run_rl(chain: Chain, p: dict, seeds: int, k: int = 4) -> None:
-    for seed in range(seeds):
-        for algo in ALGOS:
-            run = chain.out / "ceiling" / f"{algo}-oracle-s{seed}"
-            prompts = p["prompts"] // k if algo == "grpo" else p["prompts"]
-            chain.run(f"ceiling-{algo}-s{seed}", [
-                "jobs/step_grpo.py", "--config", "toy", "--algo", algo, chain.model, chain.tracking,
-                "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", f"sampling.k={k}",
-                f"grpo.prompts_per_iter={prompts}", f"grpo.iterations={p['iterations']}",
-                f"grpo.eval_every={p['eval_every']}", f"grpo.checkpoint_every={p['iterations']}",
-                f"tracking.run_name={algo}-oracle-s{seed}"], run / "summary.json")
+def run_dir(out: Path, algo: str, lr: float, seed: int) -> Path:
+    return out / "ceiling" / f"{algo}-oracle-lr{lr:g}-s{seed}"
 
 
-def curves(out: Path, seeds: int) -> dict:
+def run_rl(chain: Chain, p: dict, seeds: int, lrs: list[float], k: int = 4) -> None:
+    for lr in lrs:
+        for seed in range(seeds):
+            for algo in ALGOS:
+                run = run_dir(chain.out, algo, lr, seed)
+                prompts = p["prompts"] // k if algo == "grpo" else p["prompts"]
+                chain.run(f"ceiling-{algo}-lr{lr:g}-s{seed}", [
+                    "jobs/step_grpo.py", "--config", "toy", "--algo", algo, chain.model, chain.tracking,
+                    "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", f"sampling.k={k}",
+                    f"learner.lr={lr}", f"grpo.prompts_per_iter={prompts}", f"grpo.iterations={p['iterations']}",
+                    f"grpo.eval_every={p['eval_every']}", f"grpo.checkpoint_every={p['iterations']}",
+                    f"tracking.run_name={algo}-oracle-lr{lr:g}-s{seed}"], run / "summary.json")
+
+
+def curves(out: Path, seeds: int, lrs: list[float]) -> dict:
+    """{(algo, lr): curves over the seeds that finished}."""
     result = {}
     for algo in ALGOS:
-        runs = [json.loads(f.read_text()) for s in range(seeds)
-                if (f := out / "ceiling" / f"{algo}-oracle-s{s}" / "summary.json").is_file()]
-        if not runs:
-            continue
-        result[algo] = dict(
-            iters=np.array([e["iteration"] for e in runs[0]["eval"]]),
-            oracle=np.array([[e["eval/oracle_score"] for e in r["eval"]] for r in runs]),  # [seeds, evals]
-            correct=np.array([[e["eval/oracle_correct"] for e in r["eval"]] for r in runs]),
-            policy=np.array([e["policy_forwards"] for e in runs[0]["eval"]]),
-            x0=np.array([e.get("x0_forwards", 0) for e in runs[0]["eval"]]))
+        for lr in lrs:
+            runs = [json.loads(f.read_text()) for s in range(seeds)
+                    if (f := run_dir(out, algo, lr, s) / "summary.json").is_file()]
+            if runs:
+                result[(algo, lr)] = _curve(runs)
     return result
+
+
+def _curve(runs: list[dict]) -> dict:
+    return dict(
+        iters=np.array([e["iteration"] for e in runs[0]["eval"]]),
+        oracle=np.array([[e["eval/oracle_score"] for e in r["eval"]] for r in runs]),  # [seeds, evals]
+        correct=np.array([[e["eval/oracle_correct"] for e in r["eval"]] for r in runs]),
+        policy=np.array([e["policy_forwards"] for e in runs[0]["eval"]]),
+        x0=np.array([e.get("x0_forwards", 0) for e in runs[0]["eval"]]))
 
 
 def ms(v: np.ndarray) -> str:
     return f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
 
 
-def report(out: Path, p: dict, seeds: int, timings: dict, path: Path, quick: bool) -> None:
-    c = curves(out, seeds)
+def report(out: Path, p: dict, seeds: int, lrs: list[float], timings: dict, path: Path, quick: bool) -> None:
+    c = curves(out, seeds, lrs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     md = [f"# The toy world's ceiling: RL with the oracle as the reward{' (QUICK SMOKE RUN)' if quick else ''}", "",
@@ -82,35 +92,31 @@ def report(out: Path, p: dict, seeds: int, timings: dict, path: Path, quick: boo
           f"{platform.machine()} with {os.cpu_count()} CPU cores, no GPU; every number was measured by that run. "
           "Settings as bench/reproduce.py's RL stage: " + ", ".join(f"{k}={p[k]}" for k in
                                                                    ("iterations", "eval_every", "prompts")) +
-          f", k=4, {seeds} seed(s). Panel: 180 ODE images (every caption twice, fixed seeds).", ""]
+          f", k=4, up to {seeds} seed(s) per setting, learner.lr in {lrs}. Panel: 180 ODE images (every caption "
+          "twice, fixed seeds), graded by the oracle.", ""]
     if not c:
         path.write_text("\n".join(md + ["No run finished.", ""]))
         return
-    algos = [a for a in ALGOS if a in c]
-    iters = c[algos[0]]["iters"]
-    rows = []
-    for j, it in enumerate(iters):
-        cells = [str(it), str(c[algos[0]]["policy"][j])]
-        for a in algos:
-            cells += [ms(c[a]["oracle"][:, j]), f"{100 * c[a]['correct'][:, j].mean():.1f}%"]
-        rows.append(cells)
-    header = ["iteration", "policy forwards (rollouts)"]
-    for a in algos:
-        header += [f"{a} oracle (mean +- sd)", f"{a} correct"]
+    keys = list(c)
+    iters = c[keys[0]]["iters"]
+    header = ["iteration", "policy forwards (rollouts)"] + [f"{a} lr={lr:g}: oracle (correct)" for a, lr in keys]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
+    for j, it in enumerate(iters):
+        cells = [str(it), str(c[keys[0]]["policy"][j])]
+        cells += [f"{ms(c[key]['oracle'][:, j])} ({100 * c[key]['correct'][:, j].mean():.1f}%)" for key in keys]
+        md.append("| " + " | ".join(cells) + " |")
     md += [""]
     verdicts = []
-    for a in algos:
-        gain = c[a]["oracle"][:, -1] - c[a]["oracle"][:, 0]  # per seed
+    for (a, lr), cur in c.items():
+        gain = cur["oracle"][:, -1] - cur["oracle"][:, 0]  # per seed
         se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float("nan")
         clear = len(gain) > 1 and gain.mean() > 2 * se and gain.mean() > 0.01
-        x0 = c[a]["x0"][-1]
-        verdicts.append(f"- {a} with the oracle: panel oracle {c[a]['oracle'][:, 0].mean():.4f} -> "
-                        f"{c[a]['oracle'][:, -1].mean():.4f}, gain {gain.mean():+.4f} +- {se:.4f} (s.e. over "
-                        f"{len(gain)} seeds; per seed {', '.join(f'{g:+.4f}' for g in gain)}): "
-                        f"{'CLEAR' if clear else 'NOT CLEAR'} (criterion: gain > 2 s.e. and > 0.01)"
-                        + (f"; x0_hat forwards spent: {x0} (policy forwards for rollouts: {c[a]['policy'][-1]})"
+        x0 = cur["x0"][-1]
+        verdicts.append(f"- {a} with the oracle, lr={lr:g}: panel oracle {cur['oracle'][:, 0].mean():.4f} -> "
+                        f"{cur['oracle'][:, -1].mean():.4f}, gain {gain.mean():+.4f} +- {se:.4f} (s.e. over "
+                        f"{len(gain)} seed(s); per seed {', '.join(f'{g:+.4f}' for g in gain)}): "
+                        f"{'CLEAR' if clear else 'NOT CLEAR'} (criterion: gain > 2 s.e. over >= 2 seeds and > 0.01)"
+                        + (f"; x0_hat forwards spent: {x0} (policy forwards for rollouts: {cur['policy'][-1]})"
                            if x0 else ""))
     md += ["## Verdicts", ""] + verdicts + [""]
     md += ["## Timings (wall clock)", "", "| stage | seconds |", "|---|---|"]
@@ -125,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                                                      "with bench/reproduce.py so the pre-trained model is reused)")
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny budgets")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per algorithm (default 3; quick 1)")
+    parser.add_argument("--lrs", default="0.001", help="comma-separated learner.lr values (default 0.001, the "
+                                                        "toy preset's)")
     parser.add_argument("--force", action="store_true", help="re-run finished runs")
     parser.add_argument("--report", default=None, help="default docs/CEILING.md (<out>/CEILING.md with --quick)")
     args = parser.parse_args(argv)
@@ -135,10 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain(out, p, args.force)
+    lrs = [float(v) for v in args.lrs.split(",")]
     chain.pretrain()
-    run_rl(chain, p, seeds)
+    run_rl(chain, p, seeds, lrs)
     path = Path(args.report) if args.report else (out / "CEILING.md" if args.quick else ROOT / "docs" / "CEILING.md")
-    report(out, p, seeds, chain.timings, path, args.quick)
+    report(out, p, seeds, lrs, chain.timings, path, args.quick)
     print(f"[ceiling] report written to {path}", flush=True)
 
 

@@ -11,7 +11,7 @@ from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.models.lora import add_lora, lora_state
 from drm_ray.models.sd3 import build_tiny
 from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
-from drm_ray.workers.learner import split_micro_batches, train_update
+from drm_ray.workers.learner import split_micro_batches, state_losses, train_update
 from drm_ray.workers.rollout import RolloutWorker
 
 KWARGS = dict(path=None, dtype="float32", seed=0, num_layers=4, num_attention_heads=2, attention_head_dim=16,
@@ -44,8 +44,8 @@ def test_update_is_on_policy_changes_lora_only(process_group, algo):
     params = add_lora(transformer, LORA["rank"], LORA["alpha"], SD3_LORA_TARGETS)
     before = lora_state(transformer)
     engine, _ = init_engine(transformer, params, 1e-3, 0.0, deepspeed_config(4, 2, 1, 2, False, 1.0))
-    out = train_update(engine, transformer, batch, batch["states"].shape[0], 1, prompts,
-                       schedule_sigmas(build_tiny(text=False, vae=False).scheduler, 4), CFG)
+    sigmas = schedule_sigmas(build_tiny(text=False, vae=False).scheduler, 4)
+    out = train_update(engine, transformer, batch, batch["states"].shape[0], 1, prompts, sigmas, CFG)
     assert out["train/ratio_max_dev"] < 1e-4 and out["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert out["train/kl_ref"] == pytest.approx(0.0, abs=1e-12)  # B = 0: policy equals reference before the step
     after = lora_state(transformer)
@@ -53,6 +53,12 @@ def test_update_is_on_policy_changes_lora_only(process_group, algo):
     for name, value in transformer.state_dict().items():
         if "lora_" not in name:
             assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+    # the step moved the policy toward the children with positive advantages and away from the others:
+    # sum_i A_i log(rho_i) > 0 under the updated policy (first order: the step descends -sum A rho)
+    with torch.no_grad():
+        _, after_step = state_losses(engine, transformer, batch, prompts, sigmas, CFG)
+    moved = (batch["advantages"] * after_step["ratio"].log()).sum()
+    assert moved > 0, moved
 
 
 def test_micro_batches_cover_the_shard_exactly():
