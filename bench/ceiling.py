@@ -80,7 +80,16 @@ def _curve(runs: list[dict]) -> dict:
 
 
 def ms(v: np.ndarray) -> str:
-    return f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+    return f"{v.mean():.4f} +- {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+
+
+def final_metric(out: Path, run: Path, key: str) -> float:
+    """The last logged value of `key` in a run's MLflow history (NaN when absent)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    history = client.get_metric_history(json.loads((run / "summary.json").read_text())["mlflow_run_id"], key)
+    return max(history, key=lambda m: m.step).value if history else float("nan")
 
 
 def report(out: Path, p: dict, seeds: int, lrs: list[float], timings: dict, path: Path, quick: bool) -> None:
@@ -112,10 +121,17 @@ def report(out: Path, p: dict, seeds: int, lrs: list[float], timings: dict, path
         se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float("nan")
         clear = len(gain) > 1 and gain.mean() > 2 * se and gain.mean() > 0.01
         x0 = cur["x0"][-1]
+        kl = [final_metric(out, run_dir(out, a, lr, i), "train/kl_ref") for i in range(len(gain))]
         verdicts.append(f"- {a} with the oracle, lr={lr:g}: panel oracle {cur['oracle'][:, 0].mean():.4f} -> "
                         f"{cur['oracle'][:, -1].mean():.4f}, gain {gain.mean():+.4f} +- {se:.4f} (s.e. over "
                         f"{len(gain)} seed(s); per seed {', '.join(f'{g:+.4f}' for g in gain)}): "
-                        f"{'CLEAR' if clear else 'NOT CLEAR'} (criterion: gain > 2 s.e. over >= 2 seeds and > 0.01)"
+                        f"{'CLEAR' if clear else 'NOT CLEAR'} (criterion: gain > 2 s.e. over >= 2 seeds and > 0.01); "
+                        f"KL to the reference at the last update {', '.join(f'{v:.2e}' for v in kl)}"
+                        + (" -> the policy COLLAPSED (the oracle fell by more than 0.05 while it was the reward; the "
+                           "update's direction is tested in tests/test_learner.py, so the likely cause is steps too "
+                           "large: one unclipped step per batch, ratio 1)" if gain.mean() < -0.05 else "")
+                        + (" -> the policy BARELY MOVED (KL < 0.01, oracle within 0.01)"
+                           if abs(gain.mean()) < 0.01 and np.nanmax(kl) < 0.01 else "")
                         + (f"; x0_hat forwards spent: {x0} (policy forwards for rollouts: {cur['policy'][-1]})"
                            if x0 else ""))
     md += ["## Verdicts", ""] + verdicts + [""]
