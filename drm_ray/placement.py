@@ -1,8 +1,8 @@
 """Where the RL job's roles run, and whether the cluster can hold them, checked before any actor is created.
 
 Three roles ask for resources: reward scorers (and one judge scorer when reward.judges is set) and rollout workers
-(Ray actors, `rollout.num_cpus` / `num_gpus` / `resources` each) and learner workers (Ray Train workers, `learner.num_cpus`, 1 GPU if `learner.use_gpu`,
-`learner.resources`). Custom resources pin a role to the node types that offer them (`"rollout=1"` on nodes started
+(Ray actors, `rollout.num_cpus` / `num_gpus` / `resources` each) and learner workers (Ray Train workers,
+`learner.num_cpus`, 1 GPU if `learner.use_gpu`, `learner.resources`). Custom resources pin a role to the node types that offer them (`"rollout=1"` on nodes started
 with `--resources '{"rollout": 1}'`, as in cluster/). Scorers and rollout workers are SPREAD over nodes (a lost node
 takes few of them, and no single node's PCIe or NIC carries every worker's traffic); the learner's workers stay
 packed on as few nodes as possible (Ray Train's default placement group strategy, PACK), since they all-reduce

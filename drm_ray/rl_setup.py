@@ -20,9 +20,9 @@ from drm_ray.diffusion.sampling import decode_latents
 from drm_ray.models.lora import save_lora_diffusers
 from drm_ray.models.sd3 import latent_size, load_vae, model_kwargs
 from drm_ray.placement import ensure_resources, learner_worker_resources, role_demands, rollout_actor_options
+from drm_ray.reward.specs import IMAGE_KINDS, parse_spec
 from drm_ray.workers.learner_group import LearnerGroup
 from drm_ray.workers.rollout import RolloutWorker
-from drm_ray.reward.specs import IMAGE_KINDS, parse_spec
 from drm_ray.workers.scorer import RewardScorer, scorer_kwargs
 
 
@@ -32,7 +32,8 @@ class RLSetup:
         m, s, ro, le = cfg.model, cfg.sampling, cfg.rollout, cfg.learner
         self.kwargs = model_kwargs(m, s)
         self.branch_steps = cfg.branch_steps()
-        self.lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
+        self.lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                         "target_modules": list(cfg.lora.target_modules)}
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
 
         ensure_resources(role_demands(cfg), ro.autoscale_wait_s)  # before the first GPU task or actor

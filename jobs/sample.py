@@ -12,8 +12,8 @@ the DRM of --drm, a directory written by jobs/train_drm.py to `<run.output_dir>/
 noise level; image rewards score each child's denoised estimate x0_hat, one extra policy forward per child) rate
 them and the best continues; the last step is deterministic. Several rewards select by the weighted mean of their
 scores standardized over the k children (as the RL job combines them), so no reward wins by its scale alone.
-`sampling.k` is Step-GRPO's group size and is not read here: --k decides. `reward.judges` (e.g. [clip] with reward.clip_path) score every final image and
-are reported beside the selecting reward, never used to select.
+`sampling.k` is Step-GRPO's group size and is not read here: --k decides. `reward.judges` (e.g. [clip] with
+reward.clip_path) score every final image and are reported beside the selecting reward, never used to select.
 
 --ray runs sampler actors and reward scorer actors (rollout.num_gpus / rollout.num_cpus each; --workers, --scorers),
 joining the cluster in RAY_ADDRESS or starting a local Ray. Seeds are per image: `run.seed + replica * P + prompt
@@ -21,11 +21,12 @@ index` (P prompts; replica 0 is `run.seed + prompt index`), one generator for th
 so images do not depend on batching or on the number of workers.
 
 Writes into --out (default `<run.output_dir>/samples`): PNGs `<prompt>_<replica>.png` and `metadata.parquet`
-(prompt, seed, k, file, step_scores = the selected child's DRM score per branching step, score_spread,
-final_score = DRM score of the final image at s = 0, diversity_group = prompt index, ...). With
---seeds-per-prompt S >= 2 it reports the diversity across seeds (drm_ray.diversity: mean pairwise RMS pixel
-distance and 1 - SSIM). An MLflow run (sqlite `<run.output_dir>/mlflow.db` unless tracking.tracking_uri says
-otherwise) gets the parameters, an image grid and the scores, diversity and timings as metrics.
+(prompt, seed, k, file, step_scores = the selected child's score per branching step, score_spread,
+final_score = the selecting reward of the final image at s = 0, judge_<kind> per judge, diversity_group = prompt
+index, ...). With --seeds-per-prompt S >= 2 it reports the diversity across seeds (drm_ray.diversity: mean pairwise
+RMS pixel distance and 1 - SSIM). An MLflow run (sqlite `<run.output_dir>/mlflow.db` unless tracking.tracking_uri
+says otherwise) gets the parameters, an image grid and the scores, judges (sample/judge/<kind>), per step the rank
+correlation of the selected child's score with the final score and each judge, diversity and timings as metrics.
 """
 
 from __future__ import annotations
