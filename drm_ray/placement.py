@@ -2,11 +2,11 @@
 
 Three roles ask for resources: reward scorers (and one judge scorer when reward.judges is set) and rollout workers
 (Ray actors, `rollout.num_cpus` / `num_gpus` / `resources` each) and learner workers (Ray Train workers,
-`learner.num_cpus`, 1 GPU if `learner.use_gpu`, `learner.resources`). Custom resources pin a role to the node types that offer them (`"rollout=1"` on nodes started
-with `--resources '{"rollout": 1}'`, as in cluster/). Scorers and rollout workers are SPREAD over nodes (a lost node
-takes few of them, and no single node's PCIe or NIC carries every worker's traffic); the learner's workers stay
-packed on as few nodes as possible (Ray Train's default placement group strategy, PACK), since they all-reduce
-gradients every micro-step.
+`learner.num_cpus`, 1 GPU if `learner.use_gpu`, `learner.resources`). Custom resources pin a role to the node types
+that offer them (`"rollout=1"` on nodes started with `--resources '{"rollout": 1}'`, as in cluster/). Scorers and
+rollout workers are SPREAD over nodes (a lost node takes few of them, and no single node's PCIe or NIC carries every
+worker's traffic); the learner's workers stay packed on as few nodes as possible (Ray Train's default placement group
+strategy, PACK), since they all-reduce gradients every micro-step.
 
 `ensure_resources` compares the demand with the nodes' total resources. It checks only necessary conditions (each
 actor fits on some node; the sum per resource fits the cluster), so what it rejects can never run; fragmentation
