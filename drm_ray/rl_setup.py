@@ -84,8 +84,8 @@ class RLSetup:
             ray.get([a.ready.remote() for a in self.scorers + self.workers + self.judge_actors()],
                     timeout=ro.timeout_s)
             policy_cfg = ray.get(self.workers[0].transformer_config.remote(), timeout=ro.timeout_s)
-            ray.get(self.scorers[0].check_compatible.remote(policy_cfg, latent_size(m.preset, s.resolution)),
-                    timeout=ro.timeout_s)
+            ray.get([a.check_compatible.remote(policy_cfg, latent_size(m.preset, s.resolution))
+                     for a in self.scorers[:1] + self.judge_actors()], timeout=ro.timeout_s)  # a DRM judge too
             self.sigmas = ray.get(self.workers[0].schedule.remote(), timeout=ro.timeout_s)
         except BaseException:
             self.shutdown()  # a DRM that does not fit the policy, an actor that cannot start: stop everything
