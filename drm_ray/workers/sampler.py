@@ -89,6 +89,7 @@ class StepwiseSampler:
         self.sigmas = schedule_sigmas(self.comps.scheduler, num_steps)
         self.k, self.noise_level, self.guidance_scale = k, noise_level, guidance_scale
         self.scorer, self.judges = scorer, judges
+        self.judge_names = judges.names() if judges is not None else []  # asked once, not per batch
         self.needs_clean, self.weights = False, [1.0]
         if scorer is not None:
             scorer.check_compatible(dict(self.comps.transformer.config), self.latent_size)
@@ -132,7 +133,7 @@ class StepwiseSampler:
         judges = None
         if self.judges is not None:
             cols = self.judges.score_all(res.latents, zeros, pidx)  # [B, J]
-            judges = {name: cols[:, j].float().numpy() for j, name in enumerate(self.judges.names())}
+            judges = {name: cols[:, j].float().numpy() for j, name in enumerate(self.judge_names)}
         images = decode_latents(self.comps.vae, res.latents)                  # [B, 3, H, W] in [0, 1]
         images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # as to_pil does
         return SampleBatch(index=list(index), images=images, step_scores=res.scores.numpy(),

@@ -66,14 +66,6 @@ class RewardScorer:
               clean: torch.Tensor | None = None) -> torch.Tensor:
         return self.rewards.score(latents, noise_levels, torch.as_tensor(prompt_index), clean)
 
-    def score_embedded(self, latents, noise_levels, prompt_embeds, pooled) -> torch.Tensor:
-        """The DRM on explicit embeddings (Step-wise Sampling's samplers encode their own prompts)."""
-        drm = self.rewards.drm()
-        if drm is None or len(self.rewards.names) != 1:
-            raise ValueError(f"scoring with explicit prompt embeddings needs the drm reward alone, this scorer holds "
-                             f"{self.rewards.names}")
-        return drm.score_embedded(latents, noise_levels, prompt_embeds, pooled)
-
     def score_rollouts(self, rollouts: list, latent_refs: list, algo: str, sigmas: torch.Tensor) -> torch.Tensor:
         """Scores [N, R] of everything `scoring_requests` asks for: `rollouts` are the records without latents,
         `latent_refs` (nested in a list, so Ray passes them unresolved) the object-store payloads holding their
