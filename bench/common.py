@@ -7,7 +7,6 @@ text table, and optional MLflow logging of a benchmark's table and numbers throu
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import socket
@@ -63,8 +62,10 @@ def single_process_group(backend: str = "gloo") -> None:
 
 def learner_train_cfg(cfg, num_states: int, world: int = 1) -> dict:
     """The learner loop's config dict for `train_update`, exactly as drm_ray.rl_setup builds it."""
+    from drm_ray.rl_setup import grad_accum
+
     le = cfg.learner
-    return dict(grad_accum=max(1, math.ceil(num_states / (world * le.micro_batch_states))),
+    return dict(grad_accum=grad_accum(num_states, cfg.grpo.updates_per_iter, world, le.micro_batch_states),
                 guidance_scale=cfg.sampling.guidance_scale, noise_level=cfg.sampling.noise_level,
                 clip_eps=cfg.grpo.clip_eps, beta=cfg.grpo.beta)
 

@@ -9,9 +9,9 @@ Stages, each a subprocess of a job (so the chain is exactly what a user runs), o
 2. pairs      jobs/toy_pairs.py: the pre-trained model's own samples, labelled by the hidden oracle (mix=True: a
               training set that also spans other guidance scales, noise levels, renders and other captions'
               renders; measured once, it lowered held-out accuracy at t=0 from 0.595 to 0.545, so it is off).
-3. drm        jobs/preprocess.py encodes both pair sets once; jobs/train_drm.py with drm.init=pretrained and
-              =random (equal steps, data, seeds), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500,
-              750, 950.
+3. drm        jobs/preprocess.py encodes the three pair sets once; jobs/train_drm.py with drm.init=pretrained and
+              =random (equal steps, data, seeds), keeping the step with the best accuracy on the validation pairs
+              (a split of its own), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500, 750, 950.
 4. rl         jobs/step_grpo.py --algo grpo and --algo step_grpo against the first pretrained-init DRM, several
               seeds, at equal rollout compute per iteration: GRPO samples k trajectories for each of B/k prompts,
               Step-GRPO one trajectory for each of B prompts (the same number of transformer forwards, and the same
@@ -36,10 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STAGES = ("pretrain", "pairs", "drm", "rl", "stepwise", "report")
-FULL = dict(pretrain_steps=2500, samples=36, pairs=200, heldout=16, heldout_pairs=64, drm_steps=1500, drm_seeds=2,
+FULL = dict(pretrain_steps=2500, samples=96, pairs=400, val=8, val_pairs=32, heldout=16, heldout_pairs=64,
+            drm_steps=3000, drm_val_every=250, drm_seeds=2,
             rl_seeds=3, iterations=60, eval_every=5, prompts=8, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
             mix=False)
-QUICK = dict(pretrain_steps=150, samples=6, pairs=10, heldout=4, heldout_pairs=4, drm_steps=60, drm_seeds=1,
+QUICK = dict(pretrain_steps=150, samples=6, pairs=10, val=3, val_pairs=4, heldout=4, heldout_pairs=4, drm_steps=60,
+             drm_val_every=30, drm_seeds=1,
              rl_seeds=1, iterations=4, eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
              mix=False)
 
@@ -80,7 +82,8 @@ class Chain:
     def pairs(self) -> None:
         self.run("pairs", ["jobs/toy_pairs.py", "--out", str(self.out / "pairs"), "--samples", str(self.p["samples"]),
                            "--pairs", str(self.p["pairs"]), "--heldout-samples", str(self.p["heldout"]),
-                           "--heldout-pairs", str(self.p["heldout_pairs"]), self.model,
+                           "--heldout-pairs", str(self.p["heldout_pairs"]), "--val-samples", str(self.p["val"]),
+                           "--val-pairs", str(self.p["val_pairs"]), self.model,
                            *(["--mix"] if self.p.get("mix") else [])],
                  self.out / "pairs" / "pairs_meta.json")
 
@@ -89,7 +92,7 @@ class Chain:
 
     def drm(self) -> None:
         caches = {}
-        for split in ("train", "heldout"):  # encoded once, shared by every DRM run
+        for split in ("train", "val", "heldout"):  # encoded once, shared by every DRM run
             caches[split] = self.out / "cache" / split
             self.run(f"cache-{split}", ["jobs/preprocess.py", "--config", "toy", self.model, "--pairs",
                                         str(self.out / "pairs" / f"{split}.parquet"), "--out", str(caches[split]),
@@ -101,6 +104,8 @@ class Chain:
                 self.run(f"drm-{init}-s{seed}", ["jobs/train_drm.py", *common, "--cache", str(caches["train"]),
                                                  f"drm.init={init}",
                                                  f"drm.train_steps={self.p['drm_steps']}",
+                                                 f"data.heldout_data={caches['val']}",
+                                                 f"drm.val_every={self.p['drm_val_every']}",
                                                  f"tracking.run_name=train_drm-{init}-s{seed}"],
                          run / "drm" / "drm_config.json")
                 self.run(f"eval-{init}-s{seed}", ["jobs/eval_drm.py", *common, "--drm", str(run / "drm"), "--cache",

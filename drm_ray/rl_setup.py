@@ -68,8 +68,8 @@ class RLSetup:
         states = cfg.grpo.prompts_per_iter * per_group
         loop_config = dict(
             preset=m.preset, model_kwargs=self.kwargs, lora=self.lora_cfg, num_steps=s.num_steps,
-            micro_batch_states=le.micro_batch_states,
-            grad_accum=max(1, math.ceil(states / (le.num_workers * le.micro_batch_states))),
+            micro_batch_states=le.micro_batch_states, updates_per_iter=cfg.grpo.updates_per_iter, seed=cfg.run.seed,
+            grad_accum=grad_accum(states, cfg.grpo.updates_per_iter, le.num_workers, le.micro_batch_states),
             zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, max_grad_norm=le.max_grad_norm,
             lr=le.lr, weight_decay=le.weight_decay, start_version=start_version,
             resume_dir=str(resume_dir) if resume_dir else None, prompts=self.prompts_ref,
@@ -165,3 +165,10 @@ def image_grid(images, columns: int | None = None):
     for i, im in enumerate(images):
         grid.paste(im, ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+def grad_accum(states: int, updates_per_iter: int, num_workers: int, micro_batch_states: int) -> int:
+    """Backward calls per optimizer step: a minibatch (states / updates_per_iter, rounded up) over the ranks in
+    micro-batches of `micro_batch_states`."""
+    per_step = math.ceil(states / updates_per_iter)
+    return max(1, math.ceil(per_step / (num_workers * micro_batch_states)))

@@ -1,12 +1,15 @@
 """Oracle-labelled preference pairs from the pre-trained toy model's own samples, for jobs/train_drm.py.
 
-    python jobs/toy_pairs.py                                   # outputs/toy/pairs/{train,heldout}.parquet
-    python jobs/train_drm.py --config toy --pairs outputs/toy/pairs/train.parquet
+    python jobs/toy_pairs.py                                   # outputs/toy/pairs/{train,val,heldout}.parquet
+    python jobs/train_drm.py --config toy --pairs outputs/toy/pairs/train.parquet \
+        data.heldout_data=<cache of val.parquet> drm.val_every=100      # keeps the best step by validation
     python jobs/eval_drm.py --config toy --pairs outputs/toy/pairs/heldout.parquet
 
 Every caption is sampled `--samples` times (ODE + CFG, the model at model.path), the hidden oracle grades each image,
 and random same-caption pairs whose grades differ by more than `--margin` become (winner, loser) rows in the
-preference Parquet format. The held-out set uses other seeds. Statistics go to `<out>/pairs_meta.json`.
+preference Parquet format. The validation set (early stopping: `drm.val_every` keeps the best step) and the held-out
+set (the accuracy a report quotes) use other seeds each, so the step is never chosen on the pairs that measure it.
+Statistics go to `<out>/pairs_meta.json`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="candidate pairs per caption (train set); about a quarter pass --margin")
     parser.add_argument("--heldout-samples", type=int, default=16)
     parser.add_argument("--heldout-pairs", type=int, default=64)
+    parser.add_argument("--val-samples", type=int, default=8, help="images per caption of the validation set "
+                        "(0: none)")
+    parser.add_argument("--val-pairs", type=int, default=32)
     parser.add_argument("--margin", type=float, default=0.05, help="minimum oracle difference of a pair")
     parser.add_argument("--mix", action="store_true",
                         help="train set spanning the quality range RL visits: samples at several guidance scales "
@@ -43,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"toy_pairs needs the toy preset; --config {args.config} has model.preset={cfg.model.preset}")
     if min(args.samples, args.heldout_samples) < 2 or min(args.pairs, args.heldout_pairs) < 1:
         parser.error("--samples / --heldout-samples must be >= 2 and --pairs / --heldout-pairs >= 1")
+    if args.val_samples and (args.val_samples < 2 or args.val_pairs < 1):
+        parser.error("--val-samples must be 0 or >= 2, and --val-pairs >= 1")
     job_env(cfg.model.preset)
     import torch
 
@@ -61,8 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
                                       pairs_per_caption=args.heldout_pairs, seed=cfg.run.seed + 7_919, **common),
         "model_path": str(Path(cfg.model.path).resolve()),
     }
+    if args.val_samples:
+        meta["val"] = write_oracle_pairs(out / "val.parquet", comps, samples_per_caption=args.val_samples,
+                                         pairs_per_caption=args.val_pairs, seed=cfg.run.seed + 15_485, **common)
     (out / "pairs_meta.json").write_text(json.dumps(meta, indent=2))
-    for name in ("train", "heldout"):
+    for name in [n for n in ("train", "val", "heldout") if n in meta]:
         s = meta[name]
         print(f"[toy_pairs] {name}: {s['pairs']} pairs from {s['images']} images (oracle {s['oracle_mean']:.3f} "
               f"+- {s['oracle_std']:.3f}) -> {out / (name + '.parquet')}", flush=True)

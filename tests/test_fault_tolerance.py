@@ -27,7 +27,9 @@ def _driver(out, drm_dir, *overrides):
     return StepGRPODriver(rl_config(out, drm_dir, *overrides))
 
 
-RESUME = ("grpo.checkpoint_every=2", "grpo.eval_every=2")
+# two minibatches per update (two optimizer steps): resume and replay must reproduce both, in order
+UPDATES = "grpo.updates_per_iter=2"
+RESUME = ("grpo.checkpoint_every=2", "grpo.eval_every=2", UPDATES)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,8 @@ def test_killed_rollout_worker_and_scorer_mid_iteration(ray_session, tmp_path, t
     driver.rollout = rollout
     assert first["rollout/actor_restarts"] >= 1 and first["score/actor_restarts"] >= 1
     assert first["rollout/groups"] == 4 and first["train/states"] == 4 * 3  # no group lost or counted twice
-    assert first["train/ratio_max_dev"] < 1e-4  # the restarted worker reloaded the current LoRA before rolling out
+    # the restarted worker reloaded the current LoRA before rolling out: its log-probs are the learner's
+    assert first["train/rollout_logp_dev"] < 1e-4
     second = driver.step()
     assert second["rollout/groups"] == 4 and set(driver.worker_checksums) == {driver.worker_checksums[0]}
     driver.finish()
@@ -91,14 +94,15 @@ def test_learner_failure_between_state_saves_replays_to_the_same_lora(ray_sessio
     # restarted group restores v0, the driver re-sends updates 0 and 1 in order, and the result equals an
     # uninterrupted run's bit for bit. (state_every=1 is the special case that re-sends only the unacknowledged one.)
     driver = _driver(tmp_path / "killed", tiny_drm_dir, "grpo.iterations=2", "learner.max_failures=1",
-                     "learner.state_every=2")
+                     "learner.state_every=2", UPDATES)
     driver.step()
     members = ray.get(driver.rl.learner.coordinator.get_members.remote())
     os.kill(members[0]["pid"], signal.SIGKILL)
     time.sleep(1.0)
     metrics = driver.step()
     assert metrics["train/learner_restarts"] >= 1 and driver.version == 2
-    assert metrics["train/ratio_max_dev"] < 1e-4
+    assert metrics["train/rollout_logp_dev"] < 1e-4 and metrics["train/mb0/ratio_max_dev"] == 0.0
+    assert metrics["train/mb1/ratio_max_dev"] > 0.0  # the second minibatch runs after the first step
     events = ray.get(driver.rl.learner.coordinator.get_events.remote())
     assert ray.get(driver.rl.learner.coordinator.get_members.remote())[0]["pid"] != members[0]["pid"]
     assert "generation 2 started at v0" in events, events

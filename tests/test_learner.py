@@ -4,14 +4,15 @@
 import pytest
 import torch
 
-from drm_ray.algorithms.rl_batch import learner_batch
+from drm_ray.algorithms.losses import clipped_policy_loss
+from drm_ray.algorithms.rl_batch import learner_batch, minibatch_shards
 from drm_ray.config import SD3_LORA_TARGETS
 from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.diffusion.flow import schedule_sigmas
-from drm_ray.models.lora import add_lora, lora_state
+from drm_ray.models.lora import add_lora, load_lora_state, lora_state
 from drm_ray.models.sd3 import build_tiny
 from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine
-from drm_ray.workers.learner import split_micro_batches, state_losses, train_update
+from drm_ray.workers.learner import split_micro_batches, state_losses, train_iteration, train_update
 from drm_ray.workers.rollout import RolloutWorker
 
 KWARGS = dict(path=None, dtype="float32", seed=0, num_layers=4, num_attention_heads=2, attention_head_dim=16,
@@ -46,7 +47,8 @@ def test_update_is_on_policy_changes_lora_only(process_group, algo):
     engine, _ = init_engine(transformer, params, 1e-3, 0.0, deepspeed_config(4, 2, 1, 2, False, 1.0))
     sigmas = schedule_sigmas(build_tiny(text=False, vae=False).scheduler, 4)
     out = train_update(engine, transformer, batch, batch["states"].shape[0], 1, prompts, sigmas, CFG)
-    assert out["train/ratio_max_dev"] < 1e-4 and out["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert out["train/ratio_max_dev"] == 0.0 and out["train/ratio_mean"] == 1.0  # on-policy: rho = 1 exactly
+    assert out["train/rollout_logp_dev"] < 1e-4  # the rollout's log-probs agree with the learner's forward
     assert out["train/kl_ref"] == pytest.approx(0.0, abs=1e-12)  # B = 0: policy equals reference before the step
     after = lora_state(transformer)
     assert any(not torch.equal(before[k], after[k]) for k in before), "the update did not change the LoRA"
@@ -67,3 +69,96 @@ def test_micro_batches_cover_the_shard_exactly():
     assert len(parts) == 3 and torch.equal(torch.cat([p["states"] for p in parts]), shard["states"])
     empty = split_micro_batches({"states": torch.zeros(1, 1), "step_index": torch.zeros(1)}, 3)
     assert [p["states"].shape[0] for p in empty].count(0) == 2  # still 3 micro-batches: 3 backward calls
+
+
+def _engine(transformer, grad_accum, lr=1e-3):
+    params = add_lora(transformer, LORA["rank"], LORA["alpha"], SD3_LORA_TARGETS)
+    engine, _ = init_engine(transformer, params, lr, 0.0, deepspeed_config(4, grad_accum, 1, 2, False, 1e6))
+    return engine, params
+
+
+def test_several_updates_per_batch(process_group):
+    """grpo.updates_per_iter: one optimizer step per minibatch; ratio 1 on the first, not on the later ones."""
+    prompts = encode_prompt_table(["a red circle", "a blue square"], "", "tiny", KWARGS)
+    rollouts = _rollouts("step_grpo", prompts)
+    g = torch.Generator().manual_seed(1)
+    child = [torch.randn(r.children.shape[:2], generator=g) for r in rollouts]
+    batch, _ = learner_batch(rollouts, "step_grpo", child, torch.randn(2, 3, generator=g), 3, 5.0)
+    shards, totals = minibatch_shards(batch, 3, 1, seed=7)
+    assert totals == [2, 2, 2] and len(shards) == 1 and len(shards[0]) == 3
+    dealt = torch.cat([mb["state_index"] for mb in shards[0]])
+    assert sorted(dealt.tolist()) == batch["state_index"].tolist()  # every state once
+    assert not torch.equal(dealt, batch["state_index"])  # shuffled: minibatches mix prompts and steps
+    transformer = build_tiny(seed=0, text=False, vae=False).transformer
+    engine, _ = _engine(transformer, grad_accum=1, lr=1e-2)
+    sigmas = schedule_sigmas(build_tiny(text=False, vae=False).scheduler, 4)
+    cfg = {**CFG, "grad_accum": 1, "clip_eps": 0.2}
+    before = lora_state(transformer)
+    steps = []
+    orig = engine.step
+    engine.step = lambda: (steps.append(1), orig())[1]
+    out = train_iteration(engine, transformer, shards[0], totals, 1, prompts, sigmas, cfg)
+    assert len(steps) == 3  # one optimizer step per minibatch (grad_accum 1)
+    assert out["train/mb0/ratio_max_dev"] == 0.0  # the policy that sampled the batch: exactly on-policy
+    assert out["train/mb1/ratio_max_dev"] > 1e-6 and out["train/mb2/ratio_max_dev"] > 1e-6
+    assert out["train/states"] == 6 and any(not torch.equal(before[k], v) for k, v in lora_state(transformer).items())
+
+
+def test_minibatches_do_not_depend_on_the_number_of_ranks():
+    batch = {"state_index": torch.arange(10), "advantages": torch.randn(10, 2)}
+    one, totals = minibatch_shards(batch, 3, 1, seed=3)
+    two, totals2 = minibatch_shards(batch, 3, 2, seed=3)
+    assert totals == totals2 == [3, 4, 3]
+    for j in range(3):
+        assert torch.equal(one[0][j]["state_index"], torch.cat([two[0][j]["state_index"], two[1][j]["state_index"]]))
+    single, _ = minibatch_shards(batch, 1, 1, seed=3)
+    assert torch.equal(single[0][0]["state_index"], batch["state_index"])  # one minibatch keeps the order
+
+
+def test_clipped_children_contribute_no_gradient():
+    """PPO clipping, checked against a gradient computed by hand: log p_i = w * x_i, so d(rho_i)/dw = rho_i x_i."""
+    w = torch.tensor(0.3, requires_grad=True)
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    old = torch.tensor([[0.0, -0.3, 0.2, 0.0]])  # rho = exp(0.3 x - old): 1.35, 0.74, 0.95, 2.46
+    adv = torch.tensor([[1.0, -1.0, 2.0, -1.5]])
+    eps = 0.2
+    loss, stats = clipped_policy_loss(w * x, old, adv, eps)
+    loss.mean().backward()
+    rho = torch.exp(0.3 * x - old)
+    # clipped side: A > 0 and rho > 1 + eps (child 0), A < 0 and rho < 1 - eps (child 1): no gradient;
+    # child 2 is inside the range; child 3 (A < 0, rho > 1 + eps) is outside but on the unclipped side
+    active = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    by_hand = (-(adv * rho * x) * active).sum() / 4
+    assert w.grad.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert stats["clipped"].tolist() == [[1.0, 1.0, 0.0, 1.0]]  # outside the range, whichever side
+
+
+def test_micro_batch_weighting_matches_one_batch_gradient(process_group):
+    """The gradient DeepSpeed accumulates over micro-batches equals autograd's gradient of the mean per-state loss
+    over the whole batch in one plain forward (no engine)."""
+    prompts = encode_prompt_table(["a red circle", "a blue square"], "", "tiny", KWARGS)
+    rollouts = _rollouts("grpo", prompts)
+    g = torch.Generator().manual_seed(2)
+    batch, _ = learner_batch(rollouts, "grpo", [], torch.randn(2, 3, generator=g), 3, 5.0)
+    batch = {k: v[:7] for k, v in batch.items()}  # 7 states: micro-batches of 3, 2, 2 with grad_accum 3
+    sigmas = schedule_sigmas(build_tiny(text=False, vae=False).scheduler, 4)
+
+    reference = build_tiny(seed=0, text=False, vae=False).transformer
+    params = add_lora(reference, LORA["rank"], LORA["alpha"], SD3_LORA_TARGETS)
+    torch.manual_seed(0)
+    for p in params:  # a non-zero adapter, so the KL term has a gradient too
+        p.data.normal_(0, 0.02)
+    start = {k: v.clone() for k, v in lora_state(reference).items()}
+    per_state, _ = state_losses(reference, reference, batch, prompts, sigmas, CFG)
+    per_state.mean().backward()
+    ref_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()
+
+    norms = []
+    for accum in (1, 3):
+        transformer = build_tiny(seed=0, text=False, vae=False).transformer
+        engine, _ = _engine(transformer, grad_accum=accum)
+        load_lora_state(transformer, start)
+        train_update(engine, transformer, batch, 7, 1, prompts, sigmas, {**CFG, "grad_accum": accum})
+        norms.append(engine.get_global_grad_norm())
+    assert norms[0] == pytest.approx(ref_norm, rel=1e-4)
+    assert norms[1] == pytest.approx(ref_norm, rel=1e-4)

@@ -32,8 +32,9 @@ def test_first_iteration_is_worker_count_independent_and_synced(ray_session, tmp
     for key in ("adv/mean", "adv/std", "adv/abs_max", "reward/final_mean", "reward/step0_mean", "train/loss",
                 "train/policy_loss", "train/grad_norm", "train/states"):
         assert s1[key] == s2[key], key
-    # on-policy first update: rho = 1
-    assert s1["train/ratio_max_dev"] < 1e-4 and s2["train/ratio_max_dev"] < 1e-4
+    # on-policy first update: rho = 1, and the rollout's log-probs are the learner's (the workers held its LoRA)
+    assert s1["train/ratio_max_dev"] == 0.0 and s1["train/rollout_logp_dev"] < 1e-4
+    assert s2["train/rollout_logp_dev"] < 1e-4
     # after the sync every rollout worker holds the learner's adapter
     assert len(two.worker_checksums) == 2
     assert set(two.worker_checksums) == {two.final_lora_checksum}
@@ -59,7 +60,7 @@ def test_first_iteration_is_worker_count_independent_and_synced(ray_session, tmp
 def test_grpo_baseline_runs_and_logs_to_mlflow(ray_session, tmp_path, drm_dir):
     _, summary = _run(tmp_path / "grpo", drm_dir, "grpo.algo=grpo", "grpo.iterations=2", "grpo.eval_every=2",
                       "grpo.checkpoint_every=2")
-    assert summary["train/ratio_max_dev"] < 1e-2 and "reward/step0_mean" not in summary
+    assert summary["train/rollout_logp_dev"] < 1e-4 and "reward/step0_mean" not in summary
     assert summary["train/states"] == 4 * 4 * 3  # B prompts x k images x 3 trained steps, one child each
     from mlflow.tracking import MlflowClient
 

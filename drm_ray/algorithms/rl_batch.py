@@ -91,6 +91,29 @@ def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_s
     return batch, stats
 
 
+def minibatch_shards(batch: dict, updates: int, world: int, seed: int) -> tuple[list[list[dict]], list[int]]:
+    """Deal an update batch as `updates` minibatches (one optimizer step each) over `world` ranks.
+
+    With several minibatches the states are first put in a random order drawn from `seed` (Flow-GRPO shuffles a
+    sampled batch the same way), so each minibatch mixes prompts and steps; the order depends only on the seed, never
+    on the number of ranks. One minibatch keeps the batch's order. Returns (shards[rank][minibatch], states per
+    minibatch): minibatch j of rank r is its part of the j-th contiguous slice of the (shuffled) batch.
+    """
+    n = batch["advantages"].shape[0]
+    if updates > 1:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        batch = {k: v[order] for k, v in batch.items()}
+    mb_bounds = torch.linspace(0, n, updates + 1).round().long().tolist()
+    shards: list[list[dict]] = [[] for _ in range(world)]
+    totals = []
+    for lo, hi in zip(mb_bounds[:-1], mb_bounds[1:]):
+        totals.append(hi - lo)
+        rank_bounds = torch.linspace(lo, hi, world + 1).round().long().tolist()
+        for rank, (a, b) in enumerate(zip(rank_bounds[:-1], rank_bounds[1:])):
+            shards[rank].append({k: v[a:b] for k, v in batch.items()})
+    return shards, totals
+
+
 def chunks_needed(state_index: torch.Tensor, chunk_sizes: list[int]) -> list[int]:
     """Which chunks (consecutive runs of `chunk_sizes[c]` states) hold the states `state_index` names."""
     ends = torch.tensor(chunk_sizes, dtype=torch.long).cumsum(0)

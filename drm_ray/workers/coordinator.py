@@ -1,21 +1,24 @@
 """The learner's Coordinator: an async actor between the driver and the learner ranks (one per learner group).
 
-It imports nothing but torch (the updates it deals are tensors), not the model stack: an actor process imports the
-module that defines its class, and diffusers / peft / transformers would add ~5 CPU-seconds to every job's start-up.
+It imports nothing but torch (the updates it deals are tensors; through drm_ray.algorithms.rl_batch), not the model
+stack: an actor process imports the module that defines its class, and diffusers / peft / transformers would add ~5
+CPU-seconds to every job's start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import torch
+from drm_ray.algorithms.rl_batch import minibatch_shards
 
 
 class Coordinator:
     """Async actor between the driver and the learner ranks (one per learner)."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, updates_per_iter: int = 1, seed: int = 0):
         self.world_size = world_size
+        self.updates_per_iter = updates_per_iter
+        self.seed = seed
         self.queues = [asyncio.Queue() for _ in range(world_size)]
         self.published: dict[int, tuple[list, dict]] = {}
         self.changed = asyncio.Condition()
@@ -51,11 +54,11 @@ class Coordinator:
             self._event(f"submit v{version} ignored: v{version + 1} is published")
             return
         self._event(f"submit v{version} (generation {self.generation})")
-        n = batch["advantages"].shape[0]
-        bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
-        for rank, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            shard = {k: v[lo:hi] for k, v in batch.items()}
-            self.queues[rank].put_nowait({"version": version, "shard": shard, "total_states": n,
+        # the minibatch order depends on (seed, version) only: a replayed update after a restart is the same
+        shards, totals = minibatch_shards(batch, self.updates_per_iter, self.world_size,
+                                          self.seed * 1_000_003 + version)
+        for rank in range(self.world_size):
+            self.queues[rank].put_nowait({"version": version, "minibatches": shards[rank], "totals": totals,
                                           "latents": latents, "checkpoint_dir": checkpoint_dir})
 
     async def next_work(self, rank: int):

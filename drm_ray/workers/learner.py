@@ -1,9 +1,10 @@
 """The Step-GRPO / GRPO learner: the loop each Ray Train worker runs inside ONE long-lived `TorchTrainer.fit()`.
 
 Each rank holds the frozen transformer with a LoRA adapter under DeepSpeed (ZeRO-2 over the LoRA parameters only;
-fp32 on CPU with gloo, bf16 on GPU). It pulls its shard of every update from the Coordinator actor, split into
-exactly `grad_accum` micro-batches (the DeepSpeed gradient-accumulation count equals the backward calls per
-optimizer step; an empty micro-batch still runs a zero backward so every rank takes part in every reduction).
+fp32 on CPU with gloo, bf16 on GPU). It pulls its shard of every update from the Coordinator actor: one part of each
+of `grpo.updates_per_iter` minibatches (one optimizer step each, as Flow-GRPO), each split into exactly `grad_accum`
+micro-batches (the DeepSpeed gradient-accumulation count equals the backward calls per optimizer step; an empty
+micro-batch still runs a zero backward so every rank takes part in every reduction).
 
 Per recorded state one forward (the CFG pair) gives the mean of the step; all m children of that state are scored
 against it (m = k for Step-GRPO, 1 for GRPO), so learner cost grows with the number of states, not of children.
@@ -13,7 +14,7 @@ the reference being the same network with the adapter disabled. After each updat
 
 Data plane: a rank's work carries small tensors (state indices, steps, prompt indices, log-probs, advantages) and the
 ObjectRefs of the rollout latent chunks; the rank fetches only the chunks its shard touches and gathers its states
-and children itself (`load_shard`), so the batch, the shards and the micro-batches are exactly those of a batch
+and children itself (`load_minibatches`), so the batch, the shards and the micro-batches are exactly those of a batch
 assembled in one process. Every `state_every` updates the LoRA + optimizer state is saved for Ray Train restarts,
 after the new version is published, so the save overlaps the driver's sync and the next rollout.
 """
@@ -38,11 +39,15 @@ from drm_ray.workers.deepspeed_engine import deepspeed_config, init_engine, trai
 DS_TAG = "learner"
 
 
-def state_losses(model, transformer, mb: dict, prompts, sigmas: torch.Tensor, cfg: dict):
+def state_losses(model, transformer, mb: dict, prompts, sigmas: torch.Tensor, cfg: dict, on_policy: bool = False):
     """Per-state loss [n] and per-child stats for one micro-batch (see module docstring).
 
     mb: states [n, C, h, w], step_index [n], prompt_index [n], children [n, m, C, h, w], old_log_probs [n, m],
     advantages [n, m]. `model` is what runs the forward (the DeepSpeed engine), `transformer` the module under it.
+    `on_policy`: the parameters are still those that sampled the batch (the first minibatch of an update), so the
+    ratio's denominator is this forward's own log-prob, detached: rho = 1 exactly, and rounding differences between
+    the rollout's and the learner's forwards (bf16 on GPU) cannot clip children; their size is reported as
+    `logp_dev` (max |log p_learner - log p_rollout|).
     """
     device = transformer.device
     states, steps = mb["states"].to(device), mb["step_index"].to(device)
@@ -52,8 +57,10 @@ def state_losses(model, transformer, mb: dict, prompts, sigmas: torch.Tensor, cf
     mean, std_t, std_step = sde_mean_per_item(states, v, sigmas, steps, cfg["noise_level"])  # [n, C, h, w], [n]
     children = mb["children"].to(device)  # [n, m, C, h, w]
     logp = gaussian_log_prob(children, mean.unsqueeze(1), std_step.view(-1, 1, 1, 1, 1))  # [n, m]
-    loss, stats = clipped_policy_loss(logp, mb["old_log_probs"].to(device), mb["advantages"].to(device),
-                                      cfg["clip_eps"])
+    rollout_logp = mb["old_log_probs"].to(device)
+    old = logp.detach() if on_policy else rollout_logp
+    loss, stats = clipped_policy_loss(logp, old, mb["advantages"].to(device), cfg["clip_eps"])
+    stats["logp_dev"] = (logp.detach() - rollout_logp).abs().max()
     per_state = loss.mean(dim=1)  # [n]
     kl = torch.zeros_like(per_state)
     if cfg["beta"] > 0:
@@ -75,53 +82,93 @@ def split_micro_batches(shard: dict, grad_accum: int) -> list[dict]:
     return [{k: v[lo:hi] for k, v in shard.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def train_update(engine, transformer, shard: dict, total_states: int, world: int, prompts, sigmas, cfg) -> dict:
-    """One optimizer step over this rank's shard; returns stats summed over ranks (sums and counts)."""
+def _minibatch_step(engine, transformer, shard: dict, total_states: int, world: int, prompts, sigmas, cfg,
+                    on_policy: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step over this rank's part of a minibatch: (sums [8] over ranks, [max |rho - 1|, max |log p
+    learner - log p rollout|] over ranks, grad norm)."""
     accum = cfg["grad_accum"]
     params = [p for p in transformer.parameters() if p.requires_grad]
     sums = torch.zeros(8, dtype=torch.float64)  # loss, policy, kl, ratio, clipped, approx_kl, children, states
-    ratio_dev = torch.zeros(1, dtype=torch.float64)  # max |rho - 1|: exactly 0 on the first pass over fresh rollouts
+    devs = torch.zeros(2, dtype=torch.float64)  # max |rho - 1| (0 when on-policy), max |logp - rollout logp|
     for mb in split_micro_batches(shard, accum):
         n = mb["states"].shape[0]
         if n == 0:
             loss = sum(p.sum() for p in params) * 0.0
         else:
-            per_state, st = state_losses(engine, transformer, mb, prompts, sigmas, cfg)
+            per_state, st = state_losses(engine, transformer, mb, prompts, sigmas, cfg, on_policy)
             # DeepSpeed divides by accum and averages over ranks: this weighting makes the step the mean over all
-            # states of the update, whatever their spread over ranks and micro-batches.
+            # states of the minibatch, whatever their spread over ranks and micro-batches.
             loss = per_state.sum() * (world * accum / max(total_states, 1))
             sums += torch.tensor([per_state.detach().sum().item(), st["policy_loss"].mean(1).sum().item(),
                                   st["kl"].sum().item(), st["ratio"].sum().item(), st["clipped"].sum().item(),
                                   st["approx_kl"].sum().item(), st["ratio"].numel(), n], dtype=torch.float64)
-            ratio_dev = torch.maximum(ratio_dev, (st["ratio"] - 1).abs().max().double().cpu().view(1))
+            step_devs = torch.stack([(st["ratio"] - 1).abs().max(), st["logp_dev"]]).double().cpu()
+            devs = torch.maximum(devs, step_devs)
         engine.backward(loss)
         engine.step()
     if dist.is_available() and dist.is_initialized():  # on the device: NCCL reduces only GPU tensors
-        sums, ratio_dev = sums.to(transformer.device), ratio_dev.to(transformer.device)
+        sums, devs = sums.to(transformer.device), devs.to(transformer.device)
         dist.all_reduce(sums)
-        dist.all_reduce(ratio_dev, op=dist.ReduceOp.MAX)
-    s = sums.tolist()
-    children, states = max(s[6], 1), max(s[7], 1)
+        dist.all_reduce(devs, op=dist.ReduceOp.MAX)
     grad_norm = engine.get_global_grad_norm()
+    return sums.cpu(), devs.cpu(), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def _format(s: list[float], devs: list[float], grad_norm: float) -> dict:
+    children, states = max(s[6], 1), max(s[7], 1)
     return {"train/loss": s[0] / states, "train/policy_loss": s[1] / states, "train/kl_ref": s[2] / states,
             "train/ratio_mean": s[3] / children, "train/clip_frac": s[4] / children,
-            "train/approx_kl": s[5] / children, "train/states": s[7], "train/ratio_max_dev": ratio_dev.item(),
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+            "train/approx_kl": s[5] / children, "train/states": s[7], "train/ratio_max_dev": devs[0],
+            "train/rollout_logp_dev": devs[1], "train/grad_norm": grad_norm}
 
 
-def load_shard(work: dict) -> dict:
-    """The rank's shard with its states [n, C, h, w] and children [n, m, C, h, w], fetched from the object store
-    (only the latent chunks the shard touches)."""
+def train_update(engine, transformer, shard: dict, total_states: int, world: int, prompts, sigmas, cfg) -> dict:
+    """One on-policy optimizer step over this rank's shard of `total_states` states; returns stats over all ranks."""
+    sums, devs, grad_norm = _minibatch_step(engine, transformer, shard, total_states, world, prompts, sigmas, cfg,
+                                            on_policy=True)
+    return _format(sums.tolist(), devs.tolist(), grad_norm)
+
+
+def train_iteration(engine, transformer, minibatches: list[dict], totals: list[int], world: int, prompts, sigmas,
+                    cfg) -> dict:
+    """One optimizer step per minibatch (`grpo.updates_per_iter` of them, dealt by `minibatch_shards`).
+
+    The first minibatch runs on the parameters that sampled the batch, so its ratio is 1 exactly (`state_losses`,
+    on_policy); later minibatches take the ratio against the rollout's log-probs (Flow-GRPO's old log-probs), so it
+    measures how far the earlier steps moved the policy: that is where the clipped objective acts. Returns stats over
+    the whole batch (means weighted by states / children; the largest deviations; the mean gradient norm) and, with
+    several minibatches, `train/mb<j>/{clip_frac, approx_kl, ratio_max_dev}` per minibatch.
+    """
+    total = torch.zeros(8, dtype=torch.float64)
+    out, devs, norms = {}, torch.zeros(2, dtype=torch.float64), []
+    for j, (shard, n) in enumerate(zip(minibatches, totals)):
+        sums, dev, norm = _minibatch_step(engine, transformer, shard, n, world, prompts, sigmas, cfg,
+                                          on_policy=j == 0)
+        total += sums
+        devs = torch.maximum(devs, dev)
+        norms.append(norm)
+        if len(minibatches) > 1:
+            part = _format(sums.tolist(), dev.tolist(), norm)
+            out.update({f"train/mb{j}/{k}": part[f"train/{k}"] for k in ("clip_frac", "approx_kl", "ratio_max_dev")})
+    return {**_format(total.tolist(), devs.tolist(), sum(norms) / len(norms)), **out}
+
+
+def load_minibatches(work: dict) -> list[dict]:
+    """The rank's minibatches, each with its states [n, C, h, w] and children [n, m, C, h, w], fetched from the
+    object store (only the latent chunks the rank's states are in, each once)."""
     import ray
 
     refs, sizes = work["latents"]
-    shard = work["shard"]
-    needed = chunks_needed(shard["state_index"], sizes)
+    shards = work["minibatches"]
+    needed = chunks_needed(torch.cat([sh["state_index"] for sh in shards]), sizes)
     chunks = [None] * len(refs)
     for c, value in zip(needed, ray.get([refs[c] for c in needed])):
         chunks[c] = value
-    states, children = gather_latents(shard["state_index"], chunks, sizes)
-    return {**shard, "states": states, "children": children}
+    out = []
+    for shard in shards:
+        states, children = gather_latents(shard["state_index"], chunks, sizes)
+        out.append({**shard, "states": states, "children": children})
+    return out
 
 
 def learner_loop(config: dict) -> None:
@@ -164,8 +211,8 @@ def learner_loop(config: dict) -> None:
         if work["version"] != version:  # a duplicate of an update this group already applied
             continue
         start = time.perf_counter()
-        stats = train_update(engine, transformer, load_shard(work), work["total_states"], world, prompts, sigmas,
-                             config)
+        stats = train_iteration(engine, transformer, load_minibatches(work), work["totals"], world, prompts,
+                                sigmas, config)
         if work.get("checkpoint_dir"):
             # every rank: optimizer shards; the frozen base weights are rebuilt from the preset, never saved
             engine.save_checkpoint(work["checkpoint_dir"], tag=DS_TAG, exclude_frozen_parameters=True)
