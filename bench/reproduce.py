@@ -36,13 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STAGES = ("pretrain", "pairs", "drm", "rl", "stepwise", "report")
-FULL = dict(pretrain_steps=2500, samples=96, pairs=400, val=8, val_pairs=32, heldout=16, heldout_pairs=64,
+FULL = dict(pretrain_steps=2500, samples=96, pairs=1500, val=8, val_pairs=32, heldout=16, heldout_pairs=64,
             drm_steps=3000, drm_val_every=250, drm_seeds=2,
-            rl_seeds=3, iterations=60, eval_every=5, prompts=8, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
+            rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=1e-3, rl_updates=1, rl_clip=1e-4, iterations=60,
+            eval_every=5, prompts=8, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
             mix=False)
 QUICK = dict(pretrain_steps=150, samples=6, pairs=10, val=3, val_pairs=4, heldout=4, heldout_pairs=4, drm_steps=60,
              drm_val_every=30, drm_seeds=1,
-             rl_seeds=1, iterations=4, eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
+             rl_seeds=1, rl_rewards=("drm", "oracle"), rl_lr=1e-3, rl_updates=2, rl_clip=2e-3, iterations=4,
+             eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
              mix=False)
 
 
@@ -106,6 +108,7 @@ class Chain:
                                                  f"drm.train_steps={self.p['drm_steps']}",
                                                  f"data.heldout_data={caches['val']}",
                                                  f"drm.val_every={self.p['drm_val_every']}",
+                                                 "drm.val_pairs=100000",  # every validation pair
                                                  f"tracking.run_name=train_drm-{init}-s{seed}"],
                          run / "drm" / "drm_config.json")
                 self.run(f"eval-{init}-s{seed}", ["jobs/eval_drm.py", *common, "--drm", str(run / "drm"), "--cache",
@@ -113,19 +116,29 @@ class Chain:
                                                   str(run / "eval.json"), f"tracking.run_name=eval_drm-{init}-s{seed}"],
                          run / "eval.json")
 
+    def rl_dir(self, algo: str, reward: str, seed: int) -> Path:
+        return self.out / "rl" / (f"{algo}-s{seed}" if reward == "drm" else f"{algo}-{reward}-s{seed}")
+
     def rl(self) -> None:
+        """GRPO and Step-GRPO with each reward of `rl_rewards`, several seeds, equal rollout compute per iteration.
+        With the oracle, Step-GRPO grades each child through its denoised estimate x0_hat (a policy forward per
+        child); the DRM, where there is one, judges those runs' panels (eval/judge/drm)."""
         k = 4
+        drm = self.drm_dir("pretrained", 0) / "drm"
         for seed in range(self.p["rl_seeds"]):
-            for algo in ("grpo", "step_grpo"):
-                run = self.out / "rl" / f"{algo}-s{seed}"
-                prompts = self.p["prompts"] // k if algo == "grpo" else self.p["prompts"]
-                self.run(f"rl-{algo}-s{seed}", [
-                    "jobs/step_grpo.py", "--config", "toy", "--algo", algo, self.model, self.tracking,
-                    f"reward.drm_path={self.drm_dir('pretrained', 0) / 'drm'}", f"run.output_dir={run}",
-                    f"run.seed={seed}", f"sampling.k={k}", f"grpo.prompts_per_iter={prompts}",
-                    f"grpo.iterations={self.p['iterations']}", f"grpo.eval_every={self.p['eval_every']}",
-                    f"grpo.checkpoint_every={self.p['iterations']}", f"tracking.run_name={algo}-s{seed}"],
-                    run / "summary.json")
+            for reward in self.p["rl_rewards"]:
+                for algo in ("grpo", "step_grpo"):
+                    run = self.rl_dir(algo, reward, seed)
+                    prompts = self.p["prompts"] // k if algo == "grpo" else self.p["prompts"]
+                    judge = ["reward.judges=[drm]"] if reward != "drm" and drm.is_dir() else []
+                    self.run(f"rl-{algo}-{reward}-s{seed}", [
+                        "jobs/step_grpo.py", "--config", "toy", "--algo", algo, self.model, self.tracking,
+                        f"reward.drm_path={drm}", f"reward.rewards=[{reward}]", *judge, f"run.output_dir={run}",
+                        f"run.seed={seed}", f"sampling.k={k}", f"grpo.prompts_per_iter={prompts}",
+                        f"grpo.iterations={self.p['iterations']}", f"grpo.eval_every={self.p['eval_every']}",
+                        f"grpo.checkpoint_every={self.p['iterations']}", f"learner.lr={self.p['rl_lr']}",
+                        f"grpo.updates_per_iter={self.p['rl_updates']}", f"grpo.clip_eps={self.p['rl_clip']}",
+                        f"tracking.run_name={algo}-{reward}-s{seed}"], run / "summary.json")
 
     def stepwise(self) -> None:
         self.run("stepwise", ["bench/stepwise_cost.py", "--config", "toy", self.model,

@@ -81,27 +81,44 @@ def drm_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
     return text, {"acc": acc, "verdict": verdict, "mean": mean}
 
 
-def rl_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
+def rl_curves(out: Path, p: dict, reward: str) -> dict:
+    """{algo: curves over the seeds that finished} of the runs optimizing `reward` (empty if either algo has none)."""
     curves = {}
     for algo in ("grpo", "step_grpo"):
-        runs = [_load(out / "rl" / f"{algo}-s{seed}" / "summary.json") for seed in range(p["rl_seeds"])]
-        runs = [r for r in runs if r]
+        name = (lambda seed: f"{algo}-s{seed}") if reward == "drm" else (lambda seed: f"{algo}-{reward}-s{seed}")
+        runs = [r for r in (_load(out / "rl" / name(seed) / "summary.json") for seed in range(p["rl_seeds"])) if r]
         if not runs:
-            return "RL stage not run.\n", {}
-        iters = np.array([e["iteration"] for e in runs[0]["eval"]])
+            return {}
+        ev = [r["eval"] for r in runs]
+        n = min(len(e) for e in ev)  # evaluations every run reached
+        drm_key = "eval/drm_score" if reward == "drm" else "eval/judge/drm"
         curves[algo] = dict(
-            iters=iters,
-            oracle=np.array([[e["eval/oracle_score"] for e in r["eval"]] for r in runs]),     # [seeds, evals]
-            correct=np.array([[e["eval/oracle_correct"] for e in r["eval"]] for r in runs]),
-            drm=np.array([[e["eval/drm_score"] for e in r["eval"]] for r in runs]),
-            forwards=np.array([e["policy_forwards"] for e in runs[0]["eval"]]),
-            drm_forwards=np.array([e["drm_forwards"] for e in runs[0]["eval"]]))
+            iters=np.array([e["iteration"] for e in ev[0][:n]]),
+            oracle=np.array([[e["eval/oracle_score"] for e in r[:n]] for r in ev]),     # [seeds, evals]
+            correct=np.array([[e["eval/oracle_correct"] for e in r[:n]] for r in ev]),
+            drm=(np.array([[e[drm_key] for e in r[:n]] for r in ev]) if drm_key in ev[0][0] else None),
+            forwards=np.array([e["policy_forwards"] for e in ev[0][:n]]),
+            drm_forwards=np.array([e.get("drm_forwards", 0) for e in ev[0][:n]]),
+            x0_forwards=np.array([e.get("x0_forwards", 0) for e in ev[0][:n]]))
+    return curves
+
+
+REWARD_NAMES = {"drm": "the DRM", "oracle": "the oracle (Step-GRPO: on each child's x0_hat)"}
+
+
+def rl_section(out: Path, p: dict, metrics: dict, reward: str = "drm") -> tuple[str, dict]:
+    curves = rl_curves(out, p, reward)
+    if not curves:
+        return f"RL runs with {REWARD_NAMES.get(reward, reward)} not run.\n", {}
     g, s = curves["grpo"], curves["step_grpo"]
+    has_drm = g["drm"] is not None and s["drm"] is not None
     rows = []
     for j, it in enumerate(g["iters"]):
-        rows.append([it, g["forwards"][j], _ms(g["oracle"][:, j]), _ms(s["oracle"][:, j]),
-                     f"{100 * g['correct'][:, j].mean():.1f}% / {100 * s['correct'][:, j].mean():.1f}%",
-                     f"{g['drm'][:, j].mean():+.3f} / {s['drm'][:, j].mean():+.3f}"])
+        row = [it, g["forwards"][j], _ms(g["oracle"][:, j]), _ms(s["oracle"][:, j]),
+               f"{100 * g['correct'][:, j].mean():.1f}% / {100 * s['correct'][:, j].mean():.1f}%"]
+        if has_drm:
+            row.append(f"{g['drm'][:, j].mean():+.3f} / {s['drm'][:, j].mean():+.3f}")
+        rows.append(row)
     target = float(g["oracle"][:, -1].mean())
     start = float(g["oracle"][:, 0].mean())
     reach = {a: first_reach(c["iters"], c["oracle"].mean(0), target) for a, c in curves.items()}
@@ -111,45 +128,59 @@ def rl_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
         tg = float(g["oracle"][i, -1])
         rg, rs = first_reach(g["iters"], g["oracle"][i], tg), first_reach(s["iters"], s["oracle"][i], tg)
         per_seed.append(rg / rs if rs and tg > g["oracle"][i, 0] else None)
-    gain_g = g["oracle"][:, -1] - g["oracle"][:, 0]
-    gain_s = s["oracle"][:, -1] - s["oracle"][:, 0]
-    metrics.update({"rl/grpo_final_oracle": target, "rl/step_grpo_final_oracle": float(s["oracle"][:, -1].mean()),
+    gain = {a: c["oracle"][:, -1] - c["oracle"][:, 0] for a, c in curves.items()}  # per seed
+    tag = "" if reward == "drm" else f"_{reward}"
+    metrics.update({f"rl/grpo{tag}_final_oracle": target,
+                    f"rl/step_grpo{tag}_final_oracle": float(s["oracle"][:, -1].mean()),
                     "rl/initial_oracle": start})
     if ratio:
-        metrics["rl/iteration_ratio"] = ratio
+        metrics[f"rl/iteration_ratio{tag}"] = ratio
     fmt = (lambda v: "n/a" if v is None else f"{v:.1f}")
-    both_improve = gain_g.mean() > 0 and gain_s.mean() > 0
     if target <= start:
-        verdict = (f"UNDECIDED: GRPO's final panel oracle ({target:.3f}) is not above the initial one ({start:.3f}), "
+        verdict = (f"UNDECIDED: GRPO's final panel oracle ({target:.4f}) is not above the initial one ({start:.4f}), "
                    "so 'iterations to reach GRPO's final reward' is not defined; compare the curves instead")
     else:
         verdict = ("HELD" if ratio and ratio >= 1.5 else "DID NOT HOLD") + (
-            f": Step-GRPO reaches GRPO's final panel oracle ({target:.3f}, from {start:.3f}) at iteration "
+            f": Step-GRPO reaches GRPO's final panel oracle ({target:.4f}, from {start:.4f}) at iteration "
             f"{fmt(reach['step_grpo'])} vs GRPO's "
             f"{fmt(reach['grpo'])} (ratio {fmt(ratio)}x on the seed-mean curves; per seed, against that seed's "
             f"GRPO: {', '.join(fmt(r) for r in per_seed)}; criterion: >= 1.5x, the paper reports 2.5x)")
-    drm_target = float(g["drm"][:, -1].mean())
-    drm_reach = {a: first_reach(c["iters"], c["drm"].mean(0), drm_target) for a, c in curves.items()}
-    drm_ratio = (drm_reach["grpo"] / drm_reach["step_grpo"]
-                 if drm_reach["step_grpo"] and drm_target > float(g["drm"][:, 0].mean()) else None)
-    drm_verdict = (f"in the reward being optimized (the DRM's score of the same panel), Step-GRPO reaches GRPO's "
-                   f"final {drm_target:+.3f} at iteration {fmt(drm_reach['step_grpo'])} vs {fmt(drm_reach['grpo'])} "
-                   f"(ratio {fmt(drm_ratio)}x) and ends at {s['drm'][:, -1].mean():+.3f} (from "
-                   f"{g['drm'][:, 0].mean():+.3f})")
-    if drm_ratio:
-        metrics["rl/iteration_ratio_drm"] = drm_ratio
-    improve = (f"oracle gain over the run: GRPO {_ms(gain_g)}, Step-GRPO {_ms(gain_s)} "
-               f"({'both improve' if both_improve else 'not both improve'} on the seed mean)")
+    clear = {}
+    for a, v in gain.items():
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        clear[a] = (f"{v.mean():+.4f} +- {se:.4f} s.e. over {len(v)} seed(s) (per seed "
+                    f"{', '.join(f'{x:+.4f}' for x in v)}): "
+                    + ("CLEAR" if len(v) > 1 and v.mean() > 2 * se else "NOT CLEAR") + " (criterion: > 2 s.e.)")
+    drm_verdict = None
+    if has_drm:
+        drm_target = float(g["drm"][:, -1].mean())
+        drm_reach = {a: first_reach(c["iters"], c["drm"].mean(0), drm_target) for a, c in curves.items()}
+        drm_ratio = (drm_reach["grpo"] / drm_reach["step_grpo"]
+                     if drm_reach["step_grpo"] and drm_target > float(g["drm"][:, 0].mean()) else None)
+        drm_verdict = (f"the DRM's score of the same panel ({'the reward being optimized' if reward == 'drm' else 'a judge'}): "
+                       f"Step-GRPO reaches GRPO's final {drm_target:+.3f} at iteration {fmt(drm_reach['step_grpo'])} "
+                       f"vs {fmt(drm_reach['grpo'])} (ratio {fmt(drm_ratio)}x) and ends at {s['drm'][:, -1].mean():+.3f}"
+                       f" (from {g['drm'][:, 0].mean():+.3f})")
+        if drm_ratio and reward == "drm":
+            metrics["rl/iteration_ratio_drm"] = drm_ratio
     per_iter = {a: (c["drm_forwards"][-1] - c["drm_forwards"][0]) / max(1, c["iters"][-1] - c["iters"][0])
                 for a, c in curves.items()}
-    text = (f"Oracle grade of the fixed evaluation panel (every caption twice, fixed seeds, ODE; mean +- sd over "
-            f"{len(g['oracle'])} seed(s)); policy forwards = cumulative transformer forwards (CFG pair = 1) spent "
-            f"sampling rollouts, equal for both algorithms at every iteration. DRM forwards (scoring) per "
-            f"iteration: GRPO {per_iter['grpo']:.0f} (final images only), Step-GRPO {per_iter['step_grpo']:.0f} "
-            f"(every child at every branching step; the DRM has half the policy's blocks and no CFG).\n\n"
-            + _table(["iteration", "policy forwards", "GRPO oracle", "Step-GRPO oracle", "correct (GRPO / Step)",
-                      "DRM score (GRPO / Step)"], rows) + f"\n\n{improve}.\n")
-    return text, {"curves": curves, "verdict": verdict, "target": target, "drm_verdict": drm_verdict}
+    x0 = s["x0_forwards"][-1]
+    cost = (f"Reward forwards per iteration: GRPO {per_iter['grpo']:.0f} (final images only), Step-GRPO "
+            f"{per_iter['step_grpo']:.0f} (every child at every branching step"
+            + ("; the DRM has half the policy's blocks and no CFG)." if reward == "drm" else
+               f"; each child first needs its x0_hat, one policy forward with CFG: {x0} over the run, beside "
+               f"{s['forwards'][-1]} policy forwards for the rollouts themselves)."))
+    header = ["iteration", "policy forwards", "GRPO oracle", "Step-GRPO oracle", "correct (GRPO / Step)"]
+    if has_drm:
+        header.append("DRM score (GRPO / Step)")
+    text = (f"Optimizing {REWARD_NAMES.get(reward, reward)}. Oracle grade of the fixed evaluation panel (every "
+            f"caption twice, fixed seeds, ODE; mean +- sd over {len(g['oracle'])} seed(s)); policy forwards = "
+            f"cumulative transformer forwards (CFG pair = 1) spent sampling rollouts, equal for both algorithms at "
+            f"every iteration. {cost}\n\n" + _table(header, rows)
+            + f"\n\nOracle gain over the run: GRPO {clear['grpo']}; Step-GRPO {clear['step_grpo']}.\n")
+    return text, {"curves": curves, "verdict": verdict, "target": target, "drm_verdict": drm_verdict,
+                  "clear": clear}
 
 
 def stepwise_section(out: Path, metrics: dict) -> tuple[str, dict]:
@@ -188,7 +219,7 @@ def stepwise_section(out: Path, metrics: dict) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def plots(drm: dict, rl: dict, sw: dict, directory: Path) -> list[Path]:
+def plots(drm: dict, rl: dict, sw: dict, directory: Path, orl: dict | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +237,18 @@ def plots(drm: dict, rl: dict, sw: dict, directory: Path) -> list[Path]:
         ax.set(xlabel="t", ylabel="held-out accuracy", title="DRM accuracy vs noise level")
         ax.legend()
         paths.append(_save(fig, directory / "drm_accuracy_vs_t.png"))
-    if rl:
+    if orl:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for algo, colour in (("grpo", "C1"), ("step_grpo", "C0")):
+            c = orl["curves"][algo]
+            m, sd = c["oracle"].mean(0), c["oracle"].std(0)
+            ax.plot(c["iters"], m, color=colour, marker="o", label=f"{algo} (oracle reward)")
+            ax.fill_between(c["iters"], m - sd, m + sd, color=colour, alpha=0.2)
+        ax.set(xlabel="iteration (equal rollout compute per iteration)", ylabel="panel oracle score",
+               title="RL with the oracle as the reward")
+        ax.legend()
+        paths.append(_save(fig, directory / "rl_oracle_reward.png"))
+    if rl and rl["curves"]["grpo"]["drm"] is not None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, key, label in ((axes[0], "oracle", "panel oracle score (the truth)"),
                                (axes[1], "drm", "panel DRM score (the optimized reward)")):
@@ -248,9 +290,10 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     pre = _load(out / "pretrained" / "toy_meta.json")
     pairs = _load(out / "pairs" / "pairs_meta.json")
     drm_text, drm = drm_section(out, p, metrics)
-    rl_text, rl = rl_section(out, p, metrics)
+    rl_text, rl = rl_section(out, p, metrics, "drm")
+    orl_text, orl = rl_section(out, p, metrics, "oracle")
     sw_text, sw = stepwise_section(out, metrics)
-    figures = plots(drm, rl, sw, report.parent / "reproduction")
+    figures = plots(drm, rl, sw, report.parent / "reproduction", orl)
     samples = out / "pretrained" / "samples.png"
     if samples.is_file():  # one ODE sample per caption from the pre-trained model
         import shutil
@@ -300,7 +343,9 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
                f"{ho['images']} ODE samples of the pre-trained model with other seeds. Pairs closer than "
                f"{tr['margin']} in oracle score are dropped.", ""]
     md += ["## (a, b) DRM: pretrained vs random init, accuracy vs t", "", drm_text]
-    md += ["## (c) GRPO vs Step-GRPO at equal rollout compute", "", rl_text]
+    md += ["## (c) GRPO vs Step-GRPO at equal rollout compute, optimizing the DRM", "", rl_text]
+    md += ["## (c') The same with the oracle as the reward: the ceiling, and the algorithm claim without "
+           "reward-model error", "", orl_text]
     md += ["## (d) Step-wise Sampling vs k", "", sw_text]
     md += ["## Plots", ""] + [f"![{f.stem}](reproduction/{f.name})" for f in figures] + [""]
     md += ["## Verdicts", ""]
@@ -308,13 +353,19 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
         md += [f"- DRM init (paper: pre-trained init beats random init): {drm['verdict']['init']}.",
                f"- DRM vs noise level (paper: accuracy highest at low t, still informative mid-way): "
                f"{drm['verdict']['t']}."]
+    if orl:
+        md += [f"- The ceiling (GRPO with the oracle as its reward must raise the panel oracle): "
+               f"{orl['clear']['grpo']}.",
+               f"- Step-GRPO vs GRPO with the oracle as the reward (the algorithm claim, no reward-model error), "
+               f"judged by the oracle: {orl['verdict']}."]
     if rl:
-        md += [f"- Step-GRPO vs GRPO (paper: ~2.5x fewer iterations to GRPO's final reward), judged by the oracle: "
-               f"{rl['verdict']}.",
-               f"- The same comparison {rl['drm_verdict']}."]
+        md += [f"- Step-GRPO vs GRPO with the DRM as the reward (paper: ~2.5x fewer iterations to GRPO's final "
+               f"reward), judged by the oracle: {rl['verdict']}."]
+        if rl["drm_verdict"]:
+            md += [f"- The same comparison in {rl['drm_verdict']}."]
     if sw:
         md += [f"- Step-wise Sampling (paper: a better final image as k grows): {sw['verdict']}."]
-    if drm and rl:
+    if drm and rl and rl["curves"]["grpo"]["drm"] is not None:
         acc0 = float(drm["mean"]["pretrained"][0])
         c = rl["curves"]
         delta = {(a, key): c[a][key][:, -1].mean() - c[a][key][:, 0].mean() for a in c for key in ("drm", "oracle")}

@@ -70,8 +70,8 @@ class GRPOConfig:
     branch_steps: tuple[int, ...] | None = None   # None: every step but the last
     continuation: str = "random"         # random | best | mean: which state a trajectory continues from
     prompts_per_iter: int = 4            # B prompt groups per iteration
-    updates_per_iter: int = 1            # minibatches per iteration, one optimizer step each (Flow-GRPO): the ratio
-                                         # is 1 on the first and the clip range acts on the later ones
+    updates_per_iter: int = 1            # minibatches per iteration (contiguous runs of groups), one optimizer step
+                                         # each (Flow-GRPO): the ratio is 1 on the first, the clip range acts later
     iterations: int = 20
     clip_eps: float = 1e-4
     beta: float = 0.004                  # KL-to-reference weight

@@ -68,7 +68,7 @@ class RLSetup:
         states = cfg.grpo.prompts_per_iter * per_group
         loop_config = dict(
             preset=m.preset, model_kwargs=self.kwargs, lora=self.lora_cfg, num_steps=s.num_steps,
-            micro_batch_states=le.micro_batch_states, updates_per_iter=cfg.grpo.updates_per_iter, seed=cfg.run.seed,
+            micro_batch_states=le.micro_batch_states, updates_per_iter=cfg.grpo.updates_per_iter,
             grad_accum=grad_accum(states, cfg.grpo.updates_per_iter, le.num_workers, le.micro_batch_states),
             zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, max_grad_norm=le.max_grad_norm,
             lr=le.lr, weight_decay=le.weight_decay, start_version=start_version,

@@ -178,7 +178,9 @@ def test_oracle_pairs_prefer_the_higher_grade():
     bad = torch.zeros_like(good)
     images = torch.stack([good, bad, good * 0.5]).permute(0, 3, 1, 2)[None]  # [1 caption, 3 samples, 3, H, W]
     rows, stats = oracle_pairs(images, ["a red circle on the left"], pairs_per_caption=20, margin=0.05, seed=0)
-    assert stats["pairs"] == len(rows) > 0 and stats["pairs_considered"] == 20
+    # 20 asked for, 3 exist: each unordered pair is considered once
+    assert stats["pairs"] == len(rows) > 0 and stats["pairs_considered"] == 3
+    assert len({(r["image_win"], r["image_lose"]) for r in rows}) == len(rows)
     for r in rows:
         win, lose = (np.asarray(Image.open(io.BytesIO(r[c])).convert("RGB"), dtype=np.float64) / 255
                      for c in ("image_win", "image_lose"))

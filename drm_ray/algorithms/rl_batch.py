@@ -91,18 +91,16 @@ def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_s
     return batch, stats
 
 
-def minibatch_shards(batch: dict, updates: int, world: int, seed: int) -> tuple[list[list[dict]], list[int]]:
+def minibatch_shards(batch: dict, updates: int, world: int) -> tuple[list[list[dict]], list[int]]:
     """Deal an update batch as `updates` minibatches (one optimizer step each) over `world` ranks.
 
-    With several minibatches the states are first put in a random order drawn from `seed` (Flow-GRPO shuffles a
-    sampled batch the same way), so each minibatch mixes prompts and steps; the order depends only on the seed, never
-    on the number of ranks. One minibatch keeps the batch's order. Returns (shards[rank][minibatch], states per
-    minibatch): minibatch j of rank r is its part of the j-th contiguous slice of the (shuffled) batch.
+    Minibatch j is the j-th of `updates` contiguous, near-equal slices of the batch, which is stored group by group
+    (groups in the sampler's random prompt order, each with all its steps): a minibatch holds whole groups but at
+    its edges, so it can be trained as soon as its groups are scored, and its boundaries depend only on the batch,
+    never on the number of ranks. Returns (shards[rank][minibatch], states per minibatch): rank r takes its
+    contiguous part of each minibatch.
     """
     n = batch["advantages"].shape[0]
-    if updates > 1:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        batch = {k: v[order] for k, v in batch.items()}
     mb_bounds = torch.linspace(0, n, updates + 1).round().long().tolist()
     shards: list[list[dict]] = [[] for _ in range(world)]
     totals = []

@@ -85,15 +85,21 @@ def mixed_images(comps, captions: list[str], samples_per_caption: int, seed: int
 
 def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: int, margin: float,
                  seed: int) -> tuple[list[dict], dict]:
-    """Preference rows from images [P, S, 3, H, W] graded by the oracle, and statistics of the labelling."""
+    """Preference rows from images [P, S, 3, H, W] graded by the oracle, and statistics of the labelling.
+
+    Per caption, `pairs_per_caption` distinct unordered pairs (all S(S-1)/2 when there are fewer) are drawn and kept
+    when their grades differ by more than `margin`. The rows are returned in a random order (seeded), so any prefix
+    (a trainer's validation reads the first `drm.val_pairs`) spans every caption.
+    """
     p, s = images.shape[:2]
     scores = oracle_scores(images.flatten(0, 1), [c for c in captions for _ in range(s)]).score.reshape(p, s)
+    first, second = np.triu_indices(s, k=1)  # every unordered pair once
     rows, considered = [], 0
     for ci, caption in enumerate(captions):
         rng = np.random.default_rng([seed, ci])
+        drawn = rng.choice(len(first), size=min(pairs_per_caption, len(first)), replace=False)
         pil = None
-        for _ in range(pairs_per_caption):
-            a, b = rng.choice(s, size=2, replace=False)
+        for a, b in zip(first[drawn], second[drawn]):
             considered += 1
             if abs(scores[ci, a] - scores[ci, b]) <= margin:
                 continue
@@ -101,6 +107,8 @@ def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: i
             pil = pil or to_pil(images[ci])
             rows.append({"prompt": caption, "image_win": image_to_bytes(pil[win]),
                          "image_lose": image_to_bytes(pil[lose]), "source": SOURCE, "tie": False})
+    order = np.random.default_rng([seed, len(captions)]).permutation(len(rows))
+    rows = [rows[i] for i in order]
     stats = {"images": p * s, "oracle_mean": float(scores.mean()), "oracle_std": float(scores.std()),
              "pairs": len(rows), "pairs_considered": considered, "margin": margin}
     return rows, stats

@@ -15,10 +15,9 @@ from drm_ray.algorithms.rl_batch import minibatch_shards
 class Coordinator:
     """Async actor between the driver and the learner ranks (one per learner)."""
 
-    def __init__(self, world_size: int, updates_per_iter: int = 1, seed: int = 0):
+    def __init__(self, world_size: int, updates_per_iter: int = 1):
         self.world_size = world_size
         self.updates_per_iter = updates_per_iter
-        self.seed = seed
         self.queues = [asyncio.Queue() for _ in range(world_size)]
         self.published: dict[int, tuple[list, dict]] = {}
         self.changed = asyncio.Condition()
@@ -54,9 +53,7 @@ class Coordinator:
             self._event(f"submit v{version} ignored: v{version + 1} is published")
             return
         self._event(f"submit v{version} (generation {self.generation})")
-        # the minibatch order depends on (seed, version) only: a replayed update after a restart is the same
-        shards, totals = minibatch_shards(batch, self.updates_per_iter, self.world_size,
-                                          self.seed * 1_000_003 + version)
+        shards, totals = minibatch_shards(batch, self.updates_per_iter, self.world_size)
         for rank in range(self.world_size):
             self.queues[rank].put_nowait({"version": version, "minibatches": shards[rank], "totals": totals,
                                           "latents": latents, "checkpoint_dir": checkpoint_dir})

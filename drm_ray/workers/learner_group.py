@@ -40,7 +40,7 @@ class LearnerGroup:
         name = f"drm-ray-coordinator-{run_id}"
         namespace = ray.get_runtime_context().namespace
         self.coordinator = ray.remote(Coordinator).options(name=name, num_cpus=0).remote(
-            num_workers, loop_config.get("updates_per_iter", 1), loop_config.get("seed", 0))
+            num_workers, loop_config.get("updates_per_iter", 1))
         self.timeout_s = timeout_s
         self.state_every = state_every
         self.keep_updates = max_failures > 0  # without restarts nothing is ever replayed
