@@ -73,12 +73,11 @@ def run(args) -> tuple[str, dict]:
     single_process_group()
     train_cfg = learner_train_cfg(cfg, states)
     engine, transformer, sigmas = learner_engine(cfg, train_cfg)
-    lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
+    lora = cfg.lora_spec()
     per_call = cfg.rollout.groups_per_call
     results = []
     for k in args.ks:
-        sampling = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
-                    "k": k, "branch_steps": list(branch), "continuation": g.continuation}
+        sampling = cfg.rollout_sampling(k)
         worker = RolloutWorker(cfg.model.preset, kw, lora, table, sampling, g.algo, 1)
 
         def rollout():  # the driver's chunking: `groups_per_call` groups per call

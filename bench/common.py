@@ -61,13 +61,10 @@ def single_process_group(backend: str = "gloo") -> None:
 
 
 def learner_train_cfg(cfg, num_states: int, world: int = 1) -> dict:
-    """The learner loop's config dict for `train_update`, exactly as drm_ray.rl_setup builds it."""
-    from drm_ray.rl_setup import grad_accum
+    """The learner loop's config dict for `train_update` (drm_ray.rl_setup.update_config, as the job builds it)."""
+    from drm_ray.rl_setup import update_config
 
-    le = cfg.learner
-    return dict(grad_accum=grad_accum(num_states, cfg.grpo.updates_per_iter, world, le.micro_batch_states),
-                guidance_scale=cfg.sampling.guidance_scale, noise_level=cfg.sampling.noise_level,
-                clip_eps=cfg.grpo.clip_eps, beta=cfg.grpo.beta)
+    return update_config(cfg, num_states, world)
 
 
 def learner_engine(cfg, train_cfg: dict, device=None):

@@ -32,16 +32,6 @@ setup_env()
 ROLES = ("imports", "rollout worker", "DRM scorer", "learner worker", "driver", "ray system")
 
 
-def sampling_args(cfg, k=None) -> dict:
-    s, g = cfg.sampling, cfg.grpo
-    return {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
-            "k": k or s.k, "branch_steps": list(cfg.branch_steps()), "continuation": g.continuation}
-
-
-def lora_args(cfg) -> dict:
-    return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
-
-
 def prepare(cfg, work: Path) -> None:
     """One iteration's rollouts (plain RolloutWorker, untrained DRM scores) and the learner batch, saved to files."""
     import torch
@@ -58,7 +48,7 @@ def prepare(cfg, work: Path) -> None:
     kw = model_kwargs(cfg.model, cfg.sampling)
     prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
     table = encode_prompt_table(prompts, cfg.sampling.negative_prompt, cfg.model.preset, kw)
-    worker = RolloutWorker(cfg.model.preset, kw, lora_args(cfg), table, sampling_args(cfg), cfg.grpo.algo, 1)
+    worker = RolloutWorker(cfg.model.preset, kw, cfg.lora_spec(), table, cfg.rollout_sampling(), cfg.grpo.algo, 1)
     groups = PromptSampler(len(prompts), cfg.run.seed).next(cfg.grpo.prompts_per_iter)
     rollouts = worker.rollout(groups, -1)
     scorer = RewardScorer(["drm"], table, preset=cfg.model.preset, drm_path=str(untrained_drm(cfg, work / "drm")))
@@ -90,7 +80,7 @@ def run_role(role: str, cfg, work: Path) -> dict:
     if role == "rollout worker":
         from drm_ray.workers.rollout import RolloutWorker
 
-        worker = RolloutWorker(cfg.model.preset, kw, lora_args(cfg), table, sampling_args(cfg), cfg.grpo.algo, 1)
+        worker = RolloutWorker(cfg.model.preset, kw, cfg.lora_spec(), table, cfg.rollout_sampling(), cfg.grpo.algo, 1)
         worker.rollout(payload["groups"][:cfg.rollout.groups_per_call], -1)
     elif role == "DRM scorer":
         from drm_ray.workers.scorer import RewardScorer

@@ -69,9 +69,7 @@ def run_single(args, out: Path) -> dict:
     branch = cfg.branch_steps()
     prompts = load_prompts(cfg.data.prompts, cfg.model.preset)
     table = encode_prompt_table(prompts, s.negative_prompt, cfg.model.preset, kw)
-    sampling = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level, "k": s.k,
-                "branch_steps": list(branch), "continuation": g.continuation}
-    lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
+    sampling, lora = cfg.rollout_sampling(), cfg.lora_spec()
     worker = RolloutWorker(cfg.model.preset, kw, lora, table, sampling, g.algo, 1)
     scorer = RewardScorer(["drm"], table, preset=cfg.model.preset, drm_path=cfg.reward.drm_path)
     single_process_group()

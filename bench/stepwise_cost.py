@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.config import load_config  # noqa: E402
+from drm_ray.console import add_config_args, job_config  # noqa: E402
 from drm_ray.data.prompts import load_prompts  # noqa: E402
 from drm_ray.diffusion.flow import schedule_sigmas  # noqa: E402
 from drm_ray.diffusion.sampling import decode_latents, denoise, initial_latents  # noqa: E402
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ks = [int(v) for v in args.ks.split(",")]
     if min(ks) < 1 or args.num_prompts < 1 or args.seeds < 2 or args.repeats < 1:
         parser.error("--ks must be >= 1, --num-prompts >= 1, --seeds >= 2 (diversity needs pairs), --repeats >= 1")
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     s = cfg.sampling
     out = Path(args.out or Path(cfg.run.output_dir) / "bench_stepwise")

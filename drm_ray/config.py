@@ -40,16 +40,16 @@ class ModelConfig:
     dtype: str = "float32"               # float32 | bfloat16 | float16 (the flow math is float32 regardless)
     seed: int = 0                        # tiny: init seed, so every process builds the same weights
     num_layers: int = 4                  # tiny architecture; the DRM drops 3 blocks, so at least 4
-    num_attention_heads: int = 2
-    attention_head_dim: int = 16
+    num_attention_heads: int = 2         # tiny / toy architecture: attention heads per block
+    attention_head_dim: int = 16         # tiny / toy architecture: width per head (block width = heads x dim)
     max_sequence_length: int = 32        # T5 tokens per prompt (SD3.5 uses 256)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 4
-    alpha: float = 8.0
-    target_modules: tuple[str, ...] = SD3_LORA_TARGETS
+    rank: int = 4                        # LoRA rank of every adapted projection
+    alpha: float = 8.0                   # LoRA scale alpha (the update is alpha / rank x B A)
+    target_modules: tuple[str, ...] = SD3_LORA_TARGETS  # projections that get an adapter (SD3 attention)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class SamplingConfig:
     noise_level: float = 0.7             # SDE noise level a; 0 makes every step a plain Euler (ODE) step
     shift: float = 3.0                   # FlowMatchEulerDiscreteScheduler shift
     k: int = 4                           # children per branching step (Step-GRPO) / candidates (Step-wise Sampling)
-    negative_prompt: str = ""
+    negative_prompt: str = ""            # CFG's unconditional prompt
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,13 @@ class GRPOConfig:
     prompts_per_iter: int = 4            # B prompt groups per iteration
     updates_per_iter: int = 1            # minibatches per iteration (contiguous runs of groups), one optimizer step
                                          # each (Flow-GRPO): the ratio is 1 on the first, the clip range acts later
-    iterations: int = 20
-    clip_eps: float = 1e-4
+    iterations: int = 20                 # policy updates (rollout -> score -> learn) of the run
+    clip_eps: float = 1e-4               # PPO clip range of the ratio (acts from the second minibatch on)
     beta: float = 0.004                  # KL-to-reference weight
-    adv_clip: float = 5.0
+    adv_clip: float = 5.0                # advantages are clipped to [-adv_clip, adv_clip]
     eval_every: int = 5                  # image panel every N iterations
     eval_panel_size: int = 8             # panel images: prompts in order (cycling), one fixed seed each
-    checkpoint_every: int = 5
+    checkpoint_every: int = 5            # job checkpoint (LoRA, learner, sampler state) every N iterations
 
 
 @dataclass(frozen=True)
@@ -99,29 +99,29 @@ class DRMConfig:
     head: str = "mlp"                    # mlp (fixed resolution) | mean (any resolution)
     head_dim: int = 4                    # per-token features of the mlp head
     init: str = "pretrained"             # pretrained | random (the paper's ablation)
-    lr: float = 1e-4
+    lr: float = 1e-4                     # AdamW learning rate of DRM training
     batch_size: int = 16                 # pairs per optimizer step (global, over every rank and micro-step)
     micro_batch: int | None = None       # pairs per rank per forward/backward; None: batch_size / num_workers.
                                          # batch_size / (micro_batch * num_workers) micro-steps are accumulated
     gradient_checkpointing: bool = False  # recompute each kept block in the backward pass (activation memory)
-    train_steps: int = 300
+    train_steps: int = 300               # optimizer steps of DRM training
     zero_noise_prob: float = 0.1         # chance that a pair is scored clean (s = 0)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0           # gradient clipping of DRM training
     log_every: int = 10                  # steps between metric lines
     checkpoint_every: int = 100          # steps between Ray Train checkpoints
     val_every: int = 0                   # steps between held-out validations (0: never); needs data.heldout_data
     val_pairs: int = 512                 # held-out pairs scored per validation (the first ones of the cache)
     val_timesteps: tuple[int, ...] = (0, 250, 500, 750)  # noise levels t of the validation (s = t / 1000)
     num_workers: int = 1                 # Ray Train workers (data parallel)
-    use_gpu: bool = False
+    use_gpu: bool = False                # one GPU per DRM-training worker
     num_cpus: float = 0.5                # per worker
     resources: tuple[str, ...] = ()      # custom Ray resources per worker, "name=amount"
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    num_workers: int = 1
-    num_scorers: int = 1
+    num_workers: int = 1                 # rollout worker actors (one policy copy each)
+    num_scorers: int = 1                 # reward scorer actors (one reward-model copy each)
     num_gpus: float = 0.0                # per actor; 1 on GPU presets
     num_cpus: float = 0.25               # per actor
     groups_per_call: int = 2             # prompt groups per rollout call: fixed, so results do not depend on the
@@ -134,13 +134,13 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = 1                 # Ray Train learner workers (DeepSpeed data parallel)
+    use_gpu: bool = False                # one GPU per learner worker
     num_cpus: float = 0.5                # per learner worker (Ray Train resources_per_worker)
     publish_dtype: str = "float32"       # LoRA state sent to rollout workers: bfloat16 on GPU presets
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    lr: float = 1e-4                     # AdamW learning rate of the LoRA
+    weight_decay: float = 0.0            # AdamW weight decay of the LoRA
+    max_grad_norm: float = 1.0           # gradient clipping of each policy update
     micro_batch_states: int = 8          # recorded states per backward call
     resources: tuple[str, ...] = ()      # custom Ray resources per learner worker, "name=amount"
     max_failures: int = 3                # Ray Train restarts of the learner's worker group
@@ -150,15 +150,15 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    zero_stage: int = 2
-    bf16: bool = False
+    zero_stage: int = 2                  # DeepSpeed ZeRO stage over the trainable (LoRA) parameters
+    bf16: bool = False                   # DeepSpeed bf16 mixed precision (GPU presets)
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     tracking_uri: str | None = None      # None: sqlite `mlflow.db` in the output directory
-    experiment: str = "drm-ray"
-    run_name: str | None = None
+    experiment: str = "drm-ray"          # MLflow experiment name
+    run_name: str | None = None          # MLflow run name (None: the algorithm / job name)
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    output_dir: str = "outputs/run"
-    seed: int = 42
+    output_dir: str = "outputs/run"      # where the job writes MLflow, checkpoints and results (resume reads it back)
+    seed: int = 42                       # seed of prompts, noise and initialisation
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,16 @@ class Config:
         if self.grpo.branch_steps is None:
             return tuple(range(self.sampling.num_steps - 1))
         return tuple(self.grpo.branch_steps)
+
+    def lora_spec(self) -> dict:
+        """The LoRA adapter as rollout workers and learner ranks build it (plain values, picklable)."""
+        return {"rank": self.lora.rank, "alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}
+
+    def rollout_sampling(self, k: int | None = None) -> dict:
+        """What a rollout worker samples with: steps, CFG, SDE noise, k children, branching steps, continuation."""
+        s = self.sampling
+        return {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
+                "k": k or s.k, "branch_steps": list(self.branch_steps()), "continuation": self.grpo.continuation}
 
     def validate(self, job: str | None = None) -> "Config":
         """Check every rule at once; `job="step_grpo"` adds the rules of policy-gradient training."""
@@ -320,11 +330,3 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name} = {value!r}: must be a string")
         return value
     raise TypeError(f"unsupported config type {tp} for {name}")  # a bug in this file, not user input
-
-
-def add_config_args(parser) -> None:
-    """The two arguments every job takes: a preset and dotted overrides."""
-    parser.add_argument("--config", default="tiny", help="preset name (tiny, sd35m) or path to a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="config overrides, e.g. sampling.k=4 grpo.iterations=10")
-

@@ -32,8 +32,7 @@ class RLSetup:
         m, s, ro, le = cfg.model, cfg.sampling, cfg.rollout, cfg.learner
         self.kwargs = model_kwargs(m, s)
         self.branch_steps = cfg.branch_steps()
-        self.lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                         "target_modules": list(cfg.lora.target_modules)}
+        self.lora_cfg = cfg.lora_spec()
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
 
         ensure_resources(role_demands(cfg), ro.autoscale_wait_s)  # before the first GPU task or actor
@@ -59,22 +58,20 @@ class RLSetup:
         if self.judges:  # one actor, off the training path: it scores the evaluation panel only
             self.judge = ray.remote(RewardScorer).options(**actor).remote(
                 prompts=self.prompts_ref, torch_threads=threads, **scorer_kwargs(cfg, self.judges, drm_path, dtype))
-        sampling = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
-                    "k": s.k, "branch_steps": list(self.branch_steps), "continuation": cfg.grpo.continuation}
+        sampling = cfg.rollout_sampling()
         self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
             m.preset, self.kwargs, self.lora_cfg, self.prompts_ref, sampling, cfg.grpo.algo, threads,
             self.scorers[i % len(self.scorers)], self.x0_children, ro.timeout_s) for i in range(ro.num_workers)]
         per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)
         states = cfg.grpo.prompts_per_iter * per_group
         loop_config = dict(
+            **update_config(cfg, states, le.num_workers),
             preset=m.preset, model_kwargs=self.kwargs, lora=self.lora_cfg, num_steps=s.num_steps,
             micro_batch_states=le.micro_batch_states, updates_per_iter=cfg.grpo.updates_per_iter,
-            grad_accum=grad_accum(states, cfg.grpo.updates_per_iter, le.num_workers, le.micro_batch_states),
             zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, max_grad_norm=le.max_grad_norm,
             lr=le.lr, weight_decay=le.weight_decay, start_version=start_version,
             resume_dir=str(resume_dir) if resume_dir else None, prompts=self.prompts_ref,
-            publish_dtype=le.publish_dtype, guidance_scale=s.guidance_scale, noise_level=s.noise_level,
-            clip_eps=cfg.grpo.clip_eps, beta=cfg.grpo.beta, torch_threads=threads)
+            publish_dtype=le.publish_dtype, torch_threads=threads)
         resources = learner_worker_resources(le)  # Ray Train packs its workers (ScalingConfig's default PACK)
         self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
                                     max_failures=le.max_failures, resources_per_worker=resources,
@@ -165,6 +162,14 @@ def image_grid(images, columns: int | None = None):
     for i, im in enumerate(images):
         grid.paste(im, ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+def update_config(cfg, states: int, num_workers: int = 1) -> dict:
+    """What the learner's update step (`train_update` / `train_iteration`) reads, for `states` trained states per
+    iteration over `num_workers` ranks: the learner loop and every bench script take it from here."""
+    s, g, le = cfg.sampling, cfg.grpo, cfg.learner
+    return dict(grad_accum=grad_accum(states, g.updates_per_iter, num_workers, le.micro_batch_states),
+                guidance_scale=s.guidance_scale, noise_level=s.noise_level, clip_eps=g.clip_eps, beta=g.beta)
 
 
 def grad_accum(states: int, updates_per_iter: int, num_workers: int, micro_batch_states: int) -> int:

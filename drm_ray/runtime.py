@@ -34,7 +34,9 @@ def job_env(preset: str, model_path: str | None = None) -> None:
         try:
             check_model_source(model_path)
         except ModelSourceError as err:
-            raise SystemExit(f"error: {err}") from None  # one line, not a traceback: the user's input is wrong
+            from drm_ray.console import fail
+
+            fail(err)  # one line, not a traceback: the user's input is wrong
 
 
 def init_ray(num_cpus: int | None = None) -> str:
@@ -45,15 +47,23 @@ def init_ray(num_cpus: int | None = None) -> str:
     machine), gets no dashboard (it would bind a port) and passes the job's thread and offline settings to its
     workers.
     """
+    import logging
+
     import ray
+
+    from drm_ray.console import verbose
 
     if ray.is_initialized():
         return "connected to the running Ray"
+    # without --verbose, worker output (Ray Train's controller and cleaner actors, library warnings in every
+    # actor) stays in Ray's session logs instead of the job's console; errors still reach the driver as exceptions
+    quiet = dict(log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto")
+        ray.init(address="auto", **quiet)
         return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
-    keys = (*WORKER_ENV, "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR")
+    keys = (*WORKER_ENV, "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "TRANSFORMERS_VERBOSITY",
+            "TRANSFORMERS_NO_ADVISORY_WARNINGS")
     env = {k: os.environ[k] for k in keys if k in os.environ}
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             runtime_env={"env_vars": env})
+             runtime_env={"env_vars": env}, **quiet)
     return "started a local Ray"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.console import add_config_args, job_config, run_job  # noqa: E402
 from drm_ray.runtime import init_ray, job_env  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--eval-pairs", type=int, default=512, help="size of the synthetic held-out set")
     parser.add_argument("--json", help="also write the rows (t, accuracy, pairs, ties, ...) to this JSON file")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     job_env(cfg.model.preset, cfg.model.path)
     bad = [t for t in args.timesteps if not 0 <= t <= 1000]
     if bad:
@@ -83,4 +83,4 @@ def main(argv: list[str] | None = None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

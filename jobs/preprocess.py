@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.console import add_config_args, job_config, run_job  # noqa: E402
 from drm_ray.data.preprocess import encoder_options, preprocess_pairs  # noqa: E402
 from drm_ray.models.sd3 import model_kwargs  # noqa: E402
 from drm_ray.runtime import job_env  # noqa: E402
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="a row whose image does not decode: fail (default) or skip it and count it")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete cache at --out")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job_env(cfg.model.preset, cfg.model.path)  # sd35m: fails here, once, if model.path cannot provide weights
 
@@ -65,4 +65,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

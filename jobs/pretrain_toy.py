@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.console import add_config_args, job_config, run_job  # noqa: E402
 from drm_ray.runtime import job_env  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset-size", type=int, default=20_000, help="procedural scenes drawn once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (one process uses the whole machine)")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     if cfg.model.preset != "toy":
         parser.error(f"pretrain_toy pre-trains the toy preset; --config {args.config} has model.preset="
                      f"{cfg.model.preset}")
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

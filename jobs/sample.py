@@ -45,7 +45,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.console import add_config_args, fail, job_config, run_job  # noqa: E402
 from drm_ray.data.prompts import load_prompts  # noqa: E402
 from drm_ray.runtime import job_env  # noqa: E402
 
@@ -89,11 +89,11 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     drm_path = args.drm or cfg.reward.drm_path
     if args.k > 1 and "drm" in [spec.partition("=")[0].strip() for spec in cfg.reward.rewards] and not drm_path:
-        raise SystemExit(f"error: --k {args.k} needs --drm DIR (a DRM directory from jobs/train_drm.py): the DRM "
-                         "picks the best of the k candidates at each step (or select with other reward.rewards)")
+        fail(f"--k {args.k} needs --drm DIR (a DRM directory from jobs/train_drm.py): the DRM picks the best of the "
+             "k candidates at each step (or select with other reward.rewards)")
     prompts = load_prompts(args.prompts, cfg.model.preset)
     job_env(cfg.model.preset, cfg.model.path)  # sd35m: fails here, once, if model.path cannot provide weights
     import torch
@@ -259,4 +259,4 @@ def image_grid(images: np.ndarray, cols: int) -> Image.Image:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

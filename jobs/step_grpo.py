@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.console import add_config_args, job_config, run_job  # noqa: E402
 from drm_ray.runtime import job_env  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--algo", choices=["step_grpo", "grpo"], help="shorthand for grpo.algo=...")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"grpo.algo={args.algo}"] if args.algo else [])
-    cfg = load_config(args.config, overrides, job="step_grpo")
+    cfg = job_config(args, overrides, job="step_grpo")
     job_env(cfg.model.preset, cfg.model.path)
 
     from drm_ray.driver import StepGRPODriver
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.console import add_config_args, job_config, run_job  # noqa: E402
 from drm_ray.runtime import job_env  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "and noise levels, dataset renders, other captions' renders (held-out set unchanged)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     if cfg.model.preset != "toy":
         parser.error(f"toy_pairs needs the toy preset; --config {args.config} has model.preset={cfg.model.preset}")
     if min(args.samples, args.heldout_samples) < 2 or min(args.pairs, args.heldout_pairs) < 1:
@@ -81,4 +81,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drm_ray.config import add_config_args, load_config  # noqa: E402
+from drm_ray.console import add_config_args, job_config, run_job  # noqa: E402
 from drm_ray.runtime import init_ray, job_env  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--eval-cache", help="held-out embedding cache, scored at t = 0 at the end")
     parser.add_argument("--synthetic-pairs", type=int, default=2048, help="size of the synthetic training set")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     if cfg.drm.val_every and (args.pairs or args.cache) and not (cfg.data.heldout_data or args.eval_cache):
         # before hours of preprocessing, not after (the synthetic set of the tiny preset brings its own held-out set)
         parser.error(f"drm.val_every = {cfg.drm.val_every} validates on held-out pairs: set data.heldout_data (a "
@@ -112,4 +112,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -67,12 +67,12 @@ def test_hub_id_gated_or_unknown(monkeypatch, cls, status, message):
 @pytest.mark.parametrize("job", ["preprocess.py --pairs x.parquet --out cache", "step_grpo.py", "train_drm.py",
                                  "sample.py"])
 def test_sd35m_jobs_fail_fast_without_weights(tmp_path, job):
-    """Before any Ray work: one `error:` line naming model.path, exit status 1, within seconds."""
+    """Before any Ray work: one `error:` line naming model.path, exit status 2 (argparse's), within seconds."""
     script, *args = job.split()
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / script), "--config", "sd35m",
                            f"model.path={tmp_path / 'missing'}", f"run.output_dir={tmp_path / 'out'}", *args],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.path") and "does not exist" in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "mlflow.db").exists()

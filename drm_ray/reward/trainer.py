@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 from ray.util.queue import Queue
 
+from drm_ray.console import Progress
 from drm_ray.data.cache import read_meta
 from drm_ray.models.sd3 import latent_size, model_kwargs
 from drm_ray.placement import RoleDemand, ensure_resources, parse_resources
@@ -89,6 +90,7 @@ def train_drm(cfg, cache_dir: str | Path, tracker: Tracker | None = None, max_fa
     result_box: dict = {}
     thread = threading.Thread(target=lambda: result_box.update(result=_fit(trainer)), daemon=True)
     start = time.perf_counter()
+    progress = Progress(r.train_steps, 0, "train_drm", unit="step", lines=10)
     thread.start()
     while thread.is_alive() or not metrics_queue.empty():
         try:
@@ -98,8 +100,13 @@ def train_drm(cfg, cache_dir: str | Path, tracker: Tracker | None = None, max_fa
         step = int(metrics.pop("step"))
         if tracker is not None:
             tracker.log_metrics(metrics, step)
-        print(f"[train_drm] {_progress(metrics, step, r.train_steps)} ({time.perf_counter() - start:.0f}s)",
-              flush=True)
+        if "train/loss" in metrics:
+            progress.update(step, f"loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.3f} "
+                                  f"{metrics['train/pairs_per_s']:.0f} pairs/s")
+        else:  # validation: always its own line
+            progress.write(f"[train_drm] {_validation_line(metrics, step, r.train_steps)} "
+                           f"({time.perf_counter() - start:.0f}s)")
+    progress.close()
     thread.join()
     ray.kill(metrics_queue.actor)
     return _export(result_box["result"], out)
@@ -130,10 +137,7 @@ def _fit(trainer):
         return err
 
 
-def _progress(metrics: dict, step: int, total: int) -> str:
-    if "train/loss" in metrics:
-        return (f"step {step}/{total} loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.3f} "
-                f"{metrics['train/pairs_per_s']:.0f} pairs/s")
+def _validation_line(metrics: dict, step: int, total: int) -> str:
     per_t = " ".join(f"t{k.split('_t')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/accuracy_t"))
     return (f"step {step}/{total} val accuracy {metrics['val/accuracy_mean']:.3f} ({per_t}), "
             f"best at step {int(metrics['val/best_step'])}")
