@@ -12,10 +12,12 @@ Stages, each a subprocess of a job (so the chain is exactly what a user runs), o
 3. drm        jobs/preprocess.py encodes the three pair sets once; jobs/train_drm.py with drm.init=pretrained and
               =random (equal steps, data, seeds), keeping the step with the best accuracy on the validation pairs
               (a split of its own), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500, 750, 950.
-4. rl         jobs/step_grpo.py --algo grpo and --algo step_grpo against the first pretrained-init DRM, several
-              seeds, at equal rollout compute per iteration: GRPO samples k trajectories for each of B/k prompts,
-              Step-GRPO one trajectory for each of B prompts (the same number of transformer forwards, and the same
-              number of trained states); the oracle grades the fixed 180-image evaluation panel every few iterations.
+4. rl         jobs/step_grpo.py --algo grpo and --algo step_grpo, several seeds, each optimizing the first
+              pretrained-init DRM and, separately, the oracle (Step-GRPO grades each child through its x0_hat; the
+              DRM judges those runs), at equal rollout compute per iteration: GRPO samples k trajectories for each
+              of B/k prompts, Step-GRPO one trajectory for each of B prompts (the same number of transformer
+              forwards, and the same number of trained states); the oracle grades the fixed 180-image evaluation
+              panel every few iterations.
 5. stepwise   bench/stepwise_cost.py: Step-wise Sampling with the DRM for several k on every caption x several seeds,
               graded by the oracle (the DRM selects, the oracle judges), with diversity across seeds.
 6. report     tables and plots -> REPRODUCTION.md, everything logged to one MLflow run ("reproduce") in
@@ -37,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 STAGES = ("pretrain", "pairs", "drm", "rl", "stepwise", "report")
 FULL = dict(pretrain_steps=2500, samples=96, pairs=1500, val=8, val_pairs=32, heldout=16, heldout_pairs=64,
-            drm_steps=3000, drm_val_every=250, drm_seeds=2,
-            rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=1e-3, rl_updates=1, rl_clip=1e-4, iterations=60,
-            eval_every=5, prompts=8, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
+            drm_steps=3000, drm_val_every=250, drm_seeds=1,
+            rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=2e-3, rl_updates=1, rl_clip=1e-4, iterations=40,
+            eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
             mix=False)
 QUICK = dict(pretrain_steps=150, samples=6, pairs=10, val=3, val_pairs=4, heldout=4, heldout_pairs=4, drm_steps=60,
              drm_val_every=30, drm_seeds=1,
@@ -70,7 +72,10 @@ class Chain:
         if proc.returncode != 0 or not done.exists():
             tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
             raise SystemExit(f"[reproduce] {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
-        self.timings[name] = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if self.timings_file.is_file():  # another stage may run beside this one: keep what it recorded
+            self.timings = {**json.loads(self.timings_file.read_text()), **self.timings}
+        self.timings[name] = seconds
         self.timings_file.write_text(json.dumps(self.timings, indent=2))
         print(f"[reproduce] {name}: {self.timings[name]:.0f} s", flush=True)
 

@@ -175,6 +175,7 @@ def test_overoptimization_flag_needs_the_reward_up_and_the_judge_down_beyond_the
 
     first = {"eval/reward": 0.0, "eval/reward_sem": 0.1, "eval/judge/clip": 1.0, "eval/judge/clip_sem": 0.1}
     driver = SimpleNamespace(eval_history=[first], cfg=SimpleNamespace(grpo=SimpleNamespace(algo="step_grpo")))
+    driver.say = lambda line: StepGRPODriver.say(SimpleNamespace(console=None), line)  # no progress bar yet
 
     def flag(reward, judge):
         metrics = {"eval/reward": reward, "eval/judge/clip": judge, "eval/judge/clip_sem": 0.1}
