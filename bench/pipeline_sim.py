@@ -1,0 +1,280 @@
+"""Benchmark tool: replay one iteration's per-role costs on a GPU layout, serial or pipelined (a simulator, not a test).
+
+    python bench/pipeline_sim.py --sd35m                        # forward-count model of the sd35m preset: layouts
+    python bench/pipeline_sim.py --sd35m --gpus 8 --forward-ms 30
+    python bench/pipeline_sim.py --rollout-s 40 --score-s 90 --learn-s 120 --sync-s 2 --chunks 4 --layout 4,1,2
+    python bench/pipeline_sim.py --from-mlflow sqlite:///outputs/tiny/mlflow.db --run RUN_ID --layout 2,1,1
+
+An iteration's work is given as seconds of ONE unit of each role for the WHOLE batch (`rollout`: one rollout worker
+sampling every group; `score`: one scorer scoring every child; `learn`: one learner rank training on every state;
+`sync`: publishing the new LoRA to the workers), split into `chunks` rollout calls (groups_per_call groups each) and
+`updates` minibatches (optimizer steps, each ending in a gradient all-reduce of `allreduce` seconds when W > 1).
+
+Layouts: `N,M,W` puts N rollout workers, M scorers and W learner ranks on separate GPUs (the sd35m preset: 4,1,2);
+`colocated:G` puts one of each role on each of G GPUs (the paper's own set-up: every GPU samples, scores and learns).
+Schedules:
+- serial: rollout of every chunk (greedy over the N workers), then scoring of every chunk (over the M scorers), then
+  learning (W ranks, data parallel), then sync. This is what drm_ray/driver.py does today.
+- pipelined: a chunk is scored as soon as it is rolled out and a scorer is free; the learner trains on chunk i as
+  soon as it is scored and chunk i - 1 is trained (minibatch boundaries are fixed, so the order is); sync at the end.
+  Colocated GPUs run their roles one after another either way.
+Output: iteration time, the longest phase (the bound no schedule beats), iteration / longest phase, each role's busy
+seconds and utilization (busy / iteration), and the critical path. With --sd35m it also searches every split of the
+GPUs and ranks the layouts.
+
+Where the costs come from:
+- `--from-mlflow URI --run ID`: a measured run's means (after the first iteration) of timing/rollout x N (rollout
+  workers run in parallel), timing/score x M, timing/learner_compute x W and timing/sync, with N, M, W, the groups per
+  call and updates per iteration from the run's params.
+- `--sd35m`: counts of sequence forwards per iteration from the sd35m preset (rollout: groups x steps x 2 for CFG;
+  scoring: every child plus every final image through (24 - 3) / 24 of the transformer; learning: per state a CFG
+  forward + backward, about 3 forwards each, plus the reference's CFG forward for the KL), times `--forward-ms` per
+  sequence forward. An ASSUMPTION, not a measurement: batching makes the scorer (batch 64) cheaper per forward than
+  the rollout workers (a few sequences per call); `--score-efficiency` scales that. The ranking of layouts depends on
+  the ratios only; bench/gpu_check.py on a GPU measures them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Costs:
+    rollout: float   # seconds, one rollout worker, the whole batch
+    score: float     # seconds, one scorer, the whole batch
+    learn: float     # seconds, one learner rank, the whole batch
+    sync: float      # seconds per iteration
+    chunks: int      # rollout calls per iteration
+    updates: int = 1
+    allreduce: float = 0.0  # seconds per optimizer step with W > 1
+
+
+@dataclass
+class Result:
+    schedule: str
+    layout: str
+    iteration: float
+    longest_phase: float
+    busy: dict[str, float] = field(default_factory=dict)     # role -> busy seconds per GPU of that role
+    gpus: dict[str, int] = field(default_factory=dict)       # role -> GPUs
+    critical: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.iteration / self.longest_phase if self.longest_phase else float("nan")
+
+    def utilization(self) -> dict[str, float]:
+        return {role: b / self.iteration for role, b in self.busy.items()}
+
+    def mean_utilization(self) -> float:
+        total = sum(self.gpus.values())
+        return sum(self.busy[r] * self.gpus[r] for r in self.busy) / (total * self.iteration)
+
+
+def _greedy(ready: list[float], costs: list[float], units: int) -> list[float]:
+    """Finish times of jobs (in order, each ready at ready[i], cost costs[i]) on `units` identical machines, each job
+    taken by the machine free first."""
+    free = [0.0] * units
+    heapq.heapify(free)
+    done = []
+    for r, c in zip(ready, costs):
+        t = heapq.heappop(free)
+        end = max(t, r) + c
+        done.append(end)
+        heapq.heappush(free, end)
+    return done
+
+
+def simulate_split(c: Costs, n: int, m: int, w: int, schedule: str) -> Result:
+    """N rollout workers, M scorers, W learner ranks on separate GPUs."""
+    r, s = c.rollout / c.chunks, c.score / c.chunks
+    per_chunk_learn = c.learn / (c.chunks * w)
+    steps_at = {math.ceil((j + 1) * c.chunks / c.updates) - 1 for j in range(c.updates)}  # last chunk of each step
+    step_cost = c.allreduce if w > 1 else 0.0
+    rolled = _greedy([0.0] * c.chunks, [r] * c.chunks, n)
+    longest = max(max(rolled), max(_greedy([0.0] * c.chunks, [s] * c.chunks, m)),
+                  c.learn / w + c.updates * step_cost)
+    if schedule == "serial":
+        t_roll = max(rolled)
+        scored = _greedy([t_roll] * c.chunks, [s] * c.chunks, m)
+        t_score = max(scored)
+        t_learn = t_score + c.learn / w + c.updates * step_cost
+        end = t_learn + c.sync
+        phases = {"rollout": t_roll, "score": t_score - t_roll, "learn": t_learn - t_score, "sync": c.sync}
+        critical = " -> ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+    else:
+        order = sorted(range(c.chunks), key=lambda i: rolled[i])  # scorers take chunks as they arrive
+        scored_sorted = _greedy([rolled[i] for i in order], [s] * c.chunks, m)
+        scored = [0.0] * c.chunks
+        for i, t in zip(order, scored_sorted):
+            scored[i] = t
+        t = 0.0
+        waits = 0.0
+        for i in range(c.chunks):  # the learner trains chunks in their fixed order
+            start = max(t, scored[i])
+            waits += start - t
+            t = start + per_chunk_learn + (step_cost if i in steps_at else 0.0)
+        end = t + c.sync
+        critical = (f"first chunk rolled out {min(rolled):.1f}s, last scored {max(scored):.1f}s, learner waited "
+                    f"{waits:.1f}s, learned until {t:.1f}s, sync {c.sync:.1f}s")
+    busy = {"rollout": c.rollout / n, "score": c.score / m, "learn": c.learn / w + c.updates * step_cost}
+    return Result(schedule, f"{n},{m},{w}", end, longest, busy, {"rollout": n, "score": m, "learn": w}, critical)
+
+
+def simulate_colocated(c: Costs, g: int) -> Result:
+    """G GPUs, each with one rollout worker, one scorer and one learner rank: roles share the device in turn."""
+    step_cost = c.allreduce if g > 1 else 0.0
+    per_gpu = (c.rollout + c.score + c.learn) / g + c.updates * step_cost
+    end = per_gpu + c.sync
+    busy = {"all roles": per_gpu}
+    return Result("colocated", f"colocated:{g}", end, per_gpu, busy, {"all roles": g},
+                  f"each GPU: rollout {c.rollout / g:.1f}s, score {c.score / g:.1f}s, learn {c.learn / g:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------- cost sources
+
+
+def sd35m_costs(forward_ms: float, score_efficiency: float, sync_s: float, allreduce_s: float,
+                overrides: list[str] = ()) -> tuple[Costs, dict]:
+    """Sequence-forward counts of one sd35m iteration (see the module doc) and the costs they imply."""
+    from drm_ray.config import load_config
+
+    cfg = load_config("sd35m", list(overrides))
+    s, g = cfg.sampling, cfg.grpo
+    groups, steps, k = g.prompts_per_iter, s.num_steps, s.k
+    branch = len(cfg.branch_steps())
+    layers = 24  # SD3.5-Medium
+    keep = (layers - cfg.drm.n_drop) / layers
+    if g.algo == "step_grpo":
+        children, states = groups * branch * k, groups * branch
+        rollout_fw = groups * steps * 2
+    else:
+        children, states = groups * k, groups * k * branch
+        rollout_fw = groups * k * steps * 2
+    score_fw = (children + groups * (1 if g.algo == "step_grpo" else 0)) * keep / score_efficiency
+    learn_fw = states * (2 * 3 + 2)  # CFG forward + backward (~3 forwards) and the reference CFG forward
+    sec = forward_ms / 1000
+    chunks = math.ceil(groups / cfg.rollout.groups_per_call)
+    counts = {"groups": groups, "steps": steps, "k": k, "branching steps": branch, "children": children,
+              "states": states, "rollout sequence forwards": rollout_fw, "scoring forwards (DRM-size adjusted)":
+              round(score_fw, 1), "learner forward-equivalents": learn_fw, "chunks": chunks,
+              "updates": g.updates_per_iter, "layout": (cfg.rollout.num_workers, cfg.rollout.num_scorers,
+                                                        cfg.learner.num_workers)}
+    return Costs(rollout_fw * sec, score_fw * sec, learn_fw * sec, sync_s, chunks, g.updates_per_iter,
+                 allreduce_s), counts
+
+
+def mlflow_costs(uri: str, run_id: str) -> tuple[Costs, tuple[int, int, int]]:
+    """Unit costs from a measured run (see the module doc) and the run's layout."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    p = run.data.params
+
+    def mean(key: str) -> float:
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda x: x.step)
+        values = [h.value for h in hist[1:]] or [h.value for h in hist]  # the first iteration warms up
+        if not values:
+            raise SystemExit(f"error: run {run_id} has no metric {key}")
+        return sum(values) / len(values)
+
+    n, m, w = int(p["rollout.num_workers"]), int(p["rollout.num_scorers"]), int(p["learner.num_workers"])
+    groups, per_call = int(p["grpo.prompts_per_iter"]), int(p["rollout.groups_per_call"])
+    chunks = math.ceil(groups / per_call)
+    costs = Costs(rollout=mean("timing/rollout") * min(n, chunks), score=mean("timing/score") * min(m, chunks),
+                  learn=mean("timing/learner_compute") * w, sync=mean("timing/sync"), chunks=chunks,
+                  updates=int(p.get("grpo.updates_per_iter", 1)))
+    return costs, (n, m, w)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def table(results: list[Result]) -> str:
+    head = "| schedule | layout | GPUs | iteration s | longest phase s | iteration / longest | utilization per role " \
+           "| mean GPU utilization |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        util = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.utilization().items())
+        lines.append(f"| {r.schedule} | {r.layout} | {sum(r.gpus.values())} | {r.iteration:.1f} | "
+                     f"{r.longest_phase:.1f} | {r.ratio:.2f} | {util} | {100 * r.mean_utilization():.0f}% |")
+    return "\n".join(lines)
+
+
+def layouts(total: int, max_learners: int = 4):
+    for w in range(1, min(max_learners, total - 2) + 1):
+        for m in range(1, total - w):
+            yield total - m - w, m, w
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--sd35m", action="store_true", help="the sd35m preset's forward counts (see above)")
+    src.add_argument("--from-mlflow", metavar="URI", help="a tracking URI holding a measured run (with --run)")
+    parser.add_argument("--run", help="MLflow run id (with --from-mlflow)")
+    parser.add_argument("--rollout-s", type=float)
+    parser.add_argument("--score-s", type=float)
+    parser.add_argument("--learn-s", type=float)
+    parser.add_argument("--sync-s", type=float, default=1.0)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--updates", type=int, default=None, help="optimizer steps per iteration")
+    parser.add_argument("--allreduce-s", type=float, default=0.05, help="per optimizer step with W > 1")
+    parser.add_argument("--layout", default=None, help="N,M,W or colocated:G (default: the source's)")
+    parser.add_argument("--gpus", type=int, default=7, help="--sd35m: GPUs to split in the layout search")
+    parser.add_argument("--forward-ms", type=float, default=30.0, help="--sd35m: ms per 512-px sequence forward")
+    parser.add_argument("--score-efficiency", type=float, default=1.0,
+                        help="--sd35m: scorer forwards per rollout-forward time (batching; > 1 is cheaper)")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="--sd35m: config overrides")
+    args = parser.parse_args(argv)
+
+    default_layout = None
+    if args.sd35m:
+        costs, counts = sd35m_costs(args.forward_ms, args.score_efficiency, args.sync_s, args.allreduce_s,
+                                    args.overrides)
+        default_layout = counts.pop("layout")
+        print("sd35m iteration (forward counts): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    elif args.from_mlflow:
+        if not args.run:
+            parser.error("--from-mlflow needs --run RUN_ID")
+        costs, default_layout = mlflow_costs(args.from_mlflow, args.run)
+    else:
+        if None in (args.rollout_s, args.score_s, args.learn_s):
+            parser.error("give --rollout-s, --score-s and --learn-s, or --sd35m, or --from-mlflow")
+        costs = Costs(args.rollout_s, args.score_s, args.learn_s, args.sync_s, args.chunks, 1, args.allreduce_s)
+    if args.updates:
+        costs.updates = args.updates
+    if args.allreduce_s is not None:
+        costs.allreduce = args.allreduce_s
+    print(f"unit costs per iteration: rollout {costs.rollout:.2f}s, score {costs.score:.2f}s, learn "
+          f"{costs.learn:.2f}s, sync {costs.sync:.2f}s; {costs.chunks} chunks, {costs.updates} optimizer step(s)\n")
+
+    results = []
+    spec = args.layout or (",".join(map(str, default_layout)) if default_layout else "1,1,1")
+    if spec.startswith("colocated:"):
+        results.append(simulate_colocated(costs, int(spec.split(":")[1])))
+    else:
+        n, m, w = (int(x) for x in spec.split(","))
+        results += [simulate_split(costs, n, m, w, "serial"), simulate_split(costs, n, m, w, "pipelined")]
+    print(table(results))
+    for r in results:
+        print(f"  {r.schedule} {r.layout}: {r.critical}")
+    if args.sd35m:
+        search = [simulate_split(costs, n, m, w, "pipelined") for n, m, w in layouts(args.gpus)]
+        search.sort(key=lambda r: r.iteration)
+        print(f"\nEvery split of {args.gpus} GPUs, pipelined, fastest first (top 8), and the colocated layout:\n")
+        print(table(search[:8] + [simulate_colocated(costs, args.gpus)]))
+
+
+if __name__ == "__main__":
+    main()
