@@ -52,15 +52,16 @@ class RLSetup:
         actor["max_restarts"] = ro.max_restarts  # a dead actor comes back; the driver resubmits its work
         dtype = m.dtype if ro.num_gpus else None
         self.scorers = [ray.remote(RewardScorer).options(**actor).remote(
-            prompts=self.prompts_ref, torch_threads=threads, **scorer_kwargs(cfg, cfg.reward.rewards, drm_path, dtype))
+            prompts=[self.prompts_ref], torch_threads=threads,
+            **scorer_kwargs(cfg, cfg.reward.rewards, drm_path, dtype))
             for _ in range(ro.num_scorers)]
         self.judge = None
         if self.judges:  # one actor, off the training path: it scores the evaluation panel only
             self.judge = ray.remote(RewardScorer).options(**actor).remote(
-                prompts=self.prompts_ref, torch_threads=threads, **scorer_kwargs(cfg, self.judges, drm_path, dtype))
+                prompts=[self.prompts_ref], torch_threads=threads, **scorer_kwargs(cfg, self.judges, drm_path, dtype))
         sampling = cfg.rollout_sampling()
         self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
-            m.preset, self.kwargs, self.lora_cfg, self.prompts_ref, sampling, cfg.grpo.algo, threads,
+            m.preset, self.kwargs, self.lora_cfg, [self.prompts_ref], sampling, cfg.grpo.algo, threads,
             self.scorers[i % len(self.scorers)], self.x0_children, ro.timeout_s) for i in range(ro.num_workers)]
         per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)
         states = cfg.grpo.prompts_per_iter * per_group

@@ -71,13 +71,13 @@ def start_actors(sampler_kwargs: dict, prompts_ref, scorer_kwargs: dict | None, 
     opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
     scorer_cls = ray.remote(**opts)(RewardScorer)
     scorers = [] if scorer_kwargs is None else [
-        scorer_cls.remote(prompts=prompts_ref, torch_threads=torch_threads, **scorer_kwargs)
+        scorer_cls.remote(prompts=[prompts_ref], torch_threads=torch_threads, **scorer_kwargs)
         for _ in range(num_scorers)]
-    judge = None if judge_kwargs is None else scorer_cls.remote(prompts=prompts_ref, torch_threads=torch_threads,
+    judge = None if judge_kwargs is None else scorer_cls.remote(prompts=[prompts_ref], torch_threads=torch_threads,
                                                                 **judge_kwargs)
     others = scorers + ([judge] if judge is not None else [])
     sampler_cls = ray.remote(**opts)(StepwiseSampler)
-    workers = [sampler_cls.remote(**sampler_kwargs, prompts=prompts_ref, torch_threads=torch_threads,
+    workers = [sampler_cls.remote(**sampler_kwargs, prompts=[prompts_ref], torch_threads=torch_threads,
                                   scorer=RemoteScorer(scorers[i % len(scorers)], timeout_s) if scorers else None,
                                   judges=RemoteScorer(judge, timeout_s) if judge is not None else None)
                for i in range(num_workers)]

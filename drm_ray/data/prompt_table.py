@@ -75,6 +75,18 @@ def encode_prompt_table(prompts: list[str], negative_prompt: str, preset: str, m
     return PromptTable(list(prompts), embeds, pooled, neg[0], neg_pooled[0])
 
 
+def resolve_table(prompts):
+    """The PromptTable an actor was given: the table itself (in-process use), or a one-element list holding its
+    object-store reference, as the jobs pass it. Nested in a list, the reference reaches the constructor unresolved,
+    so Ray does not warn on every restartable actor that its constructor argument lives in the object store; the
+    driver keeps the reference alive, so a restarted actor fetches it again."""
+    if isinstance(prompts, list):
+        import ray
+
+        return ray.get(prompts[0])
+    return prompts
+
+
 def prompt_table_ref(prompts: list[str], negative_prompt: str, preset: str, model_kwargs: dict, on_gpu: bool):
     """The table of `prompts` in the object store, as an ObjectRef. Pre-trained presets encode in a Ray task (on a
     GPU when `on_gpu`) whose result the caller never fetches, so the text encoders never load on the driver; the

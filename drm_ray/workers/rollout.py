@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from drm_ray.data.prompt_table import PromptTable
+from drm_ray.data.prompt_table import PromptTable, resolve_table
 from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.diffusion.rollout import branching_rollout
 from drm_ray.diffusion.sampling import denoise, denoised_estimate, initial_latents
@@ -100,7 +100,7 @@ class RolloutWorker:
         add_lora(self.transformer, lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
         self.transformer.requires_grad_(False).eval()
         self.device = self.transformer.device
-        self.prompts = prompts
+        self.prompts = resolve_table(prompts)
         self.s = sampling
         self.algo = algo
         self.sigmas = schedule_sigmas(comps.scheduler, sampling["num_steps"])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from drm_ray.algorithms.advantages import combine_rewards
+from drm_ray.data.prompt_table import resolve_table
 from drm_ray.diffusion.flow import schedule_sigmas
 from drm_ray.diffusion.sampling import decode_latents, denoised_estimate, initial_latents
 from drm_ray.diffusion.stepwise import stepwise_sample
@@ -84,7 +85,7 @@ class StepwiseSampler:
         if k > 1 and scorer is None:
             raise ValueError(f"k={k} needs a scorer (--drm or reward.rewards): it picks the best of the k children")
         self.comps = build_components(preset, text=False, **model_kwargs)
-        self.prompts = prompts  # PromptTable (the negative prompt included)
+        self.prompts = resolve_table(prompts)  # PromptTable (the negative prompt included)
         self.latent_size = latent_size(preset, model_kwargs["resolution"])
         self.sigmas = schedule_sigmas(self.comps.scheduler, num_steps)
         self.k, self.noise_level, self.guidance_scale = k, noise_level, guidance_scale

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from drm_ray.algorithms.rl_batch import scoring_requests
+from drm_ray.data.prompt_table import resolve_table
 from drm_ray.models.sd3 import torch_dtype
 from drm_ray.reward.rewards import RewardSet
 from drm_ray.reward.specs import parse_spec
@@ -34,7 +35,7 @@ class RewardScorer:
                  callable_target: str | None = None, dtype: str | None = None, max_batch: int = 64,
                  torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
-        self.prompts = prompts  # a PromptTable (resolved by Ray from its object-store reference)
+        self.prompts = prompts = resolve_table(prompts)
         self.rewards = RewardSet([parse_spec(s) for s in specs], prompts, preset=preset, model_path=model_path,
                                  resolution=resolution, seed=seed, drm_path=drm_path, clip_path=clip_path,
                                  callable_target=callable_target, dtype=torch_dtype(dtype) if dtype else None,
