@@ -6,7 +6,8 @@
 All k children of a state share ONE mean (ARCHITECTURE.md), so one policy forward (the CFG pair) per state serves
 the whole group in the rollout and in the learner: only the DRM scoring grows with k, and the learner's extra work
 per child is elementwise (a Gaussian log-prob and the clipped ratio), so its cost should grow far slower than k
-(target: k = 6 at most 1.3x k = 1). In ONE plain process, no Ray: `RolloutWorker.rollout` over `--groups` prompt
+(target: k = 6 at most 1.3x k = 1); with `--updates 1,2`, the learner with several optimizer steps per batch at
+the same states (target: 2 at most 1.1x 1). In ONE plain process, no Ray: `RolloutWorker.rollout` over `--groups` prompt
 groups (the states are groups x branching steps, whatever k), `RewardScorer.score` over every child and final
 latent, `learner_batch`, and `train_update` on a DeepSpeed engine (gloo, world size 1) over the same states.
 
@@ -99,7 +100,50 @@ def run(args) -> tuple[str, dict]:
                             f_score=flops(lambda: scorer.score(lat, lvl, idx)), f_learn=flops(learn),
                             mb=sum(v.numel() * v.element_size() for v in batch.values()) / 2**20))
         print(f"[bench] k={k}: rollout {t_roll:.3f}s score {t_score:.3f}s learn {t_learn:.3f}s", flush=True)
-    return report(args, cfg, results)
+    text, metrics = report(args, cfg, results)
+    if args.updates:
+        extra, more = updates_report(args, cfg, batch, table, sigmas)
+        text, metrics = text + "\n\n" + extra, {**metrics, **more}
+    return text, metrics
+
+
+def updates_report(args, cfg, batch: dict, table, sigmas) -> tuple[str, dict]:
+    """Learner seconds per iteration at the same states (the last k's batch) with `grpo.updates_per_iter` = each of
+    --updates: one engine per setting (its gradient-accumulation count follows the minibatch size), least of
+    --repeats after a warm-up. Target: 2 updates cost <= 1.1x one update."""
+    from common import learner_engine, learner_train_cfg
+    from drm_ray.algorithms.rl_batch import minibatch_shards
+    from drm_ray.config import load_config
+    from drm_ray.workers.learner import train_iteration
+
+    n = batch["states"].shape[0]
+    times = {}
+    for u in args.updates:
+        ucfg = load_config(args.config, [*args.overrides, f"grpo.updates_per_iter={u}"])
+        train_cfg = learner_train_cfg(ucfg, n)
+        engine, transformer, _ = learner_engine(ucfg, train_cfg)
+        shards, totals = minibatch_shards(batch, u, 1)
+        step = lambda: train_iteration(engine, transformer, shards[0], totals, 1, table, sigmas,  # noqa: E731
+                                       train_cfg)
+        step()  # warm-up
+        times[u], _ = best_of(args.repeats, step)
+        print(f"[bench] updates_per_iter={u}: learn {times[u]:.3f}s", flush=True)
+    base = times[args.updates[0]]
+    rows = [[u, n, train_cfg_accum(load_config(args.config, [*args.overrides, f"grpo.updates_per_iter={u}"]), n),
+             times[u], f"{times[u] / base:.2f}x"] for u in args.updates]
+    text = format_table(["updates_per_iter", "states", "micro-batches per step", "learn s", "vs first"], rows,
+                        f"learner seconds per iteration at equal states; least of {args.repeats}")
+    last = args.updates[-1]
+    ratio = times[last] / base
+    text += (f"\nupdates_per_iter={last} / {args.updates[0]}: {ratio:.2f}x measured (target <= 1.10x: "
+             f"{'met' if ratio <= 1.1 else 'NOT met'})")
+    return text, {f"branching/learn_s_updates{u}": t for u, t in times.items()} | {"branching/updates_ratio": ratio}
+
+
+def train_cfg_accum(cfg, states: int) -> int:
+    from common import learner_train_cfg
+
+    return learner_train_cfg(cfg, states)["grad_accum"]
 
 
 def report(args, cfg, results: list[dict]) -> tuple[str, dict]:
@@ -134,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", default="1,2,4,6", type=lambda v: [int(x) for x in v.split(",")])
     parser.add_argument("--groups", type=int, default=4, help="prompt groups (states = groups x branching steps)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per phase; the least is reported")
+    parser.add_argument("--updates", default=None, type=lambda v: [int(x) for x in v.split(",")],
+                        help="also time the learner at the last k's states with grpo.updates_per_iter = each value "
+                             "(e.g. 1,2)")
     parser.add_argument("--out", default=None, help="work directory (default outputs/bench_branching_<config>)")
     parser.add_argument("--mlflow", action="store_true", help="log the table to MLflow")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
