@@ -57,6 +57,7 @@ class Chain:
         self.tracking = f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"
         self.timings_file = out / "timings.json"
         self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+        self.ran: dict[str, float] = {}  # stages this process ran (seconds), written over the file's entries
 
     def run(self, name: str, cmd: list[str], done: Path) -> None:
         """Run a job unless its output exists; record its wall time under `name`."""
@@ -72,10 +73,10 @@ class Chain:
         if proc.returncode != 0 or not done.exists():
             tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
             raise SystemExit(f"[reproduce] {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
-        seconds = time.perf_counter() - start
+        self.ran[name] = time.perf_counter() - start
         if self.timings_file.is_file():  # another stage may run beside this one: keep what it recorded
-            self.timings = {**json.loads(self.timings_file.read_text()), **self.timings}
-        self.timings[name] = seconds
+            self.timings = json.loads(self.timings_file.read_text())
+        self.timings.update(self.ran)
         self.timings_file.write_text(json.dumps(self.timings, indent=2))
         print(f"[reproduce] {name}: {self.timings[name]:.0f} s", flush=True)
 
