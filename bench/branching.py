@@ -117,10 +117,11 @@ def updates_report(args, cfg, batch: dict, table, sigmas) -> tuple[str, dict]:
     from drm_ray.workers.learner import train_iteration
 
     n = batch["states"].shape[0]
-    times = {}
+    times, accum = {}, {}
     for u in args.updates:
         ucfg = load_config(args.config, [*args.overrides, f"grpo.updates_per_iter={u}"])
         train_cfg = learner_train_cfg(ucfg, n)
+        accum[u] = train_cfg["grad_accum"]
         engine, transformer, _ = learner_engine(ucfg, train_cfg)
         shards, totals = minibatch_shards(batch, u, 1)
         step = lambda: train_iteration(engine, transformer, shards[0], totals, 1, table, sigmas,  # noqa: E731
@@ -129,8 +130,7 @@ def updates_report(args, cfg, batch: dict, table, sigmas) -> tuple[str, dict]:
         times[u], _ = best_of(args.repeats, step)
         print(f"[bench] updates_per_iter={u}: learn {times[u]:.3f}s", flush=True)
     base = times[args.updates[0]]
-    rows = [[u, n, train_cfg_accum(load_config(args.config, [*args.overrides, f"grpo.updates_per_iter={u}"]), n),
-             times[u], f"{times[u] / base:.2f}x"] for u in args.updates]
+    rows = [[u, n, accum[u], times[u], f"{times[u] / base:.2f}x"] for u in args.updates]
     text = format_table(["updates_per_iter", "states", "micro-batches per step", "learn s", "vs first"], rows,
                         f"learner seconds per iteration at equal states; least of {args.repeats}")
     last = args.updates[-1]
@@ -138,12 +138,6 @@ def updates_report(args, cfg, batch: dict, table, sigmas) -> tuple[str, dict]:
     text += (f"\nupdates_per_iter={last} / {args.updates[0]}: {ratio:.2f}x measured (target <= 1.10x: "
              f"{'met' if ratio <= 1.1 else 'NOT met'})")
     return text, {f"branching/learn_s_updates{u}": t for u, t in times.items()} | {"branching/updates_ratio": ratio}
-
-
-def train_cfg_accum(cfg, states: int) -> int:
-    from common import learner_train_cfg
-
-    return learner_train_cfg(cfg, states)["grad_accum"]
 
 
 def report(args, cfg, results: list[dict]) -> tuple[str, dict]:
