@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run of every stage with tiny budgets")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     parser.add_argument("--force", action="store_true", help="re-run stages whose outputs exist")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override budget parameters of FULL / QUICK, e.g. --set samples=960 drm_steps=6000")
     parser.add_argument("--report", default=None, help="report path (default docs/REPRODUCTION.md; "
                                                          "<out>/REPRODUCTION.md with --quick)")
     args = parser.parse_args(argv)
@@ -170,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown stages {unknown}; known: {list(STAGES)}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = QUICK if args.quick else FULL
+    p = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in p:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(p)}")
+        p[key] = type(p[key])(value) if not isinstance(p[key], (bool, tuple)) else json.loads(value)
     out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain(out, p, args.force)
