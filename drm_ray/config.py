@@ -72,6 +72,8 @@ class GRPOConfig:
     prompts_per_iter: int = 4            # B prompt groups per iteration
     updates_per_iter: int = 1            # minibatches per iteration (contiguous runs of groups), one optimizer step
                                          # each (Flow-GRPO): the ratio is 1 on the first, the clip range acts later
+    schedule: str = "pipelined"          # pipelined: score each rollout chunk when done, train each micro-batch when
+                                         # its groups are scored; serial: rollout, then score, then learn. Same LoRA
     iterations: int = 20                 # policy updates (rollout -> score -> learn) of the run
     clip_eps: float = 1e-4               # PPO clip range of the ratio (acts from the second minibatch on)
     beta: float = 0.004                  # KL-to-reference weight

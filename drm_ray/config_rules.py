@@ -54,11 +54,10 @@ def rule_errors(c, rl: bool) -> list[str]:
     need(g.iterations > 0, "grpo.iterations", "must be > 0", g.iterations)
     need(0 < g.clip_eps < 1, "grpo.clip_eps", "must be in (0, 1)", g.clip_eps)
     need(g.updates_per_iter >= 1, "grpo.updates_per_iter", "must be >= 1", g.updates_per_iter)
-    branch = len(g.branch_steps) if g.branch_steps is not None else s.num_steps - 1
-    states = g.prompts_per_iter * branch * (1 if g.algo == "step_grpo" else s.k)
-    need(not rl or g.updates_per_iter <= states, "grpo.updates_per_iter",
-         f"must be at most the {states} trained states per iteration (grpo.prompts_per_iter x branching steps"
-         f"{'' if g.algo == 'step_grpo' else ' x sampling.k'})", g.updates_per_iter)
+    need(g.schedule in ("pipelined", "serial"), "grpo.schedule", "must be pipelined or serial", g.schedule)
+    need(not rl or g.updates_per_iter <= g.prompts_per_iter, "grpo.updates_per_iter",
+         f"must be at most grpo.prompts_per_iter = {g.prompts_per_iter} (a minibatch is a run of whole prompt "
+         "groups)", g.updates_per_iter)
     need(g.beta >= 0, "grpo.beta", "must be >= 0", g.beta)
     need(g.adv_clip > 0, "grpo.adv_clip", "must be > 0", g.adv_clip)
     need(g.eval_every > 0, "grpo.eval_every", "must be > 0", g.eval_every)

@@ -62,40 +62,92 @@ def take_bytes_in() -> int:
     return n
 
 
+class Pool:
+    """Tasks on a pool of actors that may die: each free actor takes the next task; a task whose actor failed
+    recoverably is put back first in line after `recover(actor_index)`. Records each task's (submitted, done) times
+    on the driver's clock (`spans`) and the pool's busy seconds, for utilization and the critical path."""
+
+    def __init__(self, what: str, actors: list, submit: Callable[[Any, Any], Any], recover: Callable[[int], None],
+                 max_failures: int):
+        self.what, self.actors, self.submit, self.recover = what, actors, submit, recover
+        self.max_failures = max_failures
+        self.todo: deque = deque()
+        self.free = deque(range(len(actors)))
+        self.pending: dict[ray.ObjectRef, tuple] = {}
+        self.failures = 0
+        self.busy_s = 0.0
+        self.spans: dict[Any, tuple[float, float]] = {}  # task id -> (submitted, done), time.perf_counter()
+
+    def add(self, task_id, task) -> None:
+        self.todo.append((task_id, task))
+
+    @property
+    def idle(self) -> bool:
+        return not self.todo and not self.pending
+
+    def launch(self) -> None:
+        while self.free and self.todo:
+            a, (tid, task) = self.free.popleft(), self.todo.popleft()
+            refs = self.submit(self.actors[a], task)
+            refs = list(refs) if isinstance(refs, (list, tuple)) else [refs]
+            self.pending[refs[0]] = (a, tid, task, refs[1:], time.perf_counter())
+
+    def finish(self, ref) -> tuple | None:
+        """(task id, result) of a finished call, or None when its actor failed and the task was put back. When the
+        call returned several refs, the result is (the first one's value, the other refs)."""
+        a, tid, task, passed, submitted = self.pending.pop(ref)
+        try:
+            value = driver_get(ref)
+        except RECOVERABLE as err:
+            self.failures += 1
+            if self.failures > self.max_failures:
+                raise RuntimeError(f"{self.what}: {self.failures} actor failures in one call, more than "
+                                   f"{self.max_failures}; giving up") from err
+            log.warning("%s actor %d failed (%s); recovering it and resubmitting task %s", self.what, a,
+                        type(err).__name__, tid)
+            self.recover(a)
+            self.todo.appendleft((tid, task))
+            self.free.append(a)
+            return None
+        done = time.perf_counter()
+        self.free.append(a)
+        self.busy_s += done - submitted
+        self.spans[tid] = (submitted, done)
+        return tid, ((value, *passed) if passed else value)
+
+
+def run_pools(pools: list[Pool], on_result: Callable[[Pool, Any, Any], None], timeout_s: float) -> None:
+    """Run every pool's tasks to the end, waiting once per completion (`ray.wait` over all pools' calls);
+    `on_result(pool, task_id, result)` may add tasks to any pool (the next stage of the same work)."""
+    while not all(p.idle for p in pools):
+        for p in pools:
+            p.launch()
+        owner = {ref: p for p in pools for ref in p.pending}
+        if not owner:
+            raise RuntimeError("tasks are queued but no pool has an actor to run them")
+        done, _ = ray.wait(list(owner), num_returns=1, timeout=timeout_s)
+        if not done:
+            busy = "; ".join(f"{len(p.pending)} {p.what} call(s) outstanding on actors "
+                             f"{sorted({v[0] for v in p.pending.values()})}, {len(p.todo)} not started"
+                             for p in pools if not p.idle)
+            raise TimeoutError(f"no call finished within {timeout_s:.0f}s (rollout.timeout_s): {busy}")
+        for ref in done:
+            pool = owner[ref]
+            got = pool.finish(ref)
+            if got is not None:
+                on_result(pool, *got)
+
+
 def dispatch(actors: list, tasks: list, submit: Callable[[Any, Any], ray.ObjectRef],
              recover: Callable[[int], None], timeout_s: float, max_failures: int, what: str) -> tuple[list, int]:
     """Run every task on some actor; returns (results in task order, number of recovered failures). When `submit`
     returns several refs, a task's result is (the first one's value, the other refs)."""
-    todo, free = deque(range(len(tasks))), deque(range(len(actors)))
-    pending: dict[ray.ObjectRef, tuple[int, int]] = {}
+    pool = Pool(what, actors, submit, recover, max_failures)
+    for t, task in enumerate(tasks):
+        pool.add(t, task)
     results: list = [None] * len(tasks)
-    failures = 0
-    while todo or pending:
-        while free and todo:
-            a, t = free.popleft(), todo.popleft()
-            refs = submit(actors[a], tasks[t])
-            refs = list(refs) if isinstance(refs, (list, tuple)) else [refs]
-            pending[refs[0]] = (a, t, refs[1:])
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
-        if not done:
-            busy = sorted({a for a, _, _ in pending.values()})
-            raise TimeoutError(f"no {what} call finished within {timeout_s:.0f}s (rollout.timeout_s); "
-                               f"{len(pending)} outstanding on actors {busy}, {len(todo)} not started")
-        for ref in done:
-            a, t, passed = pending.pop(ref)
-            try:
-                results[t] = (driver_get(ref), *passed) if passed else driver_get(ref)
-            except RECOVERABLE as err:
-                failures += 1
-                if failures > max_failures:
-                    raise RuntimeError(f"{what}: {failures} actor failures in one call, more than "
-                                       f"{max_failures}; giving up") from err
-                log.warning("%s actor %d failed (%s); recovering it and resubmitting task %d", what, a,
-                            type(err).__name__, t)
-                recover(a)
-                todo.appendleft(t)
-            free.append(a)
-    return results, failures
+    run_pools([pool], lambda _, t, value: results.__setitem__(t, value), timeout_s)
+    return results, pool.failures
 
 
 def call_when_back(make_call: Callable[[], ray.ObjectRef], timeout_s: float, what: str):

@@ -5,7 +5,8 @@
         rollouts = rollout workers branch k SDE children at each branching step (one shared mean per state)
         scores   = reward scorers score every child at its noise level (and the final latents at s = 0)
         batch    = per-step group advantages (Step-GRPO) or per-image terminal advantages (GRPO)
-        lora     = the learner takes one clipped policy-gradient step (+ beta KL to the adapter-free reference)
+        lora     = the learner takes grpo.updates_per_iter clipped policy-gradient steps (+ beta KL to the
+                   adapter-free reference)
         sync       the new LoRA, serialized once, to every rollout worker
         log        MLflow metrics and timings; an ODE image panel every few iterations; checkpoints
 
@@ -14,6 +15,11 @@ small tensors. The rollout latents stay in the object store: the driver holds th
 the scorers and the learner, and receives only records, scores and statistics (`driver/bytes_in` per iteration does
 not grow with the latent size; `rollout/payload_bytes` does). `--algo grpo` differs only in where advantages come
 from.
+
+The phases run one after another (`grpo.schedule=serial`) or pipelined (the default): each rollout chunk is scored
+as soon as it is done and handed to the learner as soon as it is scored, and the learner trains each micro-batch
+once its groups are in, with the same LoRA bit for bit. MLflow gets each role's busy seconds and utilization per
+iteration (`busy/*`, `util/*`) and the critical path (`critical/*`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from drm_ray.checkpoint import commit_checkpoint, latest_checkpoint, load_checkp
 from drm_ray.console import Progress
 from drm_ray.data.prompts import PromptSampler, load_prompts
 from drm_ray.diffusion.sampling import to_pil
-from drm_ray.dispatch import call_when_back, dispatch, driver_get, take_bytes_in
+from drm_ray.dispatch import Pool, call_when_back, driver_get, run_pools, take_bytes_in
 from drm_ray.models.lora import lora_checksum
 from drm_ray.runtime import init_ray
 from drm_ray.rl_setup import RLSetup, image_grid
@@ -94,28 +100,30 @@ class StepGRPODriver:
     def step(self) -> dict:
         """One iteration: rollout, score, advantages, update, sync, log (and eval panel / checkpoint when due)."""
         g = self.cfg.grpo
-        t = {}
         start = time.perf_counter()
         take_bytes_in()
         groups = self.sampler.next(g.prompts_per_iter)
-        chunks = self.timed(t, "rollout", self.rollout, groups)  # [(records, latents ref)] per rollout call
-        rollouts = [r for records, _ in chunks for r in records]
-        child_scores, final_scores = self.timed(t, "score", self.score, chunks)  # [..., R]: one column per reward
+        self.iteration += 1
+        ckpt = staging_dir(self.out, self.iteration) if self.checkpoint_due() else None
+        rollouts, child_scores, final_scores, train_stats, t = self.run_update(groups, ckpt, start)
+        self.version += 1
+        self.timed(t, "sync", self.sync, self.lora_ref, self.version)
+        t["timing/iteration"] = time.perf_counter() - start
+        t["critical/sync_s"] = t["timing/sync"]
         self.compute["policy_forwards"] += sum(r.num_final for r in rollouts) * self.cfg.sampling.num_steps
         if self.rl.x0_children:  # one policy forward per child for x0_hat (and again to pick under "best")
             per_child = 2 if g.continuation == "best" else 1
             self.compute["x0_forwards"] = self.compute.get("x0_forwards", 0) + per_child * self.candidates(rollouts)
         weights = [r.weight for r in self.rl.rewards]
-        batch, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
-                                         g.adv_clip, weights)
-        latents = [[ref for _, ref in chunks], [sum(len(r.step_index) for r in recs) for recs, _ in chunks]]
-        self.iteration += 1
-        ckpt = staging_dir(self.out, self.iteration) if self.checkpoint_due() else None
-        self.lora_ref, train_stats = self.timed(t, "learn", self.rl.learner.update, self.version, batch, latents,
-                                                str(ckpt / "learner") if ckpt else None)
-        self.version += 1
-        self.timed(t, "sync", self.sync, self.lora_ref, self.version)
-        t["timing/iteration"] = time.perf_counter() - start
+        _, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
+                                     g.adv_clip, weights)  # the whole batch's advantage stats
+        wall = t["timing/iteration"]
+        roles = {"rollout": (t.pop("busy/rollout"), self.cfg.rollout.num_workers),
+                 "score": (t.pop("busy/score"), self.cfg.rollout.num_scorers),
+                 "learn": (train_stats.get("timing/learner_compute", 0.0), 1)}  # rank 0's busy time
+        for role, (busy, actors) in roles.items():
+            t[f"busy/{role}_s"] = busy
+            t[f"util/{role}"] = busy / max(wall * actors, 1e-9)  # busy / (wall x actors) of the role
         metrics = {**self.reward_metrics(rollouts, child_scores, final_scores, weights),
                    **adv_stats, **train_stats, **t,
                    "driver/bytes_in": float(take_bytes_in()),
@@ -133,6 +141,95 @@ class StepGRPODriver:
         if ckpt:
             self.checkpoint(ckpt)
         return metrics
+
+    def run_update(self, groups: list[tuple[int, int, int]], ckpt: Path | None, start: float):
+        """Rollout, scoring and the learner's update of one iteration, in the configured schedule.
+
+        Rollout calls take `groups_per_call` groups each (a chunk), each worker the next chunk when free; one scorer
+        call per chunk; the learner gets each chunk's learner-batch rows and a reference to its latents, which stay
+        in the object store. `serial`: all rollouts, then all scoring, then the update. `pipelined`: a chunk is
+        scored as soon as it is rolled out and sent to the learner as soon as it is scored; the learner trains each
+        cell of its `IterationLayout` once the groups it covers are in. The cells, and so the LoRA, are the same bit
+        for bit in both schedules (the per-chunk rows are the whole batch's rows: advantages are per group).
+
+        Returns (rollouts, child scores, final scores, learner stats, timings): `timing/{rollout, score, learn}` are
+        each phase's span (first start to last end; they overlap when pipelined), `busy/*` the actors' summed call
+        time, `critical/*_s` the chain of waits and calls that ended last (the chunk scored last: waiting for a
+        rollout worker, its rollout, waiting for a scorer, its scoring, and the learner's work after it).
+        """
+        g, ro = self.cfg.grpo, self.cfg.rollout
+        algo, pipelined = g.algo, g.schedule == "pipelined"
+        per_call = ro.groups_per_call
+        chunks = [groups[i:i + per_call] for i in range(0, len(groups), per_call)]
+        layout = self.rl.layout(len(groups))
+        rolled: list = [None] * len(chunks)  # (records, ref of the chunk's latents)
+        scored: list = [None] * len(chunks)  # (child scores, final scores)
+        sent = []  # when the learner got its first chunk
+        rollout_pool = Pool("rollout", self.rl.workers,
+                            lambda w, chunk: w.rollout_split.options(num_returns=2).remote(chunk, self.version),
+                            self.recover_worker, self.max_failures)
+        score_pool = Pool("scoring", self.rl.scorers,
+                          lambda s, c: s.score_rollouts.remote(c[0], [c[1]], algo, self.rl.sigmas),
+                          self.recover_scorer, self.max_failures)
+
+        def part(c: int) -> dict:
+            records, ref = rolled[c]
+            first = c * per_call  # the chunk's first group
+            rows, _ = learner_batch(records, algo, *scored[c], len(self.rl.branch_steps), g.adv_clip,
+                                    [r.weight for r in self.rl.rewards], first_state=first * layout.per_group)
+            return {"group": first, "groups": len(records), "state": first * layout.per_group,
+                    "states": len(records) * layout.per_group, "rows": rows, "latents": [ref]}
+
+        def send(cs: list[int]) -> None:
+            sent.append(time.perf_counter())
+            self.rl.learner.submit(self.version, layout, [part(c) for c in cs], str(ckpt / "learner") if ckpt else None)
+
+        def on_result(pool: Pool, c: int, value) -> None:
+            if pool is rollout_pool:
+                records = value[0]
+                if [r.group_id for r in records] != [gid for gid, _, _ in chunks[c]]:
+                    raise RuntimeError("rollout results do not match the submitted groups")  # each group once
+                if sum(r.step_index.shape[0] for r in records) != len(records) * layout.per_group:
+                    raise RuntimeError(f"a rollout chunk has states other than {layout.per_group} per group")
+                rolled[c] = value
+                if pipelined:
+                    score_pool.add(c, value)
+            else:
+                scored[c] = split_scores(rolled[c][0], algo, value)
+                if pipelined:
+                    send([c])
+
+        for c, chunk in enumerate(chunks):
+            rollout_pool.add(c, chunk)
+        if pipelined:
+            run_pools([rollout_pool, score_pool], on_result, ro.timeout_s)
+        else:
+            run_pools([rollout_pool], on_result, ro.timeout_s)
+            for c in range(len(chunks)):
+                score_pool.add(c, rolled[c])
+            run_pools([score_pool], on_result, ro.timeout_s)
+            send(list(range(len(chunks))))
+        self.restarts["rollout"] += rollout_pool.failures
+        self.restarts["scorer"] += score_pool.failures
+        self.lora_ref, train_stats = self.rl.learner.wait_version(self.version + 1)
+        published = time.perf_counter()
+
+        rollouts = [r for records, _ in rolled for r in records]
+        self.compute["drm_forwards"] += num_scored(rollouts, algo)  # what is scored: GRPO sends final latents only
+        child_scores = [x for child, _ in scored for x in child]
+        final_scores = torch.cat([final for _, final in scored])
+        r_spans, s_spans = rollout_pool.spans, score_pool.spans
+        last = max(s_spans, key=lambda c: s_spans[c][1])  # the chunk scored last
+        t = {"timing/rollout": max(e for _, e in r_spans.values()) - start,
+             "timing/score": max(e for _, e in s_spans.values()) - min(b for b, _ in s_spans.values()),
+             "timing/learn": published - sent[0],
+             "busy/rollout": rollout_pool.busy_s, "busy/score": score_pool.busy_s,
+             "critical/rollout_wait_s": r_spans[last][0] - start,
+             "critical/rollout_s": r_spans[last][1] - r_spans[last][0],
+             "critical/score_wait_s": s_spans[last][0] - r_spans[last][1],
+             "critical/score_s": s_spans[last][1] - s_spans[last][0],
+             "critical/learn_s": published - s_spans[last][1]}
+        return rollouts, child_scores, final_scores, train_stats, t
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -154,32 +251,6 @@ class StepGRPODriver:
         out = fn(*args)
         timings[f"timing/{name}"] = time.perf_counter() - start
         return out
-
-    def rollout(self, groups: list[tuple[int, int, int]]) -> list[tuple[list, ray.ObjectRef]]:
-        """Chunks of `groups_per_call` groups over the workers, each worker taking the next chunk when free.
-        Per chunk: (the groups' records, to the driver; a reference to their latents, left in the object store)."""
-        per_call = self.cfg.rollout.groups_per_call
-        chunks = [groups[i:i + per_call] for i in range(0, len(groups), per_call)]
-        results, failures = dispatch(
-            self.rl.workers, chunks,
-            lambda w, chunk: w.rollout_split.options(num_returns=2).remote(chunk, self.version),
-            self.recover_worker, self.cfg.rollout.timeout_s, self.max_failures, "rollout")
-        self.restarts["rollout"] += failures
-        if [r.group_id for records, _ in results for r in records] != [gid for gid, _, _ in groups]:
-            raise RuntimeError("rollout results do not match the submitted groups")  # each group once, in order
-        return results
-
-    def score(self, chunks) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every child and final latent scored, one scorer call per rollout chunk (the scorer fetches the latents
-        and returns only scores)."""
-        algo = self.cfg.grpo.algo
-        rollouts = [r for records, _ in chunks for r in records]
-        self.compute["drm_forwards"] += num_scored(rollouts, algo)  # what is scored: GRPO sends final latents only
-        results, failures = dispatch(
-            self.rl.scorers, chunks, lambda s, c: s.score_rollouts.remote(c[0], [c[1]], algo, self.rl.sigmas),
-            self.recover_scorer, self.cfg.rollout.timeout_s, self.max_failures, "scoring")
-        self.restarts["scorer"] += failures
-        return split_scores(rollouts, algo, torch.cat(results))
 
     def recover_worker(self, index: int) -> None:
         """Wait for a restarted rollout worker and give it the current LoRA before it takes work again."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 import torch
 
+from drm_ray.algorithms.rl_batch import IterationLayout
 from drm_ray.data.prompt_table import prompt_table_ref
 from drm_ray.data.prompts import load_prompts
 from drm_ray.diffusion.sampling import decode_latents
@@ -63,16 +64,17 @@ class RLSetup:
         self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
             m.preset, self.kwargs, self.lora_cfg, [self.prompts_ref], sampling, cfg.grpo.algo, threads,
             self.scorers[i % len(self.scorers)], self.x0_children, ro.timeout_s) for i in range(ro.num_workers)]
-        per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)
-        states = cfg.grpo.prompts_per_iter * per_group
+        self.per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)  # trained states
+        states = cfg.grpo.prompts_per_iter * self.per_group
         loop_config = dict(
-            **update_config(cfg, states, le.num_workers),
+            **update_config(cfg, states, le.num_workers, self.per_group),
             preset=m.preset, model_kwargs=self.kwargs, lora=self.lora_cfg, num_steps=s.num_steps,
             micro_batch_states=le.micro_batch_states, updates_per_iter=cfg.grpo.updates_per_iter,
             zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, max_grad_norm=le.max_grad_norm,
             lr=le.lr, weight_decay=le.weight_decay, start_version=start_version,
             resume_dir=str(resume_dir) if resume_dir else None, prompts=self.prompts_ref,
             publish_dtype=le.publish_dtype, torch_threads=threads)
+        self.grad_accum = loop_config["grad_accum"]
         resources = learner_worker_resources(le)  # Ray Train packs its workers (ScalingConfig's default PACK)
         self.learner = LearnerGroup(loop_config, le.num_workers, le.use_gpu, str(out / "ray_train"), ro.timeout_s,
                                     max_failures=le.max_failures, resources_per_worker=resources,
@@ -96,6 +98,11 @@ class RLSetup:
         self.eval_texts = [(list(prompts) + held_out)[i] for i in self.eval_prompts]
         self.eval_seeds = [cfg.run.seed + 10_000 + j for j in range(n_eval)]
         self.vae = load_vae(m.preset, m.path, s.resolution, m.seed)  # decodes the image panel on the driver
+
+    def layout(self, groups: int) -> IterationLayout:
+        """How an iteration of `groups` prompt groups is dealt to the learner (minibatches, rows, ranks)."""
+        return IterationLayout(groups, self.per_group, self.cfg.grpo.updates_per_iter,
+                               self.cfg.learner.num_workers, self.grad_accum)
 
     def judge_actors(self) -> list:
         return [self.judge] if self.judge is not None else []
@@ -165,16 +172,18 @@ def image_grid(images, columns: int | None = None):
     return grid
 
 
-def update_config(cfg, states: int, num_workers: int = 1) -> dict:
+def update_config(cfg, states: int, num_workers: int = 1, per_group: int = 1) -> dict:
     """What the learner's update step (`train_update` / `train_iteration`) reads, for `states` trained states per
-    iteration over `num_workers` ranks: the learner loop and every bench script take it from here."""
+    iteration (groups of `per_group`) over `num_workers` ranks: the learner loop and every bench script take it
+    from here."""
     s, g, le = cfg.sampling, cfg.grpo, cfg.learner
-    return dict(grad_accum=grad_accum(states, g.updates_per_iter, num_workers, le.micro_batch_states),
+    return dict(grad_accum=grad_accum(states, g.updates_per_iter, num_workers, le.micro_batch_states, per_group),
                 guidance_scale=s.guidance_scale, noise_level=s.noise_level, clip_eps=g.clip_eps, beta=g.beta)
 
 
-def grad_accum(states: int, updates_per_iter: int, num_workers: int, micro_batch_states: int) -> int:
-    """Backward calls per optimizer step: a minibatch (states / updates_per_iter, rounded up) over the ranks in
-    micro-batches of `micro_batch_states`."""
-    per_step = math.ceil(states / updates_per_iter)
+def grad_accum(states: int, updates_per_iter: int, num_workers: int, micro_batch_states: int,
+               per_group: int = 1) -> int:
+    """Backward calls per optimizer step: the largest minibatch (groups of `per_group` states / updates_per_iter,
+    rounded up: `IterationLayout`) over the ranks in micro-batches of `micro_batch_states`."""
+    per_step = math.ceil(states // per_group / updates_per_iter) * per_group
     return max(1, math.ceil(per_step / (num_workers * micro_batch_states)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import rl_config
-from drm_ray.algorithms.rl_batch import chunks_needed, gather_latents
+from drm_ray.algorithms.rl_batch import chunk_sources, gather_states
 from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.workers.rollout import GroupLatents
 
@@ -48,7 +48,7 @@ def test_actors_hold_the_prompt_table_zero_copy(ray_session):
     ray.kill(worker)
 
 
-def test_gather_latents_fetches_only_the_chunks_a_shard_needs():
+def test_gather_states_fetches_only_the_chunks_a_cell_needs():
     def chunk(start, sizes):  # groups whose states hold their global index
         out, i = [], start
         for n in sizes:
@@ -57,13 +57,15 @@ def test_gather_latents_fetches_only_the_chunks_a_shard_needs():
             i += n
         return out
 
-    chunks, sizes = [chunk(0, [3, 3]), chunk(6, [3, 3]), chunk(12, [3])], [6, 6, 3]
-    index = torch.tensor([7, 8, 10, 13])  # a shard touching chunks 1 and 2 only
-    assert chunks_needed(index, sizes) == [1, 2]
-    states, children = gather_latents(index, [None, chunks[1], chunks[2]], sizes)
+    chunks = [(0, 6, chunk(0, [3, 3])), (6, 6, chunk(6, [3, 3])), (12, 3, chunk(12, [3]))]
+    index = torch.tensor([7, 8, 10, 13])  # a cell touching chunks 1 and 2 only
+    assert [c[0] for c in chunk_sources(index, chunks)] == [6, 12]
+    states, children = gather_states(index, [chunks[2], chunks[1]])  # in any order
     assert states.view(-1).tolist() == [7.0, 8.0, 10.0, 13.0] and children.shape == (4, 2, 1)
-    empty, _ = gather_latents(torch.zeros(0, dtype=torch.long), [chunks[0], None, None], sizes)
-    assert empty.shape == (0, 1) and chunks_needed(torch.zeros(0, dtype=torch.long), sizes) == [0]
+    empty, _ = gather_states(torch.zeros(0, dtype=torch.long), [chunks[0]])
+    assert empty.shape == (0, 1) and chunk_sources(torch.zeros(0, dtype=torch.long), chunks) == []
+    with pytest.raises(ValueError, match="none of the given chunks"):
+        gather_states(index, [chunks[1]])
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from drm_ray.algorithms.losses import clipped_policy_loss
-from drm_ray.algorithms.rl_batch import learner_batch, minibatch_shards
+from drm_ray.algorithms.rl_batch import IterationLayout, learner_batch, minibatch_shards
 from drm_ray.config import SD3_LORA_TARGETS
 from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.diffusion.flow import schedule_sigmas
@@ -84,9 +84,9 @@ def test_several_updates_per_batch(process_group):
     g = torch.Generator().manual_seed(1)
     child = [torch.randn(r.children.shape[:2], generator=g) for r in rollouts]
     batch, _ = learner_batch(rollouts, "step_grpo", child, torch.randn(2, 3, generator=g), 3, 5.0)
-    shards, totals = minibatch_shards(batch, 3, 1)
-    assert totals == [2, 2, 2] and len(shards) == 1 and len(shards[0]) == 3
-    dealt = torch.cat([mb["state_index"] for mb in shards[0]])
+    shards, totals = minibatch_shards(batch, IterationLayout(groups=2, per_group=3, updates=2))
+    assert totals == [3, 3] and len(shards) == 1 and len(shards[0]) == 2  # one prompt group per minibatch
+    dealt = torch.cat([cell["state_index"] for mb in shards[0] for cell in mb])
     assert torch.equal(dealt, batch["state_index"])  # every state once, in group order
     transformer = build_tiny(seed=0, text=False, vae=False).transformer
     engine, _ = _engine(transformer, grad_accum=1, lr=1e-2)
@@ -97,20 +97,39 @@ def test_several_updates_per_batch(process_group):
     orig = engine.step
     engine.step = lambda: (steps.append(1), orig())[1]
     out = train_iteration(engine, transformer, shards[0], totals, 1, prompts, sigmas, cfg)
-    assert len(steps) == 3  # one optimizer step per minibatch (grad_accum 1)
+    assert len(steps) == 2  # one optimizer step per minibatch (grad_accum 1)
     assert out["train/mb0/ratio_max_dev"] == 0.0  # the policy that sampled the batch: exactly on-policy
-    assert out["train/mb1/ratio_max_dev"] > 1e-6 and out["train/mb2/ratio_max_dev"] > 1e-6
+    assert out["train/mb1/ratio_max_dev"] > 1e-6
     assert out["train/states"] == 6 and any(not torch.equal(before[k], v) for k, v in lora_state(transformer).items())
 
 
 def test_minibatches_do_not_depend_on_the_number_of_ranks():
-    batch = {"state_index": torch.arange(10), "advantages": torch.randn(10, 2)}
-    one, totals = minibatch_shards(batch, 3, 1)
-    two, totals2 = minibatch_shards(batch, 3, 2)
-    assert totals == totals2 == [3, 4, 3]
-    assert [mb["state_index"].tolist() for mb in one[0]] == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    batch = {"state_index": torch.arange(15), "advantages": torch.randn(15, 2)}  # 5 groups of 3 states
+    one, totals = minibatch_shards(batch, IterationLayout(groups=5, per_group=3, updates=3, world=1, accum=1))
+    two, totals2 = minibatch_shards(batch, IterationLayout(groups=5, per_group=3, updates=3, world=2, accum=1))
+    assert totals == totals2 == [6, 3, 6]  # whole groups: 2, 1, 2 (linspace(0, 5, 4) rounded: 0, 2, 3, 5)
+    assert [mb[0]["state_index"].tolist() for mb in one[0]] == [[0, 1, 2, 3, 4, 5], [6, 7, 8],
+                                                                 [9, 10, 11, 12, 13, 14]]
     for j in range(3):
-        assert torch.equal(one[0][j]["state_index"], torch.cat([two[0][j]["state_index"], two[1][j]["state_index"]]))
+        assert torch.equal(one[0][j][0]["state_index"],
+                           torch.cat([two[0][j][0]["state_index"], two[1][j][0]["state_index"]]))
+
+
+def test_layout_cells_do_not_depend_on_dropped_groups():
+    """Cell boundaries come from group numbers alone: dropping a group empties its states from the cells it was in
+    and moves nothing else (so a cell can be dealt before the other groups are scored)."""
+    lay = IterationLayout(groups=4, per_group=2, updates=2, world=2, accum=2)
+    full = {"state_index": torch.arange(8), "advantages": torch.arange(8.0)[:, None]}
+    dropped = {k: v[torch.arange(8) // 2 != 1] for k, v in full.items()}  # group 1 (states 2, 3) dropped
+    cells, totals = minibatch_shards(full, lay)
+    cells_d, totals_d = minibatch_shards(dropped, lay)
+    assert totals == totals_d == [4, 4]  # the normalizer counts the dropped group (zero advantage, as Flow-GRPO)
+    # minibatch 0 = groups 0, 1 = states 0..3 in 2 rows x 2 ranks of one state each: row a, rank r = state 2a + r
+    assert [[cells[r][0][a]["state_index"].tolist() for a in range(2)] for r in range(2)] == [[[0], [2]], [[1], [3]]]
+    assert [[cells_d[r][0][a]["state_index"].tolist() for a in range(2)] for r in range(2)] == [[[0], []], [[1], []]]
+    assert all(torch.equal(cells[r][1][a]["state_index"], cells_d[r][1][a]["state_index"])
+               for r in range(2) for a in range(2))
+    assert lay.row_groups(0, 0) == (0, 1) and lay.row_groups(0, 1) == (1, 2) and lay.row_groups(1, 1) == (3, 4)
 
 
 def test_clipped_children_contribute_no_gradient():

@@ -5,13 +5,15 @@ level) are normalized within the group and become the children's advantages. GRP
 are scored at s = 0, normalized over the prompt's k images, and each image's advantage is repeated on every trained
 step of its trajectory. Groups with a non-finite score are dropped (counted in `adv/dropped_groups`).
 
-Everything here but `scoring_requests` and `gather_latents` works from the small part of the rollouts (step
+Everything here but `scoring_requests` and `gather_states` works from the small part of the rollouts (step
 indices, log-probs, counts), so on the driver the latents can stay in the object store: the learner batch names its
 states by `state_index` (position in the concatenation of all rollouts' states) and each learner rank gathers the
-latents of its shard itself (`gather_latents`).
+latents of its cells itself (`gather_states`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -62,9 +64,12 @@ def split_scores(rollouts, algo: str, scores: torch.Tensor) -> tuple[list[torch.
 
 
 def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_scores: torch.Tensor,
-                  num_branch_steps: int, adv_clip: float, weights: list[float] | None = None) -> tuple[dict, dict]:
+                  num_branch_steps: int, adv_clip: float, weights: list[float] | None = None,
+                  first_state: int = 0) -> tuple[dict, dict]:
     """The learner's update batch (valid states only) and advantage stats. With `weights`, the scores carry a last
-    dimension of R rewards, combined at the advantage level (`combine_rewards`).
+    dimension of R rewards, combined at the advantage level (`combine_rewards`). A group's advantages depend on its
+    own scores only, so the batch of some of the groups (a rollout chunk, its states numbered from `first_state`) is
+    exactly that part of the whole batch.
 
     Batch: state_index [N], step_index [N], prompt_index [N], old_log_probs [N, m], advantages [N, m]; when the
     rollouts carry their latents (in-process use) also states [N, C, h, w] and children [N, m, C, h, w].
@@ -79,64 +84,98 @@ def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_s
     keep = valid.flatten()  # [G * T]
     cat = lambda name: torch.cat([getattr(r, name) for r in rollouts])  # noqa: E731
     batch = {
-        "state_index": torch.arange(keep.numel()), "step_index": cat("step_index"),
+        "state_index": torch.arange(keep.numel()) + first_state, "step_index": cat("step_index"),
         "prompt_index": torch.cat([torch.full((r.step_index.shape[0],), r.prompt_index) for r in rollouts]),
         "old_log_probs": cat("log_probs"), "advantages": adv.flatten(0, 1).float(),
     }
     batch = {k: v[keep] for k, v in batch.items()}
     if rollouts and rollouts[0].states is not None:
-        sizes = [sum(r.step_index.shape[0] for r in rollouts)]
-        batch["states"], batch["children"] = gather_latents(batch["state_index"], [rollouts], sizes)
+        n = sum(r.step_index.shape[0] for r in rollouts)
+        batch["states"], batch["children"] = gather_states(batch["state_index"], [(first_state, n, rollouts)])
     stats["adv/kept_states"] = float(keep.sum().item())
     return batch, stats
 
 
-def minibatch_shards(batch: dict, updates: int, world: int) -> tuple[list[list[dict]], list[int]]:
-    """Deal an update batch as `updates` minibatches (one optimizer step each) over `world` ranks.
+@dataclass(frozen=True)
+class IterationLayout:
+    """How one iteration's states are dealt to the learner, fixed before any of them is scored.
 
-    Minibatch j is the j-th of `updates` contiguous, near-equal slices of the batch, which is stored group by group
-    (groups in the sampler's random prompt order, each with all its steps): a minibatch holds whole groups but at
-    its edges, so it can be trained as soon as its groups are scored, and its boundaries depend only on the batch,
-    never on the number of ranks. Returns (shards[rank][minibatch], states per minibatch): rank r takes its
-    contiguous part of each minibatch.
+    The states are numbered group by group (`groups` prompt groups of `per_group` states each, in the sampler's
+    order; a dropped group keeps its numbers). Minibatch j (one optimizer step) is the j-th of `updates` contiguous,
+    near-equal runs of whole groups; it is cut into `accum` rows of `world` cells, cell (row a, rank r) being slice
+    a * world + r of `accum * world` near-equal slices of the minibatch's state numbers. So every boundary depends on
+    the group count alone, never on which groups were dropped or when they were scored: a cell can be trained as soon
+    as the groups it covers are scored (the pipelined schedule), and the serial schedule deals the same cells.
+    A minibatch's loss is the mean over all its states, a dropped group's counting as zero (as a zero-advantage group
+    does in Flow-GRPO), so the normalizer too is known before scoring.
     """
-    n = batch["advantages"].shape[0]
-    mb_bounds = torch.linspace(0, n, updates + 1).round().long().tolist()
-    shards: list[list[dict]] = [[] for _ in range(world)]
-    totals = []
-    for lo, hi in zip(mb_bounds[:-1], mb_bounds[1:]):
-        totals.append(hi - lo)
-        rank_bounds = torch.linspace(lo, hi, world + 1).round().long().tolist()
-        for rank, (a, b) in enumerate(zip(rank_bounds[:-1], rank_bounds[1:])):
-            shards[rank].append({k: v[a:b] for k, v in batch.items()})
-    return shards, totals
+
+    groups: int
+    per_group: int
+    updates: int = 1
+    world: int = 1
+    accum: int = 1
+
+    def group_bounds(self, j: int) -> tuple[int, int]:
+        """Groups [lo, hi) of minibatch j."""
+        b = torch.linspace(0, self.groups, self.updates + 1).round().long().tolist()
+        return b[j], b[j + 1]
+
+    def total(self, j: int) -> int:
+        """States of minibatch j, dropped groups included (its loss normalizer)."""
+        lo, hi = self.group_bounds(j)
+        return (hi - lo) * self.per_group
+
+    def cell_bounds(self, j: int, row: int, rank: int) -> tuple[int, int]:
+        """State numbers [lo, hi) of cell (row, rank) of minibatch j."""
+        lo, hi = self.group_bounds(j)
+        b = torch.linspace(lo * self.per_group, hi * self.per_group, self.accum * self.world + 1).round().long()
+        i = row * self.world + rank
+        return int(b[i]), int(b[i + 1])
+
+    def row_groups(self, j: int, row: int) -> tuple[int, int]:
+        """Groups [lo, hi) that row `row` of minibatch j touches (on any rank): what must be scored before it."""
+        lo, _ = self.cell_bounds(j, row, 0)
+        _, hi = self.cell_bounds(j, row, self.world - 1)
+        return lo // self.per_group, -(-hi // self.per_group)
 
 
-def chunks_needed(state_index: torch.Tensor, chunk_sizes: list[int]) -> list[int]:
-    """Which chunks (consecutive runs of `chunk_sizes[c]` states) hold the states `state_index` names."""
-    ends = torch.tensor(chunk_sizes, dtype=torch.long).cumsum(0)
-    needed = torch.searchsorted(ends, state_index, right=True).unique().tolist()
-    return needed or [0]  # an empty shard still needs one chunk for the latents' shapes
+def select_states(batch: dict, lo: int, hi: int) -> dict:
+    """The rows of `batch` whose state numbers lie in [lo, hi)."""
+    keep = (batch["state_index"] >= lo) & (batch["state_index"] < hi)
+    return {k: v[keep] for k, v in batch.items()}
 
 
-def gather_latents(state_index: torch.Tensor, chunks: list, chunk_sizes: list[int]) -> tuple[torch.Tensor, ...]:
-    """(states [N, C, h, w], children [N, m, C, h, w]) of the states `state_index` names.
+def minibatch_shards(batch: dict, layout: IterationLayout) -> tuple[list[list[list[dict]]], list[int]]:
+    """Deal a whole update batch by `layout` (in-process use; the Coordinator deals the same cells as groups are
+    scored). Returns (cells[rank][minibatch][row], states per minibatch with dropped groups counted)."""
+    cells = [[[select_states(batch, *layout.cell_bounds(j, a, r)) for a in range(layout.accum)]
+              for j in range(layout.updates)] for r in range(layout.world)]
+    return cells, [layout.total(j) for j in range(layout.updates)]
 
-    `chunks[c]` is a list of groups (anything with `.states` and `.children`) holding `chunk_sizes[c]` states in
-    order; chunks that hold none of the states may be None (a learner rank fetches only the chunks of its shard).
-    """
-    ends = torch.tensor(chunk_sizes, dtype=torch.long).cumsum(0)
-    chunk_of = torch.searchsorted(ends, state_index, right=True)  # [N]
-    needed = chunk_of.unique().tolist()
-    if not needed:  # an empty shard (dropped groups): empty tensors of the right shape
-        g = next(g for chunk in chunks if chunk for g in chunk)
+
+def chunk_sources(state_index: torch.Tensor, chunks: list[tuple[int, int, object]]) -> list[tuple[int, int, object]]:
+    """The chunks, (first state number, states, latents) each, that hold any of the states `state_index` names."""
+    return [c for c in chunks if bool(((state_index >= c[0]) & (state_index < c[0] + c[1])).any())]
+
+
+def gather_states(state_index: torch.Tensor, chunks: list[tuple[int, int, list]]) -> tuple[torch.Tensor, ...]:
+    """(states [N, C, h, w], children [N, m, C, h, w]) of the states `state_index` names, from `chunks`: (first
+    state number, states, groups) each, the groups being anything with `.states` and `.children` in order; the
+    chunks must hold every named state (a learner rank fetches only those of its cell: `chunk_sources`)."""
+    chunks = sorted(chunks, key=lambda c: c[0])
+    if not state_index.numel():  # an empty cell (dropped groups): empty tensors of the right shape
+        g = chunks[0][2][0]
         return g.states[:0], g.children[:0]
-    states = torch.cat([g.states for c in needed for g in chunks[c]])  # [sum of the needed chunks' T, C, h, w]
-    children = torch.cat([g.children for c in needed for g in chunks[c]])
-    starts = ends - torch.tensor(chunk_sizes, dtype=torch.long)  # first global state of each chunk
-    local = torch.zeros(len(chunk_sizes), dtype=torch.long)  # first row of each needed chunk in `states`
-    local[needed] = torch.tensor([0] + [chunk_sizes[c] for c in needed[:-1]]).cumsum(0)
-    rows = state_index - starts[chunk_of] + local[chunk_of]
+    states = torch.cat([g.states for _, _, groups in chunks for g in groups])
+    children = torch.cat([g.children for _, _, groups in chunks for g in groups])
+    starts = torch.tensor([c[0] for c in chunks])
+    offsets = torch.tensor([0] + [c[1] for c in chunks[:-1]]).cumsum(0)  # first row of each chunk in `states`
+    which = torch.searchsorted(starts, state_index, right=True) - 1
+    ends = starts + torch.tensor([c[1] for c in chunks])
+    if (which < 0).any() or (state_index >= ends[which.clamp(min=0)]).any():
+        raise ValueError("gather_states: a named state is in none of the given chunks")
+    rows = state_index - starts[which] + offsets[which]
     return states[rows], children[rows]
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 
-from drm_ray.algorithms.rl_batch import minibatch_shards
+import torch
+
+from drm_ray.algorithms.rl_batch import IterationLayout, chunk_sources, select_states
 
 
 class Coordinator:
     """Async actor between the driver and the learner ranks (one per learner)."""
 
-    def __init__(self, world_size: int, updates_per_iter: int = 1):
+    def __init__(self, world_size: int):
         self.world_size = world_size
-        self.updates_per_iter = updates_per_iter
+        self.updates: dict[int, dict] = {}  # version -> {layout, checkpoint_dir, parts by first group, next row}
+        self.dealing = -1  # the version whose cells are being dealt (earlier ones are done for this generation)
         self.queues = [asyncio.Queue() for _ in range(world_size)]
         self.published: dict[int, tuple[list, dict]] = {}
         self.changed = asyncio.Condition()
@@ -32,6 +35,8 @@ class Coordinator:
         self.restored = version
         self.queues = [asyncio.Queue() for _ in range(self.world_size)]
         self.published = {}  # versions past `version` are re-done by this generation (the driver replays them)
+        self.dealing = version  # parts already received are dealt again, from the first row, in version order
+        self.updates = {v: {**u, "next": (0, 0)} for v, u in self.updates.items() if v >= version}
         self._event(f"generation {self.generation} started at v{version}")
         await self.publish(version, state_ref, stats)
 
@@ -46,17 +51,55 @@ class Coordinator:
         """{rank: {pid, node_id}} of the current worker group (for operators and fault-injection tests)."""
         return dict(self.members)
 
-    async def submit(self, version: int, batch: dict, latents: list, checkpoint_dir: str | None = None) -> None:
-        """batch: the small tensors of the update (see `learner_batch`); latents: [refs of the rollout latent chunks
-        (lists of GroupLatents), states per chunk], passed on to the ranks unresolved."""
-        if version + 1 in self.published:  # already applied (a resubmission that raced a restart)
-            self._event(f"submit v{version} ignored: v{version + 1} is published")
+    async def submit(self, version: int, layout: IterationLayout, checkpoint_dir: str | None, parts: list) -> None:
+        """Some scored groups of update `version` (rolled out by policy `version`). A part is one rollout chunk:
+        {group: its first group, groups, state: its first state number, states, rows: its learner-batch rows
+        (`learner_batch`), latents: [ref of the chunk's latents (a list of GroupLatents)], passed on unresolved}.
+        Every cell whose groups are all in is dealt at once, in order (minibatch, row); a part received twice is
+        kept once."""
+        if version + 1 in self.published or version < self.dealing:  # already applied (a resubmission)
+            self._event(f"submit v{version} ignored: applied")
             return
-        self._event(f"submit v{version} (generation {self.generation})")
-        shards, totals = minibatch_shards(batch, self.updates_per_iter, self.world_size)
+        u = self.updates.setdefault(version, {"layout": layout, "checkpoint_dir": checkpoint_dir, "parts": {},
+                                              "next": (0, 0)})
+        for part in parts:
+            u["parts"].setdefault(part["group"], part)
+        self._event(f"submit v{version}: {len(u['parts'])} chunk(s) in (generation {self.generation})")
+        self._deal()
+
+    def _deal(self) -> None:
+        """Deal the ready rows of the version being dealt; move on to the next version when one is complete."""
+        while self.dealing in self.updates:
+            u = self.updates[self.dealing]
+            lay: IterationLayout = u["layout"]
+            have = set()
+            for part in u["parts"].values():
+                have.update(range(part["group"], part["group"] + part["groups"]))
+            j, row = u["next"]
+            while j < lay.updates:
+                lo, hi = lay.row_groups(j, row)
+                if not set(range(lo, hi)) <= have:
+                    return
+                self._deal_row(self.dealing, u, j, row)
+                j, row = (j, row + 1) if row + 1 < lay.accum else (j + 1, 0)
+                u["next"] = (j, row)
+            self.dealing += 1
+
+    def _deal_row(self, version: int, u: dict, j: int, row: int) -> None:
+        lay: IterationLayout = u["layout"]
+        parts = sorted(u["parts"].values(), key=lambda p: p["group"])
+        chunks = [(p["state"], p["states"], p["latents"]) for p in parts]
         for rank in range(self.world_size):
-            self.queues[rank].put_nowait({"version": version, "minibatches": shards[rank], "totals": totals,
-                                          "latents": latents, "checkpoint_dir": checkpoint_dir})
+            lo, hi = lay.cell_bounds(j, row, rank)
+            touching = [p for p in parts if p["state"] < hi and p["state"] + p["states"] > lo]
+            rows = [select_states(p["rows"], lo, hi) for p in touching]
+            cell = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else {}
+            if not cell:  # no states at all in this cell (more cells than states)
+                cell = {k: v[:0] for k, v in parts[0]["rows"].items()}
+            self.queues[rank].put_nowait({
+                "version": version, "minibatch": j, "minibatches": lay.updates, "row": row, "rows": lay.accum,
+                "total": lay.total(j), "cell": cell, "sources": chunk_sources(cell["state_index"], chunks),
+                "checkpoint_dir": u["checkpoint_dir"]})
 
     async def next_work(self, rank: int):
         # A call from a worker that has since died keeps waiting on its generation's queue and may swallow a
@@ -80,6 +123,8 @@ class Coordinator:
             self.published[version] = (state_ref, stats)
             for old in [v for v in self.published if v < version - 1]:
                 del self.published[old]
+            for done in [v for v in self.updates if v < version]:  # the driver keeps what a replay needs
+                del self.updates[done]
             self.changed.notify_all()
 
     async def latest(self) -> int:

@@ -1,10 +1,12 @@
 """The Step-GRPO / GRPO learner: the loop each Ray Train worker runs inside ONE long-lived `TorchTrainer.fit()`.
 
 Each rank holds the frozen transformer with a LoRA adapter under DeepSpeed (ZeRO-2 over the LoRA parameters only;
-fp32 on CPU with gloo, bf16 on GPU). It pulls its shard of every update from the Coordinator actor: one part of each
-of `grpo.updates_per_iter` minibatches (one optimizer step each, as Flow-GRPO), each split into exactly `grad_accum`
-micro-batches (the DeepSpeed gradient-accumulation count equals the backward calls per optimizer step; an empty
-micro-batch still runs a zero backward so every rank takes part in every reduction).
+fp32 on CPU with gloo, bf16 on GPU). It pulls its cells of every update from the Coordinator actor, one at a time:
+`grpo.updates_per_iter` minibatches (one optimizer step each, as Flow-GRPO), each of exactly `grad_accum` rows of one
+cell per rank (`IterationLayout`: the DeepSpeed gradient-accumulation count equals the backward calls per optimizer
+step; an empty cell still runs a zero backward so every rank takes part in every reduction). In the pipelined
+schedule a cell arrives as soon as the groups it covers are scored, so the learner works while later groups are
+still being rolled out and scored; the serial schedule sends the same cells after scoring, with the same result.
 
 Per recorded state one forward (the CFG pair) gives the mean of the step; all m children of that state are scored
 against it (m = k for Step-GRPO, 1 for GRPO), so learner cost grows with the number of states, not of children.
@@ -13,9 +15,9 @@ the reference being the same network with the adapter disabled. After each updat
 (CPU tensors, `publish_dtype`) with its version through the object store.
 
 Data plane: a rank's work carries small tensors (state indices, steps, prompt indices, log-probs, advantages) and the
-ObjectRefs of the rollout latent chunks; the rank fetches only the chunks its shard touches and gathers its states
-and children itself (`load_minibatches`), so the batch, the shards and the micro-batches are exactly those of a batch
-assembled in one process. Every `state_every` updates the LoRA + optimizer state is saved for Ray Train restarts,
+ObjectRefs of the rollout latent chunks; the rank fetches only the chunks its cells touch (each once per update) and
+gathers its states and children itself (`load_cell`), so the cells are exactly those of a batch assembled in one
+process. Every `state_every` updates the LoRA + optimizer state is saved for Ray Train restarts,
 after the new version is published, so the save overlaps the driver's sync and the next rollout.
 """
 
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from drm_ray.algorithms.losses import clipped_policy_loss
-from drm_ray.algorithms.rl_batch import chunks_needed, gather_latents
+from drm_ray.algorithms.rl_batch import gather_states
 from drm_ray.diffusion.flow import gaussian_kl, gaussian_log_prob, sde_mean_per_item, schedule_sigmas
 from drm_ray.diffusion.sampling import predict_velocity
 from drm_ray.models.lora import adapter_disabled, add_lora, lora_norm, lora_state
@@ -82,36 +84,52 @@ def split_micro_batches(shard: dict, grad_accum: int) -> list[dict]:
     return [{k: v[lo:hi] for k, v in shard.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _minibatch_step(engine, transformer, shard: dict, total_states: int, world: int, prompts, sigmas, cfg,
-                    on_policy: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step over this rank's part of a minibatch: (sums [8] over ranks, [max |rho - 1|, max |log p
-    learner - log p rollout|] over ranks, grad norm)."""
-    accum = cfg["grad_accum"]
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    sums = torch.zeros(8, dtype=torch.float64)  # loss, policy, kl, ratio, clipped, approx_kl, children, states
-    devs = torch.zeros(2, dtype=torch.float64)  # max |rho - 1| (0 when on-policy), max |logp - rollout logp|
-    for mb in split_micro_batches(shard, accum):
-        n = mb["states"].shape[0]
-        if n == 0:
-            loss = sum(p.sum() for p in params) * 0.0
-        else:
-            per_state, st = state_losses(engine, transformer, mb, prompts, sigmas, cfg, on_policy)
-            # DeepSpeed divides by accum and averages over ranks: this weighting makes the step the mean over all
-            # states of the minibatch, whatever their spread over ranks and micro-batches.
-            loss = per_state.sum() * (world * accum / max(total_states, 1))
-            sums += torch.tensor([per_state.detach().sum().item(), st["policy_loss"].mean(1).sum().item(),
-                                  st["kl"].sum().item(), st["ratio"].sum().item(), st["clipped"].sum().item(),
-                                  st["approx_kl"].sum().item(), st["ratio"].numel(), n], dtype=torch.float64)
-            step_devs = torch.stack([(st["ratio"] - 1).abs().max(), st["logp_dev"]]).double().cpu()
-            devs = torch.maximum(devs, step_devs)
-        engine.backward(loss)
-        engine.step()
+def _cell_backward(engine, transformer, cell: dict, total_states: int, world: int, prompts, sigmas, cfg,
+                   on_policy: bool, sums: torch.Tensor, devs: torch.Tensor) -> torch.Tensor:
+    """One micro-batch (a cell) of a minibatch: forward, backward, and DeepSpeed's step (which applies the update at
+    the accumulation boundary). Adds to `sums` [8] in place; returns the running maxima `devs` [2]."""
+    n = cell["advantages"].shape[0]
+    if n == 0:  # every rank takes part in every reduction, also with nothing to train
+        loss = sum(p.sum() for p in transformer.parameters() if p.requires_grad) * 0.0
+    else:
+        per_state, st = state_losses(engine, transformer, cell, prompts, sigmas, cfg, on_policy)
+        # DeepSpeed divides by accum and averages over ranks: this weighting makes the step the mean over all
+        # states of the minibatch, whatever their spread over ranks and micro-batches.
+        loss = per_state.sum() * (world * cfg["grad_accum"] / max(total_states, 1))
+        sums += torch.tensor([per_state.detach().sum().item(), st["policy_loss"].mean(1).sum().item(),
+                              st["kl"].sum().item(), st["ratio"].sum().item(), st["clipped"].sum().item(),
+                              st["approx_kl"].sum().item(), st["ratio"].numel(), n], dtype=torch.float64)
+        devs = torch.maximum(devs, torch.stack([(st["ratio"] - 1).abs().max(), st["logp_dev"]]).double().cpu())
+    engine.backward(loss)
+    engine.step()
+    return devs
+
+
+def _reduce(engine, transformer, sums: torch.Tensor, devs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A finished minibatch's sums and maxima over all ranks, and its gradient norm."""
     if dist.is_available() and dist.is_initialized():  # on the device: NCCL reduces only GPU tensors
         sums, devs = sums.to(transformer.device), devs.to(transformer.device)
         dist.all_reduce(sums)
         dist.all_reduce(devs, op=dist.ReduceOp.MAX)
     grad_norm = engine.get_global_grad_norm()
     return sums.cpu(), devs.cpu(), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def _zeros() -> tuple[torch.Tensor, torch.Tensor]:
+    # sums: loss, policy, kl, ratio, clipped, approx_kl, children, states; devs: max |rho - 1| (0 when on-policy),
+    # max |log p learner - log p rollout|
+    return torch.zeros(8, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+
+
+def _minibatch_step(engine, transformer, cells: list[dict], total_states: int, world: int, prompts, sigmas, cfg,
+                    on_policy: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step over this rank's cells of a minibatch (exactly `grad_accum` of them): (sums [8] over ranks,
+    [max |rho - 1|, max |log p learner - log p rollout|] over ranks, grad norm)."""
+    sums, devs = _zeros()
+    for cell in cells:
+        devs = _cell_backward(engine, transformer, cell, total_states, world, prompts, sigmas, cfg, on_policy, sums,
+                              devs)
+    return _reduce(engine, transformer, sums, devs)
 
 
 def _format(s: list[float], devs: list[float], grad_norm: float) -> dict:
@@ -122,53 +140,67 @@ def _format(s: list[float], devs: list[float], grad_norm: float) -> dict:
             "train/rollout_logp_dev": devs[1], "train/grad_norm": grad_norm}
 
 
+class IterationStats:
+    """Stats of one update over its minibatches: means weighted by states / children, the largest deviations, the
+    mean gradient norm and, with several minibatches, `train/mb<j>/{clip_frac, approx_kl, ratio_max_dev}`."""
+
+    def __init__(self, minibatches: int):
+        self.several = minibatches > 1
+        self.total, self.devs = _zeros()
+        self.norms: list[float] = []
+        self.per_mb: dict[str, float] = {}
+
+    def add(self, j: int, sums: torch.Tensor, devs: torch.Tensor, norm: float) -> None:
+        self.total += sums
+        self.devs = torch.maximum(self.devs, devs)
+        self.norms.append(norm)
+        if self.several:
+            part = _format(sums.tolist(), devs.tolist(), norm)
+            self.per_mb.update({f"train/mb{j}/{k}": part[f"train/{k}"]
+                                for k in ("clip_frac", "approx_kl", "ratio_max_dev")})
+
+    def result(self) -> dict:
+        return {**_format(self.total.tolist(), self.devs.tolist(), sum(self.norms) / max(len(self.norms), 1)),
+                **self.per_mb}
+
+
 def train_update(engine, transformer, shard: dict, total_states: int, world: int, prompts, sigmas, cfg) -> dict:
-    """One on-policy optimizer step over this rank's shard of `total_states` states; returns stats over all ranks."""
-    sums, devs, grad_norm = _minibatch_step(engine, transformer, shard, total_states, world, prompts, sigmas, cfg,
+    """One on-policy optimizer step over this rank's shard of `total_states` states (in `grad_accum` near-equal
+    micro-batches); returns stats over all ranks."""
+    cells = split_micro_batches(shard, cfg["grad_accum"])
+    sums, devs, grad_norm = _minibatch_step(engine, transformer, cells, total_states, world, prompts, sigmas, cfg,
                                             on_policy=True)
     return _format(sums.tolist(), devs.tolist(), grad_norm)
 
 
-def train_iteration(engine, transformer, minibatches: list[dict], totals: list[int], world: int, prompts, sigmas,
-                    cfg) -> dict:
-    """One optimizer step per minibatch (`grpo.updates_per_iter` of them, dealt by `minibatch_shards`).
+def train_iteration(engine, transformer, minibatches: list[list[dict]], totals: list[int], world: int, prompts,
+                    sigmas, cfg) -> dict:
+    """One optimizer step per minibatch (`grpo.updates_per_iter` of them; this rank's cells of each, as
+    `minibatch_shards` deals them).
 
     The first minibatch runs on the parameters that sampled the batch, so its ratio is 1 exactly (`state_losses`,
     on_policy); later minibatches take the ratio against the rollout's log-probs (Flow-GRPO's old log-probs), so it
-    measures how far the earlier steps moved the policy: that is where the clipped objective acts. Returns stats over
-    the whole batch (means weighted by states / children; the largest deviations; the mean gradient norm) and, with
-    several minibatches, `train/mb<j>/{clip_frac, approx_kl, ratio_max_dev}` per minibatch.
+    measures how far the earlier steps moved the policy: that is where the clipped objective acts.
     """
-    total = torch.zeros(8, dtype=torch.float64)
-    out, devs, norms = {}, torch.zeros(2, dtype=torch.float64), []
-    for j, (shard, n) in enumerate(zip(minibatches, totals)):
-        sums, dev, norm = _minibatch_step(engine, transformer, shard, n, world, prompts, sigmas, cfg,
-                                          on_policy=j == 0)
-        total += sums
-        devs = torch.maximum(devs, dev)
-        norms.append(norm)
-        if len(minibatches) > 1:
-            part = _format(sums.tolist(), dev.tolist(), norm)
-            out.update({f"train/mb{j}/{k}": part[f"train/{k}"] for k in ("clip_frac", "approx_kl", "ratio_max_dev")})
-    return {**_format(total.tolist(), devs.tolist(), sum(norms) / len(norms)), **out}
+    stats = IterationStats(len(minibatches))
+    for j, (cells, n) in enumerate(zip(minibatches, totals)):
+        stats.add(j, *_minibatch_step(engine, transformer, cells, n, world, prompts, sigmas, cfg, on_policy=j == 0))
+    return stats.result()
 
 
-def load_minibatches(work: dict) -> list[dict]:
-    """The rank's minibatches, each with its states [n, C, h, w] and children [n, m, C, h, w], fetched from the
-    object store (only the latent chunks the rank's states are in, each once)."""
+def load_cell(work: dict, cache: dict) -> dict:
+    """A cell from the Coordinator with its states [n, C, h, w] and children [n, m, C, h, w], gathered from the
+    rollout latent chunks it names (fetched from the object store once per update: `cache`, first state -> chunk)."""
     import ray
 
-    refs, sizes = work["latents"]
-    shards = work["minibatches"]
-    needed = chunks_needed(torch.cat([sh["state_index"] for sh in shards]), sizes)
-    chunks = [None] * len(refs)
-    for c, value in zip(needed, ray.get([refs[c] for c in needed])):
-        chunks[c] = value
-    out = []
-    for shard in shards:
-        states, children = gather_latents(shard["state_index"], chunks, sizes)
-        out.append({**shard, "states": states, "children": children})
-    return out
+    cell = work["cell"]
+    if not cell["advantages"].shape[0]:
+        return cell
+    todo = [src for src in work["sources"] if src[0] not in cache]
+    for (start, n, ref), value in zip(todo, ray.get([src[2][0] for src in todo])):
+        cache[start] = (start, n, value)
+    states, children = gather_states(cell["state_index"], [cache[src[0]] for src in work["sources"]])
+    return {**cell, "states": states, "children": children}
 
 
 def learner_loop(config: dict) -> None:
@@ -204,6 +236,7 @@ def learner_loop(config: dict) -> None:
     # waits on a queue nothing is sent to any more (with 2 learner workers, the first update hung without this)
     dist.barrier()
     last_save_s = 0.0  # seconds the last learner-state save took, reported with the next update (0: none yet)
+    stats = None  # the update in progress: its stats, latent chunks, busy seconds, first cell's start
     while True:
         work = ray.get(coordinator.next_work.remote(rank))
         if work is None:
@@ -211,18 +244,35 @@ def learner_loop(config: dict) -> None:
         if work["version"] != version:  # a duplicate of an update this group already applied
             continue
         start = time.perf_counter()
-        stats = train_iteration(engine, transformer, load_minibatches(work), work["totals"], world, prompts,
-                                sigmas, config)
+        if stats is None:
+            stats, chunks, busy, first = IterationStats(work["minibatches"]), {}, 0.0, start
+        if work["rows"] != config["grad_accum"]:
+            raise RuntimeError(f"a minibatch of {work['rows']} rows for grad_accum = {config['grad_accum']}")
+        j, row = work["minibatch"], work["row"]
+        if row == 0:
+            sums, devs = _zeros()
+        devs = _cell_backward(engine, transformer, load_cell(work, chunks), work["total"], world, prompts, sigmas,
+                              config, j == 0, sums, devs)
+        if row == work["rows"] - 1:
+            stats.add(j, *_reduce(engine, transformer, sums, devs))
+        busy += time.perf_counter() - start
+        if j < work["minibatches"] - 1 or row < work["rows"] - 1:
+            continue
+        # the update's last cell: every optimizer step is taken
+        result, stats = stats.result(), None
         if work.get("checkpoint_dir"):
             # every rank: optimizer shards; the frozen base weights are rebuilt from the preset, never saved
             engine.save_checkpoint(work["checkpoint_dir"], tag=DS_TAG, exclude_frozen_parameters=True)
         version = work["version"] + 1
         if rank == 0:
             state = lora_state(transformer, publish_dtype)
-            stats.update({"lora/norm": lora_norm(state), "timing/learner_compute": time.perf_counter() - start,
-                          "timing/learner_state_save": last_save_s})
+            # learner_compute: seconds this rank worked on the update (its busy time); learner_span: from its first
+            # cell to now (in the pipelined schedule it includes waiting for groups to be scored)
+            result.update({"lora/norm": lora_norm(state), "timing/learner_compute": busy,
+                           "timing/learner_span": time.perf_counter() - first,
+                           "timing/learner_state_save": last_save_s})
             # owned by this process: a restart of the worker group loses it, and the driver asks for it again (sync)
-            ray.get(coordinator.publish.remote(version, [ray.put(state)], stats))
+            ray.get(coordinator.publish.remote(version, [ray.put(state)], result))
         if state_dir and version % config["state_every"] == 0:
             # after publishing: the driver keeps the updates since the last save and replays them after a restart
             t0 = time.perf_counter()

@@ -1,9 +1,10 @@
 """Driver-side handle of the learner: a Coordinator actor plus one long-lived Ray Train `TorchTrainer.fit()`.
 
-The driver submits an update: the small per-state tensors (state indices, steps, prompt indices, log-probs,
-advantages) and the ObjectRefs of the rollout latents, nested in a list so that neither the Coordinator nor the
-driver fetches them. The Coordinator deals each rank its shard of the small tensors plus the refs; each rank fetches
-the latent chunks its shard needs. Rank 0 publishes the new LoRA state (an object-store reference, so the adapter
+The driver submits an update chunk by chunk (all at once in the serial schedule, as each chunk is scored in the
+pipelined one): the small per-state tensors (state indices, steps, prompt indices, log-probs, advantages) and the
+ObjectRef of the chunk's rollout latents, nested in a list so that neither the Coordinator nor the driver fetches
+them. The Coordinator deals each rank its cells as soon as their groups are in (`IterationLayout`); each rank
+fetches the latent chunks its cells need. Rank 0 publishes the new LoRA state (an object-store reference, so the adapter
 is serialized once) and the update's stats; the driver waits for that version with a timeout and, while waiting,
 checks that `fit()` is still alive so a crashed learner is reported instead of waited on forever.
 
@@ -39,12 +40,11 @@ class LearnerGroup:
         run_id = uuid.uuid4().hex[:8]
         name = f"drm-ray-coordinator-{run_id}"
         namespace = ray.get_runtime_context().namespace
-        self.coordinator = ray.remote(Coordinator).options(name=name, num_cpus=0).remote(
-            num_workers, loop_config.get("updates_per_iter", 1))
+        self.coordinator = ray.remote(Coordinator).options(name=name, num_cpus=0).remote(num_workers)
         self.timeout_s = timeout_s
         self.state_every = state_every
         self.keep_updates = max_failures > 0  # without restarts nothing is ever replayed
-        self.updates: dict[int, tuple] = {}  # version -> (batch, latents, checkpoint_dir) not yet surely saved
+        self.updates: dict[int, tuple] = {}  # version -> (layout, checkpoint_dir, parts) not yet surely saved
         self.saved = loop_config["start_version"]  # newest version a restarted group can restore
         self.generation = 0  # the Coordinator's generation last seen by the driver
         trainer = TorchTrainer(
@@ -117,8 +117,8 @@ class LearnerGroup:
             self._send(v)
 
     def _send(self, version: int) -> None:
-        batch, latents, checkpoint_dir = self.updates[version]
-        self._get(self.coordinator.submit.remote(version, batch, latents, checkpoint_dir))
+        layout, checkpoint_dir, parts = self.updates[version]
+        self._get(self.coordinator.submit.remote(version, layout, checkpoint_dir, parts))
 
     def _forget_saved(self, published: int) -> None:
         """Drop the updates before the newest surely saved state. Rank 0 saves version s after publishing it and
@@ -129,18 +129,24 @@ class LearnerGroup:
         for v in [v for v in self.updates if v < self.saved]:
             del self.updates[v]
         for v in list(self.updates):  # a replayed update writes no job checkpoint again (it was committed)
-            batch, latents, _ = self.updates[v]
-            self.updates[v] = (batch, latents, None)
+            layout, _, parts = self.updates[v]
+            self.updates[v] = (layout, None, parts)
 
-    def update(self, version: int, batch: dict, latents: list,
-               checkpoint_dir: str | None = None) -> tuple[ray.ObjectRef, dict]:
-        """Train on `batch` (rolled out by policy `version`; `latents` = [chunk refs, states per chunk]); returns
-        the reference and stats of `version + 1`."""
+    def submit(self, version: int, layout, parts: list, checkpoint_dir: str | None = None) -> None:
+        """Send scored rollout chunks of update `version` (rolled out by policy `version`; `layout`: how its states
+        are dealt, see `IterationLayout`; parts: see `Coordinator.submit`). The learner starts on every cell whose
+        groups are in; call `wait_version(version + 1)` once all the update's chunks are sent."""
         self._check_alive()
         if not self.keep_updates:
-            self.updates.clear()
-        self.updates[version] = (batch, latents, checkpoint_dir)
-        self._send(version)
+            self.updates = {v: u for v, u in self.updates.items() if v == version}
+        _, _, sent = self.updates.setdefault(version, (layout, checkpoint_dir, []))
+        sent.extend(parts)
+        self._get(self.coordinator.submit.remote(version, layout, checkpoint_dir, parts))
+
+    def update(self, version: int, layout, parts: list,
+               checkpoint_dir: str | None = None) -> tuple[ray.ObjectRef, dict]:
+        """Train on a whole update at once; returns the reference and stats of `version + 1`."""
+        self.submit(version, layout, parts, checkpoint_dir)
         return self.wait_version(version + 1)
 
     def shutdown(self) -> None:
