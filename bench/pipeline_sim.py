@@ -196,9 +196,13 @@ def mlflow_costs(uri: str, run_id: str) -> tuple[Costs, tuple[int, int, int]]:
     n, m, w = int(p["rollout.num_workers"]), int(p["rollout.num_scorers"]), int(p["learner.num_workers"])
     groups, per_call = int(p["grpo.prompts_per_iter"]), int(p["rollout.groups_per_call"])
     chunks = math.ceil(groups / per_call)
-    costs = Costs(rollout=mean("timing/rollout") * min(n, chunks), score=mean("timing/score") * min(m, chunks),
-                  learn=mean("timing/learner_compute") * w, sync=mean("timing/sync"), chunks=chunks,
-                  updates=int(p.get("grpo.updates_per_iter", 1)))
+    names = set(run.data.metrics)
+    if "busy/rollout_s" in names:  # the actors' summed call seconds: one unit doing the whole batch
+        rollout, score = mean("busy/rollout_s"), mean("busy/score_s")
+    else:  # a run from before busy/* existed (serial): the phase's wall time x the units that worked in parallel
+        rollout, score = mean("timing/rollout") * min(n, chunks), mean("timing/score") * min(m, chunks)
+    costs = Costs(rollout=rollout, score=score, learn=mean("timing/learner_compute") * w, sync=mean("timing/sync"),
+                  chunks=chunks, updates=int(p.get("grpo.updates_per_iter", 1)))
     return costs, (n, m, w)
 
 

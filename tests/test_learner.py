@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from drm_ray.algorithms.losses import clipped_policy_loss
-from drm_ray.algorithms.rl_batch import IterationLayout, learner_batch, minibatch_shards
+from drm_ray.algorithms.rl_batch import IterationLayout, learner_batch, minibatch_shards, select_states
 from drm_ray.config import SD3_LORA_TARGETS
 from drm_ray.data.prompt_table import encode_prompt_table
 from drm_ray.diffusion.flow import schedule_sigmas
@@ -179,3 +179,44 @@ def test_micro_batch_weighting_matches_one_batch_gradient(process_group):
         norms.append(engine.get_global_grad_norm())
     assert norms[0] == pytest.approx(ref_norm, rel=1e-4)
     assert norms[1] == pytest.approx(ref_norm, rel=1e-4)
+
+
+def test_coordinator_deals_each_cell_once_its_groups_are_scored():
+    """The pipelined schedule's dealing: chunks arrive out of order (and one twice); a cell is dealt only when every
+    group it covers is in, in (minibatch, row) order, and the cells are those of the whole batch dealt at once."""
+    import asyncio
+
+    from drm_ray.workers.coordinator import Coordinator
+
+    lay = IterationLayout(groups=6, per_group=2, updates=2, world=2, accum=2)  # chunks of 2 groups = 4 states
+    batch = {"state_index": torch.arange(12), "advantages": torch.randn(12, 3)}
+    batch = {k: v[torch.arange(12) // 2 != 4] for k, v in batch.items()}  # group 4 dropped (a NaN score)
+    parts = [{"group": 2 * c, "groups": 2, "state": 4 * c, "states": 4,
+              "rows": select_states(batch, 4 * c, 4 * c + 4), "latents": [f"ref{c}"]} for c in range(3)]
+
+    async def scenario():
+        co = Coordinator(world_size=2)
+        await co.started(0, [None], {})
+        dealt = lambda: [q.qsize() for q in co.queues]  # noqa: E731
+        await co.submit(0, lay, None, [parts[1]])  # groups 2, 3: nothing of minibatch 0 row 0 (groups 0, 1)
+        assert dealt() == [0, 0]
+        await co.submit(0, lay, None, [parts[0]])  # minibatch 0 (groups 0-2) complete: both rows
+        assert dealt() == [2, 2]
+        await co.submit(0, lay, None, [parts[0]])  # a duplicate changes nothing
+        assert dealt() == [2, 2]
+        await co.submit(0, lay, None, [parts[2]])
+        assert dealt() == [4, 4]
+        return [[await q.get() for _ in range(4)] for q in co.queues]
+
+    got = asyncio.run(scenario())
+    want, totals = minibatch_shards(batch, lay)
+    for rank in range(2):
+        order = [(w["minibatch"], w["row"]) for w in got[rank]]
+        assert order == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for w in got[rank]:
+            expect = want[rank][w["minibatch"]][w["row"]]
+            assert torch.equal(w["cell"]["state_index"], expect["state_index"])
+            assert torch.equal(w["cell"]["advantages"], expect["advantages"])
+            assert w["total"] == totals[w["minibatch"]] == 6
+            # the latent chunks named are exactly those holding the cell's states
+            assert sorted(s[0] for s in w["sources"]) == sorted({int(i) // 4 * 4 for i in expect["state_index"]})

@@ -25,10 +25,12 @@ def _run(out, drm_dir, *overrides):
     return driver, summary
 
 
-def test_first_iteration_is_worker_count_independent_and_synced(ray_session, tmp_path, drm_dir, one_iteration):
-    one, s1 = one_iteration  # the same config with one rollout worker
-    assert one.cfg.rollout.num_workers == 1
-    two, s2 = _run(tmp_path / "two", drm_dir, "rollout.num_workers=2")
+def test_first_iteration_is_worker_count_and_schedule_independent_and_synced(ray_session, tmp_path, drm_dir,
+                                                                             one_iteration):
+    one, s1 = one_iteration  # the same config with one rollout worker, pipelined
+    assert one.cfg.rollout.num_workers == 1 and one.cfg.grpo.schedule == "pipelined"
+    assert one.rl.grad_accum >= 2  # so the pipelined learner had cells to start before the last chunk was scored
+    two, s2 = _run(tmp_path / "two", drm_dir, "rollout.num_workers=2", "grpo.schedule=serial")
     for key in ("adv/mean", "adv/std", "adv/abs_max", "reward/final_mean", "reward/step0_mean", "train/loss",
                 "train/policy_loss", "train/grad_norm", "train/states"):
         assert s1[key] == s2[key], key
@@ -38,7 +40,16 @@ def test_first_iteration_is_worker_count_independent_and_synced(ray_session, tmp
     # after the sync every rollout worker holds the learner's adapter
     assert len(two.worker_checksums) == 2
     assert set(two.worker_checksums) == {two.final_lora_checksum}
-    assert one.final_lora_checksum == two.final_lora_checksum
+    assert one.final_lora_checksum == two.final_lora_checksum  # bit for bit
+    # per-role accounting: busy time within the role's capacity; the critical path is a chain within the iteration
+    for s in (s1, s2):
+        for role in ("rollout", "score", "learn"):
+            assert s[f"busy/{role}_s"] > 0 and 0 < s[f"util/{role}"] <= 1.0 + 1e-6, role
+        chain = sum(v for k, v in s.items() if k.startswith("critical/"))
+        assert all(v >= 0 for k, v in s.items() if k.startswith("critical/"))
+        assert 0.5 * s["timing/iteration"] < chain <= s["timing/iteration"] + 1e-6
+    # serial: the phases follow each other; the scoring of the last chunk waited for every rollout
+    assert s2["critical/score_wait_s"] >= 0 and s2["timing/score"] <= s2["timing/iteration"]
     ckpt = tmp_path / "two" / "checkpoints" / "iter-000001"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["iteration"] == 1 and state["version"] == 1 and state["sampler"]["drawn"] == 4
