@@ -14,10 +14,11 @@ Layouts: `N,M,W` puts N rollout workers, M scorers and W learner ranks on separa
 `colocated:G` puts one of each role on each of G GPUs (the paper's own set-up: every GPU samples, scores and learns).
 Schedules:
 - serial: rollout of every chunk (greedy over the N workers), then scoring of every chunk (over the M scorers), then
-  learning (W ranks, data parallel), then sync. This is what drm_ray/driver.py does today.
+  learning (W ranks, data parallel), then sync: drm_ray/driver.py with grpo.schedule=serial.
 - pipelined: a chunk is scored as soon as it is rolled out and a scorer is free; the learner trains on chunk i as
   soon as it is scored and chunk i - 1 is trained (minibatch boundaries are fixed, so the order is); sync at the end.
-  Colocated GPUs run their roles one after another either way.
+  Colocated GPUs run their roles one after another either way. drm_ray/driver.py's default schedule; its learner's
+  unit is a micro-batch row, which may straddle two chunks.
 Output: iteration time, the longest phase (the bound no schedule beats), iteration / longest phase, each role's busy
 seconds and utilization (busy / iteration), and the critical path. With --sd35m it also searches every split of the
 GPUs and ranks the layouts.
@@ -35,8 +36,8 @@ Where the costs come from:
 
 Checked once against measured CPU runs (tiny preset, 8 prompt groups in 4 chunks, 8 iterations, means after the
 first): costs read from a run with 1 rollout worker predict 0.483 s per serial iteration for 2 rollout workers; the
-run with 2 measured 0.489 s (-1.2%). The pipelined prediction has nothing to be checked against until the driver
-has that schedule.
+run with 2 measured 0.489 s (-1.2%). Pipelined, on this 2-core machine, the prediction is 31% short of the measured
+run (docs/PIPELINE.md): the roles share two cores there, which the simulator does not model.
 """
 
 from __future__ import annotations
