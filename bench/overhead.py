@@ -42,7 +42,9 @@ RAY_TRAIN_ACTORS = ("TrainController", "SynchronizationActor", "DatasetManager",
 def bench_config(args, out: Path, workers: int):
     from drm_ray.config import load_config
 
-    return load_config(args.config, [*args.overrides, f"run.output_dir={out}", f"reward.drm_path={out.parent / 'drm'}",
+    # serial schedule: the phases must not overlap for the per-phase breakdown (pipelining is measured in
+    # docs/PIPELINE.md); an override on the command line wins
+    return load_config(args.config, ["grpo.schedule=serial", *args.overrides, f"run.output_dir={out}", f"reward.drm_path={out.parent / 'drm'}",
                                      f"rollout.num_workers={workers}", "grpo.iterations=100000",
                                      "grpo.eval_every=100000", "grpo.checkpoint_every=100000"], job="step_grpo")
 
