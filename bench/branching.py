@@ -112,7 +112,7 @@ def updates_report(args, cfg, batch: dict, table, sigmas) -> tuple[str, dict]:
     --updates: one engine per setting (its gradient-accumulation count follows the minibatch size), least of
     --repeats after a warm-up. Target: 2 updates cost <= 1.1x one update."""
     from common import learner_engine, learner_train_cfg
-    from drm_ray.algorithms.rl_batch import minibatch_shards
+    from drm_ray.algorithms.rl_batch import IterationLayout, minibatch_shards
     from drm_ray.config import load_config
     from drm_ray.workers.learner import train_iteration
 
@@ -123,7 +123,8 @@ def updates_report(args, cfg, batch: dict, table, sigmas) -> tuple[str, dict]:
         train_cfg = learner_train_cfg(ucfg, n)
         accum[u] = train_cfg["grad_accum"]
         engine, transformer, _ = learner_engine(ucfg, train_cfg)
-        shards, totals = minibatch_shards(batch, u, 1)
+        per_group = len(ucfg.branch_steps()) * (1 if ucfg.grpo.algo == "step_grpo" else ucfg.sampling.k)
+        shards, totals = minibatch_shards(batch, IterationLayout(n // per_group, per_group, u, 1, accum[u]))
         step = lambda: train_iteration(engine, transformer, shards[0], totals, 1, table, sigmas,  # noqa: E731
                                        train_cfg)
         step()  # warm-up

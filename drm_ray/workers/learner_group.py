@@ -27,7 +27,8 @@ from drm_ray.workers.coordinator import Coordinator
 
 
 class LearnerGroup:
-    """Starts the learner's `fit()` in a background thread; `update()` sends a batch and returns the new LoRA."""
+    """Starts the learner's `fit()` in a background thread; `submit()` sends scored chunks of an update,
+    `wait_version()` returns the new LoRA."""
 
     def __init__(self, loop_config: dict, num_workers: int, use_gpu: bool, storage_path: str,
                  timeout_s: float, max_failures: int = 0, resources_per_worker: dict | None = None,
@@ -142,12 +143,6 @@ class LearnerGroup:
         _, _, sent = self.updates.setdefault(version, (layout, checkpoint_dir, []))
         sent.extend(parts)
         self._get(self.coordinator.submit.remote(version, layout, checkpoint_dir, parts))
-
-    def update(self, version: int, layout, parts: list,
-               checkpoint_dir: str | None = None) -> tuple[ray.ObjectRef, dict]:
-        """Train on a whole update at once; returns the reference and stats of `version + 1`."""
-        self.submit(version, layout, parts, checkpoint_dir)
-        return self.wait_version(version + 1)
 
     def shutdown(self) -> None:
         try:
