@@ -78,6 +78,8 @@ class GRPOConfig:
     clip_eps: float = 1e-4               # PPO clip range of the ratio (acts from the second minibatch on)
     beta: float = 0.004                  # KL-to-reference weight
     adv_clip: float = 5.0                # advantages are clipped to [-adv_clip, adv_clip]
+    adv_norm: str = "std"                # std: (r - group mean) / group std | mean: r - group mean (Dr. GRPO; a
+                                         # group counts by its reward spread, so scales of several rewards count)
     eval_every: int = 5                  # image panel every N iterations
     eval_panel_size: int = 8             # panel images: prompts in order (cycling), one fixed seed each
     checkpoint_every: int = 5            # job checkpoint (LoRA, learner, sampler state) every N iterations

@@ -60,6 +60,7 @@ def rule_errors(c, rl: bool) -> list[str]:
          "groups)", g.updates_per_iter)
     need(g.beta >= 0, "grpo.beta", "must be >= 0", g.beta)
     need(g.adv_clip > 0, "grpo.adv_clip", "must be > 0", g.adv_clip)
+    need(g.adv_norm in ("std", "mean"), "grpo.adv_norm", "must be std or mean", g.adv_norm)
     need(g.eval_every > 0, "grpo.eval_every", "must be > 0", g.eval_every)
     need(g.eval_panel_size > 0, "grpo.eval_panel_size", "must be > 0", g.eval_panel_size)
     need(g.checkpoint_every > 0, "grpo.checkpoint_every", "must be > 0", g.checkpoint_every)

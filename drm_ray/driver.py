@@ -116,7 +116,7 @@ class StepGRPODriver:
             self.compute["x0_forwards"] = self.compute.get("x0_forwards", 0) + per_child * self.candidates(rollouts)
         weights = [r.weight for r in self.rl.rewards]
         _, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
-                                     g.adv_clip, weights)  # the whole batch's advantage stats
+                                     g.adv_clip, weights, adv_norm=g.adv_norm)  # the whole batch's advantage stats
         wall = t["timing/iteration"]
         roles = {"rollout": (t.pop("busy/rollout"), self.cfg.rollout.num_workers),
                  "score": (t.pop("busy/score"), self.cfg.rollout.num_scorers),
@@ -176,7 +176,8 @@ class StepGRPODriver:
             records, ref = rolled[c]
             first = c * per_call  # the chunk's first group
             rows, _ = learner_batch(records, algo, *scored[c], len(self.rl.branch_steps), g.adv_clip,
-                                    [r.weight for r in self.rl.rewards], first_state=first * layout.per_group)
+                                    [r.weight for r in self.rl.rewards], first_state=first * layout.per_group,
+                                    adv_norm=g.adv_norm)
             return {"group": first, "groups": len(records), "state": first * layout.per_group,
                     "states": len(records) * layout.per_group, "rows": rows, "latents": [ref]}
 

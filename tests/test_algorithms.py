@@ -34,6 +34,21 @@ def test_grpo_advantages_repeat_over_steps():
         torch.testing.assert_close(adv[0, i], torch.tensor([-1.0, 1.0]) / (1 + 1e-4))
 
 
+def test_mean_normalization_only_centres_by_hand():
+    # group [1, 2, 6]: mean 3 -> A = [-2, -1, 3]; group [0.5, 0.51]: mean 0.505 -> [-0.005, 0.005], not scaled up to
+    # [-1, 1] as "std" does (a hair's difference counts as a hair); clip 2.5 caps the 3
+    scores = torch.tensor([[[1.0, 2.0, 6.0]], [[0.5, 0.51, 0.505]]])  # [G=2, S=1, k=3]
+    adv, valid, stats = step_group_advantages(scores, clip=2.5, norm="mean")
+    torch.testing.assert_close(adv[0, 0], torch.tensor([-2.0, -1.0, 2.5]))
+    torch.testing.assert_close(adv[1, 0], torch.tensor([-0.005, 0.005, 0.0]), atol=1e-6, rtol=0)
+    std_adv, _, _ = step_group_advantages(scores, clip=2.5)
+    assert std_adv[1, 0, 1].item() == pytest.approx(0.005 / (math.sqrt(0.005 ** 2 * 2 / 3) + 1e-4), rel=1e-4)
+    g, _, _ = grpo_advantages(torch.tensor([[0.0, 0.2]]), num_steps=2, norm="mean")
+    torch.testing.assert_close(g[0], torch.tensor([[-0.1, 0.1], [-0.1, 0.1]]))
+    with pytest.raises(ValueError, match="advantage normalization 'max'"):
+        step_group_advantages(scores, norm="max")
+
+
 def test_two_rewards_combine_at_the_advantage_level_by_hand():
     # one group of k=2: reward a = [0, 10] -> A_a = [-1, 1] / (5 + 1e-4) * 5; reward b = [0.3, 0.1] -> A_b = [1, -1]
     # (each normalized by its own std, so b's 100x smaller scale does not matter); weights 3 and 1 -> (3 A_a + A_b) / 4

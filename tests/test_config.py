@@ -39,6 +39,7 @@ def test_yaml_round_trip(tmp_path):
     ("grpo.branch_steps=[]", "grpo.branch_steps"),
     ("grpo.continuation=worst", "grpo.continuation"),
     ("grpo.clip_eps=0", "grpo.clip_eps"),
+    ("grpo.adv_norm=max", "grpo.adv_norm"),
     ("learner.lr=0", "learner.lr"),
     ("drm.lr=-1e-5", "drm.lr"),
     ("drm.head=attention", "drm.head"),

@@ -65,7 +65,7 @@ def split_scores(rollouts, algo: str, scores: torch.Tensor) -> tuple[list[torch.
 
 def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_scores: torch.Tensor,
                   num_branch_steps: int, adv_clip: float, weights: list[float] | None = None,
-                  first_state: int = 0) -> tuple[dict, dict]:
+                  first_state: int = 0, adv_norm: str = "std") -> tuple[dict, dict]:
     """The learner's update batch (valid states only) and advantage stats. With `weights`, the scores carry a last
     dimension of R rewards, combined at the advantage level (`combine_rewards`). A group's advantages depend on its
     own scores only, so the batch of some of the groups (a rollout chunk, its states numbered from `first_state`) is
@@ -75,10 +75,11 @@ def learner_batch(rollouts, algo: str, child_scores: list[torch.Tensor], final_s
     rollouts carry their latents (in-process use) also states [N, C, h, w] and children [N, m, C, h, w].
     """
     if algo == "step_grpo":
-        adv, valid, stats = step_group_advantages(torch.stack(child_scores), adv_clip, weights)  # [G, S, k], [G, S]
+        adv, valid, stats = step_group_advantages(torch.stack(child_scores), adv_clip, weights, adv_norm)  # [G, S, k], [G, S]
     else:
         g, k = final_scores.shape[:2]
-        adv_gsk, valid_gs, stats = grpo_advantages(final_scores, num_branch_steps, adv_clip, weights)  # [G, S, k]
+        adv_gsk, valid_gs, stats = grpo_advantages(final_scores, num_branch_steps, adv_clip, weights,
+                                                   adv_norm)  # [G, S, k]
         adv = adv_gsk.permute(0, 2, 1).reshape(g, k * num_branch_steps, 1)  # trajectory-major, as states are stored
         valid = valid_gs[:, :1].expand(-1, k * num_branch_steps)
     keep = valid.flatten()  # [G * T]
