@@ -43,7 +43,6 @@ run (docs/PIPELINE.md): the roles share two cores there, which the simulator doe
 from __future__ import annotations
 
 import argparse
-import heapq
 import math
 import sys
 from dataclasses import dataclass, field
@@ -62,6 +61,15 @@ class Costs:
     chunks: int      # rollout calls per iteration
     updates: int = 1
     allreduce: float = 0.0  # seconds per optimizer step with W > 1
+    groups: int = 0         # prompt groups per iteration (0: one per chunk)
+    per_group: int = 1      # trained states per group
+    accum: int = 1          # learner micro-batch rows per optimizer step (`IterationLayout.accum`)
+
+    def layout(self, w: int):
+        """The learner's cells for W ranks, as drm_ray deals them (`IterationLayout`)."""
+        from drm_ray.algorithms.rl_batch import IterationLayout
+
+        return IterationLayout(self.groups or self.chunks, self.per_group, self.updates, w, self.accum)
 
 
 @dataclass
@@ -86,52 +94,109 @@ class Result:
         return sum(self.busy[r] * self.gpus[r] for r in self.busy) / (total * self.iteration)
 
 
-def _greedy(ready: list[float], costs: list[float], units: int) -> list[float]:
-    """Finish times of jobs (in order, each ready at ready[i], cost costs[i]) on `units` identical machines, each job
-    taken by the machine free first."""
-    free = [0.0] * units
-    heapq.heapify(free)
-    done = []
-    for r, c in zip(ready, costs):
-        t = heapq.heappop(free)
-        end = max(t, r) + c
-        done.append(end)
-        heapq.heappush(free, end)
-    return done
+@dataclass(eq=False)
+class Task:
+    name: str
+    role: str                 # the pool of units that runs it
+    cost: float               # seconds at full speed
+    deps: list["Task"] = field(default_factory=list)
+    unit: int | None = None   # a fixed unit of the role (a learner rank), else the first free one
+    cpu: bool = True          # competes for the shared cores (--cores); an all-reduce does not
+    start: float = -1.0
+    end: float = -1.0
 
 
-def simulate_split(c: Costs, n: int, m: int, w: int, schedule: str) -> Result:
-    """N rollout workers, M scorers, W learner ranks on separate GPUs."""
-    r, s = c.rollout / c.chunks, c.score / c.chunks
-    per_chunk_learn = c.learn / (c.chunks * w)
-    steps_at = {math.ceil((j + 1) * c.chunks / c.updates) - 1 for j in range(c.updates)}  # last chunk of each step
+def run_tasks(tasks: list[Task], units: dict[str, int], cores: float | None = None) -> float:
+    """Play `tasks` on `units` machines per role; returns the makespan and sets each task's start and end.
+
+    A free unit takes the first task of its role, in list order, whose dependencies are done; a task pinned to a unit
+    (`unit`) is taken only by that unit and only in order (a learner rank trains its cells one after another). With
+    `cores`, every running CPU task progresses at min(1, cores / running CPU tasks) (processor sharing): the roles
+    of a CPU run share its cores, where on a GPU cluster each has its own device (cores=None).
+    """
+    pending = list(tasks)
+    running: dict[tuple[str, int], tuple[Task, float]] = {}  # unit -> (task, remaining seconds of work)
+    now = 0.0
+    while pending or running:
+        for role, count in units.items():
+            for u in range(count):
+                if (role, u) in running:
+                    continue
+                pinned = [x for x in pending if x.role == role and x.unit == u]
+                heads = pinned[:1]  # a pinned unit works in order
+                pool = [x for x in pending if x.role == role and x.unit is None]
+                pick = next((x for x in heads + pool if all(d.end >= 0 for d in x.deps)), None)
+                if pick is not None:
+                    pick.start = now
+                    pending.remove(pick)
+                    running[(role, u)] = (pick, pick.cost)
+        if not running:
+            raise RuntimeError(f"simulation deadlock: {[x.name for x in pending][:5]} wait on unfinished work")
+        busy_cpu = sum(1 for x, _ in running.values() if x.cpu)
+        share = 1.0 if cores is None or busy_cpu <= cores else cores / busy_cpu
+        rate = {k: (share if x.cpu else 1.0) for k, (x, _) in running.items()}
+        dt = min(rem / rate[k] for k, (_, rem) in running.items())
+        now += dt
+        for k in list(running):
+            x, rem = running[k]
+            rem -= dt * rate[k]
+            if rem <= 1e-12:
+                x.end = now
+                del running[k]
+            else:
+                running[k] = (x, rem)
+    return now
+
+
+def iteration_tasks(c: Costs, w: int, schedule: str) -> tuple[list[Task], dict[str, list[Task]]]:
+    """One iteration as tasks: rollout chunks, scoring chunks, the learner's cells (per rank, row by row, each
+    minibatch ending in an all-reduce when W > 1), then sync. Serial: each phase waits for the whole previous one.
+    Pipelined: a chunk is scored when it is rolled out, a learner row starts when every group it touches is scored."""
+    groups = c.groups or c.chunks
+    per_call = math.ceil(groups / c.chunks)
+    chunk_of = lambda g: min(g // per_call, c.chunks - 1)  # noqa: E731
+    roll = [Task(f"rollout {i}", "rollout", c.rollout / c.chunks) for i in range(c.chunks)]
+    score = [Task(f"score {i}", "score", c.score / c.chunks, roll if schedule == "serial" else [roll[i]])
+             for i in range(c.chunks)]
+    lay = c.layout(w)
+    total = groups * c.per_group
+    cells, reduces, prev_reduce = [], [], []
+    for j in range(lay.updates):
+        mine = []
+        for a in range(lay.accum):
+            g_lo, g_hi = lay.row_groups(j, a)
+            need = score if schedule == "serial" else [score[chunk_of(g)] for g in range(g_lo, max(g_hi, g_lo + 1))]
+            for r in range(w):
+                lo, hi = lay.cell_bounds(j, a, r)
+                mine.append(Task(f"learn u{j} row{a} rank{r}", "learn", c.learn * (hi - lo) / total,
+                                 need + prev_reduce, unit=r))
+        cells += mine
+        if w > 1:
+            prev_reduce = [Task(f"all-reduce {j}", "comm", c.allreduce, mine, cpu=False)]
+            reduces += prev_reduce
+    sync = Task("sync", "sync", c.sync, cells + reduces + score)
+    return roll + score + cells + reduces + [sync], {"rollout": roll, "score": score, "learn": cells, "sync": [sync]}
+
+
+def simulate_split(c: Costs, n: int, m: int, w: int, schedule: str, cores: float | None = None) -> Result:
+    """N rollout workers, M scorers, W learner ranks on separate GPUs (or sharing `cores` CPU cores)."""
     step_cost = c.allreduce if w > 1 else 0.0
-    rolled = _greedy([0.0] * c.chunks, [r] * c.chunks, n)
-    longest = max(max(rolled), max(_greedy([0.0] * c.chunks, [s] * c.chunks, m)),
-                  c.learn / w + c.updates * step_cost)
+    tasks, parts = iteration_tasks(c, w, schedule)
+    end = run_tasks(tasks, {"rollout": n, "score": m, "learn": w, "comm": 1, "sync": 1}, cores)
+    alone = lambda units, cost: math.ceil(c.chunks / units) * cost / c.chunks  # noqa: E731  a phase on its own
+    longest = max(alone(n, c.rollout), alone(m, c.score), c.learn / w + c.updates * step_cost)
+    t_roll = max(x.end for x in parts["rollout"])
+    t_score = max(x.end for x in parts["score"])
+    t_learn = max(x.end for x in parts["learn"])
     if schedule == "serial":
-        t_roll = max(rolled)
-        scored = _greedy([t_roll] * c.chunks, [s] * c.chunks, m)
-        t_score = max(scored)
-        t_learn = t_score + c.learn / w + c.updates * step_cost
-        end = t_learn + c.sync
         phases = {"rollout": t_roll, "score": t_score - t_roll, "learn": t_learn - t_score, "sync": c.sync}
-        critical = " -> ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+        critical = " -> ".join(f"{k} {v:.3g}s" for k, v in phases.items())
     else:
-        order = sorted(range(c.chunks), key=lambda i: rolled[i])  # scorers take chunks as they arrive
-        scored_sorted = _greedy([rolled[i] for i in order], [s] * c.chunks, m)
-        scored = [0.0] * c.chunks
-        for i, t in zip(order, scored_sorted):
-            scored[i] = t
-        t = 0.0
-        waits = 0.0
-        for i in range(c.chunks):  # the learner trains chunks in their fixed order
-            start = max(t, scored[i])
-            waits += start - t
-            t = start + per_chunk_learn + (step_cost if i in steps_at else 0.0)
-        end = t + c.sync
-        critical = (f"first chunk rolled out {min(rolled):.1f}s, last scored {max(scored):.1f}s, learner waited "
-                    f"{waits:.1f}s, learned until {t:.1f}s, sync {c.sync:.1f}s")
+        rank0 = sorted((x for x in parts["learn"] if x.unit == 0), key=lambda x: x.start)
+        waits = rank0[0].start + sum(b.start - a.end for a, b in zip(rank0, rank0[1:]))
+        critical = (f"first chunk rolled out {min(x.end for x in parts['rollout']):.3g}s, last scored "
+                    f"{t_score:.3g}s, learner rank 0 waited {waits:.3g}s, learned until {t_learn:.3g}s, "
+                    f"sync {c.sync:.3g}s")
     busy = {"rollout": c.rollout / n, "score": c.score / m, "learn": c.learn / w + c.updates * step_cost}
     return Result(schedule, f"{n},{m},{w}", end, longest, busy, {"rollout": n, "score": m, "learn": w}, critical)
 
@@ -153,6 +218,7 @@ def sd35m_costs(forward_ms: float, score_efficiency: float, sync_s: float, allre
                 overrides: list[str] = ()) -> tuple[Costs, dict]:
     """Sequence-forward counts of one sd35m iteration (see the module doc) and the costs they imply."""
     from drm_ray.config import load_config
+    from drm_ray.rl_setup import grad_accum
 
     cfg = load_config("sd35m", list(overrides))
     s, g = cfg.sampling, cfg.grpo
@@ -175,8 +241,11 @@ def sd35m_costs(forward_ms: float, score_efficiency: float, sync_s: float, allre
               round(score_fw, 1), "learner forward-equivalents": learn_fw, "chunks": chunks,
               "updates": g.updates_per_iter, "layout": (cfg.rollout.num_workers, cfg.rollout.num_scorers,
                                                         cfg.learner.num_workers)}
+    per_group = states // groups
+    accum = grad_accum(states, g.updates_per_iter, cfg.learner.num_workers, cfg.learner.micro_batch_states, per_group)
+    counts["micro-batch rows per step"] = accum
     return Costs(rollout_fw * sec, score_fw * sec, learn_fw * sec, sync_s, chunks, g.updates_per_iter,
-                 allreduce_s), counts
+                 allreduce_s, groups, per_group, accum), counts
 
 
 def mlflow_costs(uri: str, run_id: str) -> tuple[Costs, tuple[int, int, int]]:
@@ -202,8 +271,15 @@ def mlflow_costs(uri: str, run_id: str) -> tuple[Costs, tuple[int, int, int]]:
         rollout, score = mean("busy/rollout_s"), mean("busy/score_s")
     else:  # a run from before busy/* existed (serial): the phase's wall time x the units that worked in parallel
         rollout, score = mean("timing/rollout") * min(n, chunks), mean("timing/score") * min(m, chunks)
+    from drm_ray.rl_setup import grad_accum
+
+    branch = p.get("grpo.branch_steps", "None")
+    steps = int(p["sampling.num_steps"]) - 1 if branch in ("None", "") else len(branch.strip("()[]").split(","))
+    per_group = steps * (1 if p.get("grpo.algo", "step_grpo") == "step_grpo" else int(p["sampling.k"]))
+    updates = int(p.get("grpo.updates_per_iter", 1))
+    accum = grad_accum(groups * per_group, updates, w, int(p["learner.micro_batch_states"]), per_group)
     costs = Costs(rollout=rollout, score=score, learn=mean("timing/learner_compute") * w, sync=mean("timing/sync"),
-                  chunks=chunks, updates=int(p.get("grpo.updates_per_iter", 1)))
+                  chunks=chunks, updates=updates, groups=groups, per_group=per_group, accum=accum)
     return costs, (n, m, w)
 
 
@@ -237,10 +313,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--score-s", type=float)
     parser.add_argument("--learn-s", type=float)
     parser.add_argument("--sync-s", type=float, default=1.0)
-    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--chunks", type=int, default=4, help="rollout calls per iteration")
+    parser.add_argument("--groups", type=int, default=None, help="prompt groups per iteration (default: --chunks)")
+    parser.add_argument("--accum", type=int, default=1,
+                        help="learner micro-batch rows per optimizer step (a row starts when its groups are scored)")
     parser.add_argument("--updates", type=int, default=None, help="optimizer steps per iteration")
     parser.add_argument("--allreduce-s", type=float, default=0.05, help="per optimizer step with W > 1")
     parser.add_argument("--layout", default=None, help="N,M,W or colocated:G (default: the source's)")
+    parser.add_argument("--cores", type=float, default=None,
+                        help="the roles share this many CPU cores (a CPU run) instead of a device each")
     parser.add_argument("--gpus", type=int, default=7, help="--sd35m: GPUs to split in the layout search")
     parser.add_argument("--forward-ms", type=float, default=30.0, help="--sd35m: ms per 512-px sequence forward")
     parser.add_argument("--score-efficiency", type=float, default=1.0,
@@ -261,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if None in (args.rollout_s, args.score_s, args.learn_s):
             parser.error("give --rollout-s, --score-s and --learn-s, or --sd35m, or --from-mlflow")
-        costs = Costs(args.rollout_s, args.score_s, args.learn_s, args.sync_s, args.chunks, 1, args.allreduce_s)
+        costs = Costs(args.rollout_s, args.score_s, args.learn_s, args.sync_s, args.chunks, 1, args.allreduce_s,
+                      args.groups or args.chunks, 1, args.accum)
     if args.updates:
         costs.updates = args.updates
     if args.allreduce_s is not None:
@@ -275,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(simulate_colocated(costs, int(spec.split(":")[1])))
     else:
         n, m, w = (int(x) for x in spec.split(","))
-        results += [simulate_split(costs, n, m, w, "serial"), simulate_split(costs, n, m, w, "pipelined")]
+        results += [simulate_split(costs, n, m, w, sched, args.cores) for sched in ("serial", "pipelined")]
     print(table(results))
     for r in results:
         print(f"  {r.schedule} {r.layout}: {r.critical}")
