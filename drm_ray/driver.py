@@ -33,9 +33,9 @@ import torch
 
 from drm_ray.algorithms.rl_batch import learner_batch, num_scored, reward_stats, split_scores
 from drm_ray.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, staging_dir
-from drm_ray.console import Progress
 from drm_ray.data.prompts import PromptSampler, load_prompts
 from drm_ray.diffusion.sampling import to_pil
+from drm_ray.driver_report import DriverReport
 from drm_ray.dispatch import Pool, call_when_back, driver_get, run_pools, take_bytes_in
 from drm_ray.models.lora import lora_checksum
 from drm_ray.runtime import init_ray
@@ -43,7 +43,7 @@ from drm_ray.rl_setup import RLSetup, image_grid
 from drm_ray.tracking import Tracker
 
 
-class StepGRPODriver:
+class StepGRPODriver(DriverReport):
     def __init__(self, cfg):
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir).resolve()
@@ -76,7 +76,7 @@ class StepGRPODriver:
         self.compute = self.state.get("compute", {"policy_forwards": 0, "drm_forwards": 0})
         self.eval_history = self.state.get("eval_history", [])
         self.max_failures = max(1, cfg.rollout.max_restarts * (cfg.rollout.num_workers + cfg.rollout.num_scorers))
-        self.console: Progress | None = None  # the progress bar, made when the first iteration is reported
+        self.console = None  # the progress bar (console.Progress), made when the first iteration is reported
         self.rewards_seen: list[float] = []  # training-batch reward per iteration of this process (summary)
         self.started = time.perf_counter()
         self.rl = RLSetup(cfg, self.out, self.prompts, resume_dir=resume / "learner" if resume else None,
@@ -323,85 +323,6 @@ class StepGRPODriver:
         self.tracker.log_image(image_grid(to_pil(images)), f"panel/iter_{step:06d}.png")
         self.eval_history.append({"iteration": step, **self.compute, **metrics})
         return metrics
-
-    def overoptimization(self, metrics: dict) -> dict:
-        """eval/overopt/<judge> = 1 when, since the first panel, the optimized reward rose and the judge fell, each
-        by more than twice the first panel's standard error (the panel is the same prompts and seeds every time,
-        so this is conservative: a paired comparison would be tighter)."""
-        if not self.eval_history:
-            return {}
-        first = self.eval_history[0]
-        if "eval/reward_sem" not in first:  # a checkpoint from before judges existed
-            return {}
-        rose = metrics["eval/reward"] - first["eval/reward"] > 2 * first["eval/reward_sem"]
-        flags = {}
-        for key in [k for k in metrics if k.startswith("eval/judge/") and not k.endswith("_sem")]:
-            if key not in first:
-                continue
-            judge = key.removeprefix("eval/judge/")
-            fell = first[key] - metrics[key] > 2 * first[f"{key}_sem"]
-            flags[f"eval/overopt/{judge}"] = float(rose and fell)
-            if rose and fell:
-                self.say(f"[{self.cfg.grpo.algo}] WARNING: the optimized reward rose ({first['eval/reward']:+.4f} "
-                         f"-> {metrics['eval/reward']:+.4f}) while judge {judge} fell ({first[key]:+.4f} -> "
-                         f"{metrics[key]:+.4f}), each by more than 2 standard errors of the panel: the reward's "
-                         "errors are being optimized; look at the images")
-        return flags
-
-    def say(self, line: str) -> None:
-        """A message line that the progress bar does not overwrite."""
-        if self.console is not None:
-            self.console.write(line)
-        else:
-            print(line, flush=True)
-
-    def progress(self, m: dict) -> None:
-        """The progress bar (one line per iteration off a terminal): training reward, the latest evaluation panel,
-        KL to the reference (and the clipped fraction with several updates per batch), seconds per phase."""
-        g = self.cfg.grpo
-        if self.console is None:
-            self.console = Progress(g.iterations, self.iteration - 1, g.algo)
-        self.rewards_seen.append(m["reward/final_mean"])
-        text = f"reward {m['reward/final_mean']:+.4f}"
-        if self.eval_history:
-            last = self.eval_history[-1]
-            text += f" eval {last['eval/reward']:+.4f}" + "".join(
-                f" {k.removeprefix('eval/judge/')} {v:+.3f}" for k, v in last.items()
-                if k.startswith("eval/judge/") and not k.endswith("_sem"))
-            if "eval/oracle_score" in last:
-                text += f" oracle {last['eval/oracle_score']:.4f}"
-        text += f" kl {m['train/kl_ref']:.1e}"
-        if g.updates_per_iter > 1:
-            text += f" clip {m['train/clip_frac']:.2f}"
-        text += (f" | rollout {m['timing/rollout']:.1f}s score {m['timing/score']:.1f}s learn {m['timing/learn']:.1f}s"
-                 f" sync {m['timing/sync']:.1f}s")
-        self.console.update(self.iteration, text)
-
-    def summary(self, lora_dir: Path) -> str:
-        """What improved and where the results are, for the end of the job."""
-        g = self.cfg.grpo
-        took = time.perf_counter() - self.started
-        lines = [f"[step_grpo] done in {took / 60:.1f} min: {self.iteration} iterations of {g.algo} "
-                 f"(policy v{self.version})"]
-        r, n = self.rewards_seen, max(1, min(5, len(self.rewards_seen) // 2))
-        if len(r) >= 2:
-            lines.append(f"  training reward ({', '.join(self.cfg.reward.rewards)}): {sum(r[:n]) / n:+.4f} -> "
-                         f"{sum(r[-n:]) / n:+.4f} (mean of the first / last {n} iterations' batches)")
-        if len(self.eval_history) >= 2:
-            first, last = self.eval_history[0], self.eval_history[-1]
-            keys = [k for k in last if k.startswith("eval/") and k in first and not k.endswith("_sem")
-                    and not k.startswith("eval/overopt/") and not (k == "eval/reward" and len(self.rl.rewards) == 1)]
-            lines.append(f"  evaluation panel, iteration {first['iteration']} -> {last['iteration']}: " + ", ".join(
-                f"{k.removeprefix('eval/')} {first[k]:+.4f} -> {last[k]:+.4f}" for k in keys))
-            flagged = [k.removeprefix("eval/overopt/") for k, v in last.items() if k.startswith("eval/overopt/") and v]
-            if flagged:
-                lines.append(f"  WARNING: over-optimization flagged by judge(s) {', '.join(flagged)}: look at the "
-                             "panel images in MLflow")
-        uri = self.tracker.uri
-        lines += [f"  LoRA (diffusers format): {lora_dir}",
-                  f"  checkpoints: {self.out / 'checkpoints'} (the same run.output_dir resumes from the newest)",
-                  f"  MLflow run {self.tracker.run_id}: mlflow ui --backend-store-uri {uri}"]
-        return "\n".join(lines)
 
     def finish(self) -> None:
         state = ray.get(self.lora_ref, timeout=self.cfg.rollout.timeout_s)
