@@ -2,6 +2,7 @@
 
     python bench/ceiling.py                  # pretrain (reused if done) + 2 algorithms x 3 seeds -> docs/CEILING.md
     python bench/ceiling.py --quick          # a smoke run (~5 min) -> <out>/CEILING.md
+    python bench/ceiling.py --algos grpo --adv-norms std,mean --lrs 0.002   # one algorithm, a settings grid
 
 docs/REPRODUCTION.md could not decide the paper's RL claim: with a DRM that ranks held-out pairs 60% right, neither
 GRPO nor Step-GRPO moved the panel oracle. Before blaming the DRM, this measures the ceiling with the oracle as the
@@ -40,33 +41,40 @@ from bench.reproduce import FULL, QUICK, Chain  # noqa: E402
 ALGOS = ("grpo", "step_grpo")
 
 
-def run_dir(out: Path, algo: str, lr: float, seed: int) -> Path:
-    return out / "ceiling" / f"{algo}-oracle-lr{lr:g}-s{seed}"
+def name(algo: str, lr: float, norm: str) -> str:
+    return f"{algo} lr={lr:g}" + (f" adv_norm={norm}" if norm != "std" else "")
 
 
-def run_rl(chain: Chain, p: dict, seeds: int, lrs: list[float], k: int = 4) -> None:
-    for lr in lrs:
-        for seed in range(seeds):
-            for algo in ALGOS:
-                run = run_dir(chain.out, algo, lr, seed)
-                prompts = p["prompts"] // k if algo == "grpo" else p["prompts"]
-                chain.run(f"ceiling-{algo}-lr{lr:g}-s{seed}", [
-                    "jobs/step_grpo.py", "--config", "toy", "--algo", algo, chain.model, chain.tracking,
-                    "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", f"sampling.k={k}",
-                    f"learner.lr={lr}", f"grpo.prompts_per_iter={prompts}", f"grpo.iterations={p['iterations']}",
-                    f"grpo.eval_every={p['eval_every']}", f"grpo.checkpoint_every={p['iterations']}",
-                    f"tracking.run_name={algo}-oracle-lr{lr:g}-s{seed}"], run / "summary.json")
+def run_dir(out: Path, algo: str, lr: float, seed: int, norm: str = "std") -> Path:
+    return out / "ceiling" / (f"{algo}-oracle-lr{lr:g}" + (f"-{norm}" if norm != "std" else "") + f"-s{seed}")
 
 
-def curves(out: Path, seeds: int, lrs: list[float]) -> dict:
-    """{(algo, lr): curves over the seeds that finished}."""
+def settings(algos, lrs, norms) -> list[tuple[str, float, str]]:
+    return [(a, lr, n) for lr in lrs for n in norms for a in algos]
+
+
+def run_rl(chain: Chain, p: dict, seeds: int, grid: list[tuple[str, float, str]], k: int = 4) -> None:
+    for seed in range(seeds):
+        for algo, lr, norm in grid:
+            run = run_dir(chain.out, algo, lr, seed, norm)
+            prompts = p["prompts"] // k if algo == "grpo" else p["prompts"]
+            chain.run(f"ceiling-{run.name}", [
+                "jobs/step_grpo.py", "--config", "toy", "--algo", algo, chain.model, chain.tracking,
+                "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", f"sampling.k={k}",
+                f"learner.lr={lr}", f"grpo.adv_norm={norm}", f"grpo.prompts_per_iter={prompts}",
+                f"grpo.iterations={p['iterations']}", f"grpo.eval_every={p['eval_every']}",
+                f"grpo.checkpoint_every={p['iterations']}", f"tracking.run_name=ceiling-{run.name}"],
+                run / "summary.json")
+
+
+def curves(out: Path, seeds: int, grid: list[tuple[str, float, str]]) -> dict:
+    """{(algo, lr, norm): curves over the seeds that finished}."""
     result = {}
-    for algo in ALGOS:
-        for lr in lrs:
-            runs = [json.loads(f.read_text()) for s in range(seeds)
-                    if (f := run_dir(out, algo, lr, s) / "summary.json").is_file()]
-            if runs:
-                result[(algo, lr)] = _curve(runs)
+    for algo, lr, norm in grid:
+        runs = [json.loads(f.read_text()) for s in range(seeds)
+                if (f := run_dir(out, algo, lr, s, norm) / "summary.json").is_file()]
+        if runs:
+            result[(algo, lr, norm)] = _curve(runs)
     return result
 
 
@@ -92,23 +100,23 @@ def final_metric(out: Path, run: Path, key: str) -> float:
     return max(history, key=lambda m: m.step).value if history else float("nan")
 
 
-def report(out: Path, p: dict, seeds: int, lrs: list[float], timings: dict, path: Path, quick: bool) -> None:
-    c = curves(out, seeds, lrs)
+def report(out: Path, p: dict, seeds: int, grid: list, timings: dict, path: Path, quick: bool, cmd: str) -> None:
+    c = curves(out, seeds, grid)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     md = [f"# The toy world's ceiling: RL with the oracle as the reward{' (QUICK SMOKE RUN)' if quick else ''}", "",
-          f"Written by `python bench/ceiling.py{' --quick' if quick else ''}` at commit {commit or 'unknown'} on "
+          f"Written by `python bench/ceiling.py{cmd}` at commit {commit or 'unknown'} on "
           f"{platform.machine()} with {os.cpu_count()} CPU cores, no GPU; every number was measured by that run. "
           "Settings as bench/reproduce.py's RL stage: " + ", ".join(f"{k}={p[k]}" for k in
                                                                    ("iterations", "eval_every", "prompts")) +
-          f", k=4, up to {seeds} seed(s) per setting, learner.lr in {lrs}. Panel: 180 ODE images (every caption "
+          f", k=4, up to {seeds} seed(s) per setting. Panel: 180 ODE images (every caption "
           "twice, fixed seeds), graded by the oracle.", ""]
     if not c:
         path.write_text("\n".join(md + ["No run finished.", ""]))
         return
     keys = list(c)
     iters = c[keys[0]]["iters"]
-    header = ["iteration", "policy forwards (rollouts)"] + [f"{a} lr={lr:g}: oracle (correct)" for a, lr in keys]
+    header = ["iteration", "policy forwards (rollouts)"] + [f"{name(*key)}: oracle (correct)" for key in keys]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for j, it in enumerate(iters):
         cells = [str(it), str(c[keys[0]]["policy"][j])]
@@ -116,27 +124,28 @@ def report(out: Path, p: dict, seeds: int, lrs: list[float], timings: dict, path
         md.append("| " + " | ".join(cells) + " |")
     md += [""]
     verdicts = []
-    for (a, lr), cur in c.items():
+    for (a, lr, norm), cur in c.items():
         gain = cur["oracle"][:, -1] - cur["oracle"][:, 0]  # per seed
         se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float("nan")
         clear = len(gain) > 1 and gain.mean() > 2 * se and gain.mean() > 0.01
         x0 = cur["x0"][-1]
-        kl = [final_metric(out, run_dir(out, a, lr, i), "train/kl_ref") for i in range(len(gain))]
-        verdicts.append(f"- {a} with the oracle, lr={lr:g}: panel oracle {cur['oracle'][:, 0].mean():.4f} -> "
+        kl = [final_metric(out, run_dir(out, a, lr, i, norm), "train/kl_ref") for i in range(len(gain))]
+        verdicts.append(f"- {name(a, lr, norm)} with the oracle: panel oracle {cur['oracle'][:, 0].mean():.4f} -> "
                         f"{cur['oracle'][:, -1].mean():.4f}, gain {gain.mean():+.4f} +- {se:.4f} (s.e. over "
                         f"{len(gain)} seed(s); per seed {', '.join(f'{g:+.4f}' for g in gain)}): "
                         f"{'CLEAR' if clear else 'NOT CLEAR'} (criterion: gain > 2 s.e. over >= 2 seeds and > 0.01); "
                         f"KL to the reference at the last update {', '.join(f'{v:.2e}' for v in kl)}"
                         + (" -> the policy COLLAPSED (the oracle fell by more than 0.05 while it was the reward; the "
                            "update's direction is tested in tests/test_learner.py, so the likely cause is steps too "
-                           "large: one unclipped step per batch, ratio 1)" if gain.mean() < -0.05 else "")
+                           "large for the signal in a batch)" if gain.mean() < -0.05 else "")
                         + (" -> the policy BARELY MOVED (KL < 0.01, oracle within 0.01)"
                            if abs(gain.mean()) < 0.01 and np.nanmax(kl) < 0.01 else "")
                         + (f"; x0_hat forwards spent: {x0} (policy forwards for rollouts: {cur['policy'][-1]})"
                            if x0 else ""))
     md += ["## Verdicts", ""] + verdicts + [""]
     md += ["## Timings (wall clock)", "", "| stage | seconds |", "|---|---|"]
-    md += [f"| {k} | {v:.0f} |" for k, v in timings.items() if k.startswith(("ceiling", "pretrain"))] + [""]
+    mine = {"pretrain"} | {f"ceiling-{run_dir(out, *key[:2], i, key[2]).name}" for key in c for i in range(seeds)}
+    md += [f"| {k} | {v:.0f} |" for k, v in timings.items() if k in mine] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(md) + "\n")
 
@@ -149,21 +158,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per algorithm (default 3; quick 1)")
     parser.add_argument("--lrs", default="0.001", help="comma-separated learner.lr values (default 0.001, the "
                                                         "toy preset's)")
+    parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated: grpo, step_grpo")
+    parser.add_argument("--adv-norms", default="std", help="comma-separated grpo.adv_norm values: std, mean")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override budget parameters of bench/reproduce.py's FULL / QUICK (prompts, iterations, "
+                             "eval_every)")
     parser.add_argument("--force", action="store_true", help="re-run finished runs")
     parser.add_argument("--report", default=None, help="default docs/CEILING.md (<out>/CEILING.md with --quick)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = QUICK if args.quick else FULL
+    p = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in ("prompts", "iterations", "eval_every") or not value:
+            parser.error(f"--set {item!r}: expected prompts|iterations|eval_every=INT")
+        p[key] = int(value)
     seeds = args.seeds or (1 if args.quick else 3)
     out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain(out, p, args.force)
     lrs = [float(v) for v in args.lrs.split(",")]
+    grid = settings(args.algos.split(","), lrs, args.adv_norms.split(","))
     chain.pretrain()
-    run_rl(chain, p, seeds, lrs)
+    run_rl(chain, p, seeds, grid)
     path = Path(args.report) if args.report else (out / "CEILING.md" if args.quick else ROOT / "docs" / "CEILING.md")
-    report(out, p, seeds, lrs, chain.timings, path, args.quick)
+    cmd = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    report(out, p, seeds, grid, chain.timings, path, args.quick, cmd)
     print(f"[ceiling] report written to {path}", flush=True)
 
 
