@@ -9,7 +9,9 @@ Every caption is sampled `--samples` times (ODE + CFG, the model at model.path),
 and random same-caption pairs whose grades differ by more than `--margin` become (winner, loser) rows in the
 preference Parquet format. The validation set (early stopping: `drm.val_every` keeps the best step) and the held-out
 set (the accuracy a report quotes) use other seeds each, so the step is never chosen on the pairs that measure it.
-Statistics go to `<out>/pairs_meta.json`.
+Statistics go to `<out>/pairs_meta.json`. `--soft TAU` gives the training pairs soft labels, P(winner preferred) =
+sigmoid(oracle gap / TAU); `--soften FILE --soft TAU` relabels an existing preference file that way (no sampling)
+and writes FILE with `.soft<TAU>` before its suffix.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mix", action="store_true",
                         help="train set spanning the quality range RL visits: samples at several guidance scales "
                              "and noise levels, dataset renders, other captions' renders (held-out set unchanged)")
+    parser.add_argument("--soft", type=float, default=None, metavar="TAU",
+                        help="soft labels for the training pairs: sigmoid(oracle gap / TAU)")
+    parser.add_argument("--soften", default=None, metavar="FILE",
+                        help="relabel this preference file with --soft TAU instead of sampling")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_intermixed_args(argv)
     cfg = job_config(args)
@@ -51,8 +57,23 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--samples / --heldout-samples must be >= 2 and --pairs / --heldout-pairs >= 1")
     if args.val_samples and (args.val_samples < 2 or args.val_pairs < 1):
         parser.error("--val-samples must be 0 or >= 2, and --val-pairs >= 1")
+    if args.soft is not None and not args.soft > 0:
+        parser.error(f"--soft must be > 0, got {args.soft}")
+    if args.soften and args.soft is None:
+        parser.error("--soften needs --soft TAU")
     job_env(cfg.model.preset)
     import torch
+
+    if args.soften:
+        from drm_ray.toy.pairs import soften_pairs
+
+        src = Path(args.soften)
+        dst = src.with_name(f"{src.stem}.soft{args.soft:g}{src.suffix}")
+        stats = soften_pairs(src, dst, args.soft)
+        print(f"[toy_pairs] {stats['pairs']} pairs relabelled (tau {args.soft:g}, label mean {stats['label_mean']:.3f}, "
+              f"quartiles {', '.join(f'{q:.3f}' for q in stats['label_quartiles'])}; {stats['flipped']} swapped, "
+              f"{stats['dropped_equal']} dropped) -> {dst}", flush=True)
+        return stats
 
     torch.set_num_threads(args.threads)
     from drm_ray.models.sd3 import build_components, model_kwargs
@@ -64,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
                   max_sequence_length=cfg.model.max_sequence_length, margin=args.margin)
     meta = {
         "train": write_oracle_pairs(out / "train.parquet", comps, samples_per_caption=args.samples,
-                                    pairs_per_caption=args.pairs, seed=cfg.run.seed, mix=args.mix, **common),
+                                    pairs_per_caption=args.pairs, seed=cfg.run.seed, mix=args.mix, soft=args.soft,
+                                    **common),
         "heldout": write_oracle_pairs(out / "heldout.parquet", comps, samples_per_caption=args.heldout_samples,
                                       pairs_per_caption=args.heldout_pairs, seed=cfg.run.seed + 7_919, **common),
         "model_path": str(Path(cfg.model.path).resolve()),

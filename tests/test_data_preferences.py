@@ -56,6 +56,33 @@ def test_reader_accepts_only_the_required_columns(tmp_path):
     assert not reader.has_tie and b.tie.tolist() == [False] and b.source == [""]
 
 
+def test_soft_labels_round_trip_and_bad_labels_are_named(tmp_path):
+    rows = [dict(prompt="a", image_win=png(RED), image_lose=png(BLUE), label=0.8), dict(prompt="b",
+            image_win=png(RED), image_lose=png(BLUE)), dict(prompt="c", image_win=png(RED), image_lose=png(BLUE),
+                                                           tie=True)]
+    path = tmp_path / "soft.parquet"
+    write_preference_parquet(path, rows)
+    _, [b] = read_all(path)
+    assert b.label.tolist() == pytest.approx([0.8, 1.0, 0.5]) and b.tie.tolist() == [False, False, True]
+    for label, message in ((0.3, r"label must be in \(0.5, 1\]"), (float("nan"), "label must be in"),
+                           ("high", "label must be a number")):
+        with pytest.raises(PreferenceDataError, match=rf"bad.parquet: row 1: {message}"):
+            write_preference_parquet(tmp_path / "bad.parquet", [rows[1], {**rows[1], "label": label}])
+    with pytest.raises(PreferenceDataError, match="row 0: a tie has no label"):
+        write_preference_parquet(tmp_path / "bad.parquet", [{**rows[2], "label": 0.7}])
+    assert not (tmp_path / "bad.parquet").exists()
+    # a file written by another tool: the reader names the row and column of a bad label
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "image_win": [png(RED)] * 2, "image_lose": [png(BLUE)] * 2,
+                             "label": [0.9, 0.5]}), other)
+    with pytest.raises(PreferenceDataError, match=r"other.parquet: row 1, column label: label must be in"):
+        read_all(other)
+    pq.write_table(pa.table({"prompt": ["a"], "image_win": [png(RED)], "image_lose": [png(BLUE)], "label": ["x"]}),
+                   other)
+    with pytest.raises(PreferenceDataError, match="column 'label' has type string, expected float"):
+        PreferenceReader(other)
+
+
 def test_decode_image_is_rgb_square_in_unit_range_and_crops_instead_of_squashing():
     grey = image_to_bytes(Image.new("L", (30, 10), 128))
     x = decode_image(grey, 16)

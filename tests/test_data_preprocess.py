@@ -156,6 +156,23 @@ def test_undecodable_image_fails_naming_file_and_row_and_leaves_no_cache(tmp_pat
 
 
 @pytest.mark.slow
+def test_soft_labels_reach_the_cache_and_training_drops_only_ties(tmp_path, ray_session):
+    rows = make_synthetic_pairs(4, seed=3)
+    rows[0]["label"], rows[1]["tie"], rows[3]["label"] = 0.7, True, 0.95
+    pairs = _write(tmp_path / "pairs.parquet", rows)
+    preprocess_pairs(pairs, tmp_path / "cache", preset="tiny", model_kwargs=TINY, batch_size=4)
+    assert cache_rows(tmp_path / "cache").label.tolist() == pytest.approx([0.7, 0.5, 1.0, 0.95])
+    kept = next(iter_pairs(tmp_path / "cache", batch_size=10, drop_ties=True))
+    assert kept.label.tolist() == pytest.approx([0.7, 1.0, 0.95])
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt", "image_win", "image_lose")} | {"label": 0.4}
+                                         for r in rows]), bad)
+    with pytest.raises(PreferenceDataError, match=r"bad.parquet: row 0, column label: label must be in"):
+        preprocess_pairs(bad, tmp_path / "cache2", preset="tiny", model_kwargs=TINY, batch_size=4)
+    assert not (tmp_path / "cache2").exists()
+
+
+@pytest.mark.slow
 def test_job_skips_bad_rows_on_request(tmp_path, ray_session):
     rows = make_synthetic_pairs(7, seed=2, tie_fraction=0.4)
     rows[1]["image_win"] = b"garbage"

@@ -75,6 +75,19 @@ def test_bradley_terry_by_hand():
     assert buckets["s0"] == (1.0, 1) and buckets["s0.00-0.25"] == (0.0, 1) and buckets["s0.75-1.00"] == (0.0, 1)
 
 
+def test_soft_bradley_terry_by_hand():
+    # margin ln 3 with p = 0.75: -(0.75 ln(3/4) + 0.25 ln(1/4)); margin 0 with p = 0.9: ln 2 whatever p
+    r_w, r_l = torch.tensor([math.log(3), 0.0]), torch.tensor([0.0, 0.0])
+    loss, _ = bradley_terry_loss(r_w, r_l, torch.tensor([0.75, 0.9]))
+    want = (-(0.75 * math.log(3 / 4) + 0.25 * math.log(1 / 4)) + math.log(2)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    # p = 1 is the plain loss; the soft loss is smallest where sigmoid(margin) = p (margin ln 3 for p = 3/4)
+    assert bradley_terry_loss(r_w, r_l, torch.ones(2))[0].item() == pytest.approx(bradley_terry_loss(r_w, r_l)[0].item())
+    margins = torch.linspace(0, 3, 301)
+    losses = [bradley_terry_loss(m[None], torch.zeros(1), torch.tensor([0.75]))[0].item() for m in margins]
+    assert margins[int(torch.tensor(losses).argmin())].item() == pytest.approx(math.log(3), abs=0.01)
+
+
 def test_noise_levels_follow_the_stated_distribution():
     s = sample_noise_levels(200_000, torch.Generator().manual_seed(0), zero_prob=0.1, shift=3.0)
     assert (s == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)

@@ -8,10 +8,20 @@ import torch.nn.functional as F
 NOISE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)  # names: s0 (exactly clean), then s0.00-0.25 for (0, .25], (.25, .5], (.5, .75], (.75, 1]
 
 
-def bradley_terry_loss(r_win: torch.Tensor, r_lose: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """-log sigmoid(r_w - r_l), averaged over pairs: r_win, r_lose [B] -> scalar loss, {accuracy, margin}."""
+def bradley_terry_loss(r_win: torch.Tensor, r_lose: torch.Tensor,
+                       label: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """-log sigmoid(r_w - r_l), averaged over pairs: r_win, r_lose [B] -> scalar loss, {accuracy, margin}.
+
+    With `label` [B] (the probability that the first image is preferred; 1 for a plain preference) the loss is the
+    cross-entropy of Bradley-Terry's P(w > l) = sigmoid(r_w - r_l) with that soft target:
+    -(p log sigmoid(m) + (1 - p) log sigmoid(-m)), which is the plain loss where p = 1.
+    """
     margin = r_win.float() - r_lose.float()  # [B]
-    loss = -F.logsigmoid(margin).mean()
+    if label is None:
+        loss = -F.logsigmoid(margin).mean()
+    else:
+        p = label.to(margin.device, torch.float32)
+        loss = -(p * F.logsigmoid(margin) + (1 - p) * F.logsigmoid(-margin)).mean()
     return loss, {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
 
 

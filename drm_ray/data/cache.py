@@ -13,8 +13,9 @@ Preference sets repeat prompts heavily, so a prompt's embeddings are stored once
 hex digits of the SHA-256 of its UTF-8 text), and pairs refer to it. Readers memory-map the .npy parts and read only
 the rows a batch needs, so the table (hundreds of GB at paper scale) is never loaded whole and the training ranks of
 a node share one copy in the OS page cache. Latents are raw little-endian bytes in `latent_dtype` (float32, float16,
-or bfloat16 stored as its 16-bit pattern); `label` is 1.0 when `latent_win` is preferred and 0.5 for a tie (kept for
-tie-aware evaluation, dropped in training).
+or bfloat16 stored as its 16-bit pattern); `label` is the probability that `latent_win` is preferred: 1.0 for a plain
+preference, (0.5, 1) for a soft one (the preference file's `label` column), 0.5 for a tie (kept for tie-aware
+evaluation, dropped in training).
 
 Bytes (payload; Parquet and .npy headers add a few hundred bytes per file):
     per pair     2 * C*h*w * itemsize(latent_dtype) + ~40 (id, label, source)
@@ -67,7 +68,7 @@ class PairBatch:
     latent_lose: torch.Tensor   # [B, C, h, w] float32
     prompt_embeds: torch.Tensor  # [B, L, D] float32
     pooled: torch.Tensor        # [B, P] float32
-    label: torch.Tensor         # [B] 1.0 (win preferred) or 0.5 (tie)
+    label: torch.Tensor         # [B] P(win preferred): 1.0, a soft (0.5, 1), or 0.5 (tie)
     prompt: list[str]
 
     def __len__(self) -> int:
@@ -336,7 +337,7 @@ def _iter_sync(cache_dir: Path, batch_size: int, rank: int, world_size: int, dro
             if not by_group:
                 part = part.select(torch.arange(rank, len(part), world_size))
             if drop_ties:
-                part = part.select((part.label == 1.0).nonzero().flatten())
+                part = part.select((part.label > 0.5).nonzero().flatten())  # a soft label < 1 stays
             rows_seen += len(part)
             pending = part if pending is None else pending.cat(part)
             if rng is not None:  # shuffle within the buffer of rows not yet served

@@ -6,6 +6,9 @@ Columns:
     image_lose: binary      the other image
     source: string          optional: where the pair came from (pickapic_v2, hpdv3, synthetic, ...)
     tie: bool               optional: a 0.5 / 0.5 pair, kept for tie-aware evaluation and dropped in training
+    label: float            optional: the probability that image_win is preferred, in (0.5, 1] (null or absent: 1,
+                            a plain preference); a soft preference (annotator agreement, a graded score gap) that
+                            DRM training fits as a soft Bradley-Terry target
 
 The reader validates a file where it enters (missing, empty, truncated or corrupt, missing columns, wrong column
 types) and raises `PreferenceDataError` naming the file; an image that does not decode names the row and column too.
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
     ("prompt", pa.string()), ("image_win", pa.binary()), ("image_lose", pa.binary()),
-    ("source", pa.string()), ("tie", pa.bool_()),
+    ("source", pa.string()), ("tie", pa.bool_()), ("label", pa.float32()),
 ])
 REQUIRED_COLUMNS = ("prompt", "image_win", "image_lose")
 _TYPE_CHECKS = {  # column -> (predicate on the Arrow type, the type named in errors)
@@ -43,7 +46,9 @@ _TYPE_CHECKS = {  # column -> (predicate on the Arrow type, the type named in er
     "image_lose": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
     "source": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
     "tie": (pa.types.is_boolean, "bool"),
+    "label": (pa.types.is_floating, "float"),
 }
+OPTIONAL_COLUMNS = ("source", "tie", "label")
 BAD_IMAGE_MODES = ("error", "skip")
 
 
@@ -112,7 +117,7 @@ def _decode_cell(path, row: int, column: str, data, resolution: int) -> torch.Te
 
 
 def write_preference_parquet(path: str | Path, rows: Iterable[dict], *, batch_size: int = 256) -> int:
-    """Write preference rows (dicts with prompt, image_win, image_lose[, source, tie]) and return how many.
+    """Write preference rows (dicts with prompt, image_win, image_lose[, source, tie, label]) and return how many.
 
     Rows are consumed lazily and written `batch_size` at a time (one row group each) to a temporary file in the same
     directory, renamed over `path` only when complete: any failure, including one raised by the `rows` iterable,
@@ -161,8 +166,15 @@ def _checked_row(path: Path, index: int, row: dict) -> dict:
         raise bad(f"source must be a string, got {source!r}")
     if not isinstance(tie, (bool, np.bool_)):
         raise bad(f"tie must be a bool, got {tie!r}")
+    label = row.get("label")
+    if label is not None:
+        if tie:
+            raise bad(f"a tie has no label (it is 0.5 by definition), got label {label!r}")
+        if label_error(label):
+            raise bad(label_error(label))
+        label = float(label)
     return dict(prompt=prompt, image_win=bytes(row["image_win"]), image_lose=bytes(row["image_lose"]),
-                source=source, tie=bool(tie))
+                source=source, tie=bool(tie), label=label)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -174,6 +186,7 @@ class PreferenceBatch:
     image_win: torch.Tensor     # [B, 3, R, R] float32 in [0, 1]
     image_lose: torch.Tensor    # [B, 3, R, R]
     tie: torch.Tensor           # [B] bool
+    label: torch.Tensor         # [B] float32: P(image_win preferred); 1 for a plain preference, 0.5 for a tie
     source: list[str]
     row_index: list[int]        # rows of the file, for error messages and joins
 
@@ -227,7 +240,7 @@ class PreferenceReader:
     def iter_batches(self, batch_size: int, resolution: int) -> Iterator[PreferenceBatch]:
         """Decoded batches of at most `batch_size` pairs (fewer where rows were skipped), in file order."""
         self.skipped_rows, self._first_skip_reason = [], None
-        columns = list(REQUIRED_COLUMNS) + [c for c in ("source", "tie") if c in self.file.schema_arrow.names]
+        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in self.file.schema_arrow.names]
         first = 0
         for table in _guarded(self.path, self.file.iter_batches(batch_size=batch_size, columns=columns)):
             cols = table.to_pydict()
@@ -235,6 +248,7 @@ class PreferenceReader:
             rows = range(first, first + n)
             first += n
             check_prompts(self.path, rows, cols["prompt"])
+            labels = pair_labels(self.path, rows, cols.get("tie"), cols.get("label"))
             win, lose, kept, skipped = decode_pairs(self.path, rows, cols["image_win"], cols["image_lose"],
                                                     resolution, self.on_bad_image)
             self.skipped_rows += list(skipped)
@@ -246,6 +260,7 @@ class PreferenceReader:
             sources = cols.get("source", [""] * n)
             yield PreferenceBatch(prompt=[cols["prompt"][i] for i in pos], image_win=win, image_lose=lose,
                                   tie=torch.tensor([bool(ties[i]) for i in pos], dtype=torch.bool),
+                                  label=torch.tensor([labels[i] for i in pos], dtype=torch.float32),
                                   source=[sources[i] or "" for i in pos], row_index=kept)
         if self.skipped_rows:
             log.warning("%s: skipped %d of %d rows whose images do not decode (rows %s; first: %s)", self.path,
@@ -286,7 +301,7 @@ def open_preference_file(path: str | Path) -> pq.ParquetFile:
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise PreferenceDataError(f"preference file {path} lacks column(s) {missing}; it has {schema.names} "
-                                  f"(required: {list(REQUIRED_COLUMNS)}, optional: source, tie)")
+                                  f"(required: {list(REQUIRED_COLUMNS)}, optional: {', '.join(OPTIONAL_COLUMNS)})")
     for name, (ok, expected) in _TYPE_CHECKS.items():
         if name in schema.names and not ok(schema.field(name).type):
             raise PreferenceDataError(f"preference file {path}: column {name!r} has type {schema.field(name).type}, "
@@ -303,6 +318,31 @@ def read_row_group(path: str | Path, group: int, columns: list[str] | None = Non
     except Exception as err:  # see open_preference_file
         raise PreferenceDataError(f"preference file {path}: row group {group} is unreadable (corrupt?): "
                                   f"{err}") from err
+
+
+def label_error(label) -> str | None:
+    """Why `label` is not a usable soft preference (None when it is)."""
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, float, np.floating, np.integer)):
+        return f"label must be a number in (0.5, 1], got {label!r}"
+    if not 0.5 < float(label) <= 1.0:  # NaN fails too
+        return (f"label must be in (0.5, 1] (the probability that image_win is preferred; a tie is tie=true), "
+                f"got {label!r}")
+    return None
+
+
+def pair_labels(path, rows: Iterable[int], ties: list | None, labels: list | None) -> list[float]:
+    """Each row's P(image_win preferred) from the optional tie and label columns: 0.5 for a tie, the label where
+    given, else 1. A label out of (0.5, 1], or on a tie, is an error naming its row."""
+    out = []
+    for j, row in enumerate(rows):
+        tie = bool(ties[j]) if ties is not None and ties[j] is not None else False
+        label = labels[j] if labels is not None else None
+        if label is not None:
+            msg = "a tie has no label (it is 0.5 by definition)" if tie else label_error(label)
+            if msg:
+                raise PreferenceDataError(f"{path}: row {row}, column label: {msg}")
+        out.append(0.5 if tie else (1.0 if label is None else float(label)))
+    return out
 
 
 def check_prompts(path, rows: Iterable[int], prompts: Iterable) -> None:

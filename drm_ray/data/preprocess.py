@@ -19,7 +19,8 @@ Names come from the input, never from which actor ran the work, so a cache is re
 small summaries (rows written, ties, skipped rows, shapes, bytes), never rows or tensors: its memory and network do
 not grow with the data. The cache is assembled in a hidden sibling directory and renamed into place after
 `meta.json` (written last), so a failure never leaves a partial cache under `cache_dir` and never touches a complete
-one. `preprocess.json` records what the cache was built from (readers ignore it). Winners get label 1.0, ties 0.5.
+one. `preprocess.json` records what the cache was built from (readers ignore it). Winners get label 1.0 (or the
+file's soft `label`), ties 0.5.
 On a multi-node cluster the input files and the cache directory must be on storage every node sees.
 """
 
@@ -42,14 +43,14 @@ from ray.util import ActorPool
 
 from drm_ray.data.cache import (LATENT_DTYPES, PROMPTS, CacheError, pair_columns, read_meta, write_meta,
                                 write_prompt_part, write_shard)
-from drm_ray.data.preferences import (PreferenceDataError, PreferenceReader, decode_pairs, preference_files,
-                                      read_row_group)
+from drm_ray.data.preferences import (OPTIONAL_COLUMNS, PreferenceDataError, PreferenceReader, decode_pairs,
+                                      pair_labels, preference_files, read_row_group)
 from drm_ray.data.synthetic import write_synthetic_parquet
 from drm_ray.placement import ClusterResourcesError, RoleDemand, ensure_resources
 
 log = logging.getLogger(__name__)
 
-TIE_LABEL, WIN_LABEL = 0.5, 1.0
+TIE_LABEL = 0.5
 SIDECAR = "preprocess.json"
 ENCODER_CPUS = 1.0  # per encoder actor: image decoding and, without a GPU, the encoders themselves
 
@@ -142,7 +143,12 @@ class PairEncoder:
             return summary
         n, first = table.num_rows, unit["first_row"]
         source = pc.fill_null(table["source"], "").to_pylist() if "source" in unit["columns"] else [""] * n
-        tie = pc.fill_null(table["tie"], False).to_pylist() if "tie" in unit["columns"] else [False] * n
+        try:
+            labels = pair_labels(path, range(first, first + n), table["tie"].to_pylist() if "tie" in unit["columns"]
+                                 else None, table["label"].to_pylist() if "label" in unit["columns"] else None)
+        except PreferenceDataError as err:
+            summary.error = str(err)
+            return summary
         pending: list[tuple] = []  # (prompt, source, label, latent_win [C, h, w], latent_lose)
         for lo in range(0, n, self.batch_size):
             hi = min(n, lo + self.batch_size)
@@ -161,8 +167,7 @@ class PairEncoder:
             summary.latent_shape = list(latents.shape[1:])
             for j, row in enumerate(kept):
                 i = row - first
-                pending.append((table["prompt"][i].as_py(), source[i], TIE_LABEL if tie[i] else WIN_LABEL,
-                                latents[j], latents[len(kept) + j]))
+                pending.append((table["prompt"][i].as_py(), source[i], labels[i], latents[j], latents[len(kept) + j]))
             while len(pending) >= self.shard_rows:
                 self._flush(summary, pending[:self.shard_rows])
                 pending = pending[self.shard_rows:]
@@ -255,7 +260,7 @@ def _pair_units(readers: list[PreferenceReader]) -> list[dict]:
     """One unit per (file, row group), named by both; `offset` turns file rows into rows over all inputs."""
     units, offset = [], 0
     for i, r in enumerate(readers):
-        columns = [c for c in ("prompt", "image_win", "image_lose", "source", "tie") if c in r.file.schema_arrow.names]
+        columns = [c for c in ("prompt", "image_win", "image_lose", *OPTIONAL_COLUMNS) if c in r.file.schema_arrow.names]
         for group, first, _ in r.row_groups():
             units.append(dict(name=f"{i:04d}-{group:05d}", path=str(r.path.resolve()), group=group, first_row=first,
                               offset=offset, columns=columns))

@@ -70,7 +70,7 @@ def evaluate_drm(drm, cache_dir, timesteps=DEFAULT_TIMESTEPS, batch_size: int = 
     rows = []
     for t in timesteps:
         r_w, r_l, label = score_pairs_at(drm, cache_dir, t, batch_size, seed)
-        strict = label == 1.0
+        strict = label > 0.5  # a soft label (0.5, 1) still names the preferred image
         acc = (r_w[strict] > r_l[strict]).float().mean().item() if strict.any() else float("nan")
         ties = int((label == 0.5).sum())
         tie_acc, tau = tie_aware_accuracy(r_w, r_l, label) if ties else (None, None)

@@ -1,7 +1,8 @@
 """The DRM training loop run by each Ray Train worker: Bradley-Terry on noised preference pairs, DeepSpeed ZeRO-2.
 
 Per pair one noise level s (the shifted distribution, s = 0 with 10% probability), winner and loser noised
-independently at that s, loss -log sigmoid(r_w - r_l); ties are dropped. Each rank streams its own share of the
+independently at that s, loss -log sigmoid(r_w - r_l) (with a soft label p < 1, the cross-entropy of sigmoid(r_w - r_l)
+with p: `bradley_terry_loss`); ties are dropped. Each rank streams its own share of the
 embedding cache's row groups.
 
 Sized for SD3.5-Medium (one optimizer step = `batch_size` pairs = 2 x batch_size sequences of 1024 image + 333 text
@@ -85,7 +86,7 @@ def micro_step_loss(model, batch: PairBatch, s, eps, pairs_per_step: int, world:
     Bradley-Terry loss by world * accum / pairs_per_step makes the optimizer step the mean over all its pairs.
     """
     r_w, r_l = score_noised_pairs(model, batch, s, eps)
-    mean_loss, _ = bradley_terry_loss(r_w, r_l)
+    mean_loss, _ = bradley_terry_loss(r_w, r_l, batch.label)  # ties are dropped; a label < 1 is a soft preference
     return mean_loss * (len(batch) * world * accum / pairs_per_step), r_w, r_l
 
 
@@ -120,7 +121,7 @@ def load_validation_pairs(cache_dir, n: int, rank: int = 0, world: int = 1) -> t
     for b in iter_pairs(cache_dir, 32):
         position = torch.arange(row, row + len(b))  # [b] row positions in the cache, ties included
         row += len(b)
-        strict = (b.label == 1.0).nonzero().flatten()[: n - kept]
+        strict = (b.label > 0.5).nonzero().flatten()[: n - kept]
         kept += len(strict)
         sel = strict[position[strict] % world == rank]
         parts.append(PairBatch(b.latent_win[sel], b.latent_lose[sel], b.prompt_embeds[sel].half(),

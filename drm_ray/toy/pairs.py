@@ -11,6 +11,10 @@ the model's samples at several guidance scales and SDE noise levels (`MIX_SETTIN
 caption (near-perfect) and renders of other captions (wrong content, clean pixels). Pairs are still drawn within a
 caption, across all of these. The held-out set stays the pre-trained policy's own ODE samples: that is where the
 DRM's accuracy matters first.
+
+`soft=tau` labels each pair with P(winner preferred) = sigmoid((oracle_w - oracle_l) / tau), a soft Bradley-Terry
+target that tells the DRM how much better the winner is; `soften_pairs` relabels an existing file that way (the oracle
+regrades its stored images), so a soft training set needs no new sampling.
 """
 
 from __future__ import annotations
@@ -83,8 +87,13 @@ def mixed_images(comps, captions: list[str], samples_per_caption: int, seed: int
     return torch.cat(parts, dim=1), sources
 
 
+def soft_label(gap: float, tau: float) -> float:
+    """P(winner preferred) for an oracle gap > 0 at temperature tau."""
+    return float(1.0 / (1.0 + np.exp(-gap / tau)))
+
+
 def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: int, margin: float,
-                 seed: int) -> tuple[list[dict], dict]:
+                 seed: int, soft: float | None = None) -> tuple[list[dict], dict]:
     """Preference rows from images [P, S, 3, H, W] graded by the oracle, and statistics of the labelling.
 
     Per caption, `pairs_per_caption` distinct unordered pairs (all S(S-1)/2 when there are fewer) are drawn and kept
@@ -105,8 +114,10 @@ def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: i
                 continue
             win, lose = (a, b) if scores[ci, a] > scores[ci, b] else (b, a)
             pil = pil or to_pil(images[ci])
+            gap = abs(float(scores[ci, a] - scores[ci, b]))
             rows.append({"prompt": caption, "image_win": image_to_bytes(pil[win]),
-                         "image_lose": image_to_bytes(pil[lose]), "source": SOURCE, "tie": False})
+                         "image_lose": image_to_bytes(pil[lose]), "source": SOURCE, "tie": False,
+                         "label": soft_label(gap, soft) if soft else None})
     order = np.random.default_rng([seed, len(captions)]).permutation(len(rows))
     rows = [rows[i] for i in order]
     stats = {"images": p * s, "oracle_mean": float(scores.mean()), "oracle_std": float(scores.std()),
@@ -116,7 +127,7 @@ def oracle_pairs(images: torch.Tensor, captions: list[str], pairs_per_caption: i
 
 def write_oracle_pairs(path: str | Path, comps, *, samples_per_caption: int, pairs_per_caption: int, seed: int,
                        num_steps: int, guidance_scale: float, max_sequence_length: int,
-                       margin: float = 0.05, mix: bool = False) -> dict:
+                       margin: float = 0.05, mix: bool = False, soft: float | None = None) -> dict:
     """Sample, grade, pair and write a preference Parquet at `path`; returns the labelling statistics."""
     captions = caption_texts()
     if mix:
@@ -125,10 +136,41 @@ def write_oracle_pairs(path: str | Path, comps, *, samples_per_caption: int, pai
         images = sample_captions(comps, captions, samples_per_caption, seed, num_steps, guidance_scale,
                                  max_sequence_length)
         sources = [f"sample_g{guidance_scale:g}_a0"] * samples_per_caption
-    rows, stats = oracle_pairs(images, captions, pairs_per_caption, margin, seed)
+    rows, stats = oracle_pairs(images, captions, pairs_per_caption, margin, seed, soft)
     graded = oracle_scores(images.flatten(0, 1), [c for c in captions for _ in range(images.shape[1])]).score
     graded = graded.reshape(images.shape[0], images.shape[1])
     stats["sources"] = {name: float(graded[:, [j for j, s in enumerate(sources) if s == name]].mean())
                         for name in dict.fromkeys(sources)}  # mean oracle grade per source
     write_preference_parquet(path, rows)
     return stats
+
+
+def soften_pairs(src: str | Path, dst: str | Path, tau: float, batch_size: int = 512) -> dict:
+    """Relabel the preference file `src` with soft labels (module doc) into `dst`: the oracle regrades both stored
+    images of each pair (as the DRM will see them, after PNG quantization). A pair whose regraded order flips is
+    swapped, one whose grades are now equal is dropped; both are counted."""
+    from drm_ray.data.preferences import PreferenceReader
+
+    rows, flipped, dropped, labels = [], 0, 0, []
+    reader = PreferenceReader(src)
+    raw = reader.file.iter_batches(batch_size=batch_size, columns=["prompt", "image_win", "image_lose"])
+    for batch, table in zip(reader.iter_batches(batch_size, RESOLUTION), raw):
+        cols = table.to_pydict()
+        if len(batch) != len(cols["prompt"]):
+            raise ValueError(f"{src}: rows whose images do not decode; soften_pairs needs every row")
+        s_w = oracle_scores(batch.image_win, batch.prompt).score
+        s_l = oracle_scores(batch.image_lose, batch.prompt).score
+        for i, prompt in enumerate(batch.prompt):
+            gap = float(s_w[i] - s_l[i])
+            if gap == 0.0:
+                dropped += 1
+                continue
+            win, lose = ("image_win", "image_lose") if gap > 0 else ("image_lose", "image_win")
+            flipped += gap < 0
+            labels.append(soft_label(abs(gap), tau))
+            rows.append({"prompt": prompt, "image_win": cols[win][i], "image_lose": cols[lose][i], "source": SOURCE,
+                         "tie": False, "label": labels[-1]})
+    write_preference_parquet(dst, rows)
+    lab = np.array(labels)
+    return {"pairs": len(rows), "flipped": int(flipped), "dropped_equal": dropped, "tau": tau,
+            "label_mean": float(lab.mean()), "label_quartiles": [float(q) for q in np.quantile(lab, [0.25, 0.5, 0.75])]}
