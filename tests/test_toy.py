@@ -188,6 +188,34 @@ def test_oracle_pairs_prefer_the_higher_grade():
         assert graded[0] > graded[1] + 0.05
 
 
+def test_soft_labels_follow_the_oracle_gap_and_soften_swaps_a_flipped_pair(tmp_path):
+    from drm_ray.data.preferences import PreferenceReader, image_to_bytes, write_preference_parquet
+    from drm_ray.diffusion.sampling import to_pil
+    from drm_ray.toy.pairs import oracle_pairs, soften_pairs
+
+    caption = "a red circle on the left"
+    good = torch.from_numpy(render_scene(parse_caption(caption), np.random.default_rng(0)))
+    images = torch.stack([good, torch.zeros_like(good), good * 0.5]).permute(0, 3, 1, 2)  # [3, 3, H, W]
+    grade = oracle_scores(images, [caption] * 3).score
+    rows, _ = oracle_pairs(images[None], [caption], pairs_per_caption=3, margin=0.05, seed=0, soft=0.1)
+    for r in rows:  # the winner is the better one; its label is sigmoid(gap / 0.1), computed here from the grades
+        idx = [next(i for i in range(3) if image_to_bytes(to_pil(images[i:i + 1])[0]) == r[c])
+               for c in ("image_win", "image_lose")]
+        gap = float(grade[idx[0]] - grade[idx[1]])
+        assert gap > 0.05 and r["label"] == pytest.approx(1 / (1 + np.exp(-gap / 0.1)), rel=1e-6)
+    # a file with one pair in the wrong order and one tie-equal pair: soften swaps the first and drops the second
+    pil = to_pil(images)
+    src = tmp_path / "hard.parquet"
+    as_row = lambda w, l: dict(prompt=caption, image_win=image_to_bytes(pil[w]), image_lose=image_to_bytes(pil[l]))  # noqa
+    write_preference_parquet(src, [as_row(1, 0), as_row(0, 0)])
+    stats = soften_pairs(src, tmp_path / "soft.parquet", tau=0.2)
+    assert (stats["pairs"], stats["flipped"], stats["dropped_equal"]) == (1, 1, 1)
+    [b] = list(PreferenceReader(tmp_path / "soft.parquet").iter_batches(8, 32))
+    regraded = oracle_scores(torch.cat([b.image_win, b.image_lose]), [caption] * 2).score
+    assert regraded[0] > regraded[1]
+    assert b.label.item() == pytest.approx(1 / (1 + np.exp(-float(regraded[0] - regraded[1]) / 0.2)), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_step_grpo_optimizes_the_oracle_on_x0_hat_and_a_drm_judges(ray_session, toy_ckpt, tmp_path):
     """Step-GRPO with the hidden oracle as its reward (each branching child graded through its x0_hat) and a DRM
