@@ -218,7 +218,7 @@ def sd35m_costs(forward_ms: float, score_efficiency: float, sync_s: float, allre
                 overrides: list[str] = ()) -> tuple[Costs, dict]:
     """Sequence-forward counts of one sd35m iteration (see the module doc) and the costs they imply."""
     from drm_ray.config import load_config
-    from drm_ray.rl_setup import grad_accum
+    from drm_ray.algorithms.rl_batch import grad_accum
 
     cfg = load_config("sd35m", list(overrides))
     s, g = cfg.sampling, cfg.grpo
@@ -271,7 +271,7 @@ def mlflow_costs(uri: str, run_id: str) -> tuple[Costs, tuple[int, int, int]]:
         rollout, score = mean("busy/rollout_s"), mean("busy/score_s")
     else:  # a run from before busy/* existed (serial): the phase's wall time x the units that worked in parallel
         rollout, score = mean("timing/rollout") * min(n, chunks), mean("timing/score") * min(m, chunks)
-    from drm_ray.rl_setup import grad_accum
+    from drm_ray.algorithms.rl_batch import grad_accum
 
     branch = p.get("grpo.branch_steps", "None")
     steps = int(p["sampling.num_steps"]) - 1 if branch in ("None", "") else len(branch.strip("()[]").split(","))

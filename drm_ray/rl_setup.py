@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 import torch
 
-from drm_ray.algorithms.rl_batch import IterationLayout
+from drm_ray.algorithms.rl_batch import IterationLayout, grad_accum
 from drm_ray.data.prompt_table import prompt_table_ref
 from drm_ray.data.prompts import load_prompts
 from drm_ray.diffusion.sampling import decode_latents
@@ -179,11 +179,3 @@ def update_config(cfg, states: int, num_workers: int = 1, per_group: int = 1) ->
     s, g, le = cfg.sampling, cfg.grpo, cfg.learner
     return dict(grad_accum=grad_accum(states, g.updates_per_iter, num_workers, le.micro_batch_states, per_group),
                 guidance_scale=s.guidance_scale, noise_level=s.noise_level, clip_eps=g.clip_eps, beta=g.beta)
-
-
-def grad_accum(states: int, updates_per_iter: int, num_workers: int, micro_batch_states: int,
-               per_group: int = 1) -> int:
-    """Backward calls per optimizer step: the largest minibatch (groups of `per_group` states / updates_per_iter,
-    rounded up: `IterationLayout`) over the ranks in micro-batches of `micro_batch_states`."""
-    per_step = math.ceil(states // per_group / updates_per_iter) * per_group
-    return max(1, math.ceil(per_step / (num_workers * micro_batch_states)))

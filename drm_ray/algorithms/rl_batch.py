@@ -13,6 +13,7 @@ latents of its cells itself (`gather_states`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,14 @@ class IterationLayout:
         lo, _ = self.cell_bounds(j, row, 0)
         _, hi = self.cell_bounds(j, row, self.world - 1)
         return lo // self.per_group, -(-hi // self.per_group)
+
+
+def grad_accum(states: int, updates_per_iter: int, num_workers: int, micro_batch_states: int,
+               per_group: int = 1) -> int:
+    """Backward calls per optimizer step: the largest minibatch (groups of `per_group` states / updates_per_iter,
+    rounded up: `IterationLayout`) over the ranks in micro-batches of `micro_batch_states`."""
+    per_step = math.ceil(states // per_group / updates_per_iter) * per_group
+    return max(1, math.ceil(per_step / (num_workers * micro_batch_states)))
 
 
 def select_states(batch: dict, lo: int, hi: int) -> dict:
