@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-s", type=float, default=1.0)
     parser.add_argument("--chunks", type=int, default=4, help="rollout calls per iteration")
     parser.add_argument("--groups", type=int, default=None, help="prompt groups per iteration (default: --chunks)")
+    parser.add_argument("--per-group", type=int, default=1, help="trained states per prompt group")
     parser.add_argument("--accum", type=int, default=1,
                         help="learner micro-batch rows per optimizer step (a row starts when its groups are scored)")
     parser.add_argument("--updates", type=int, default=None, help="optimizer steps per iteration")
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         if None in (args.rollout_s, args.score_s, args.learn_s):
             parser.error("give --rollout-s, --score-s and --learn-s, or --sd35m, or --from-mlflow")
         costs = Costs(args.rollout_s, args.score_s, args.learn_s, args.sync_s, args.chunks, 1, args.allreduce_s,
-                      args.groups or args.chunks, 1, args.accum)
+                      args.groups or args.chunks, args.per_group, args.accum)
     if args.updates:
         costs.updates = args.updates
     if args.allreduce_s is not None:
