@@ -12,13 +12,15 @@ sampling every group; `score`: one scorer scoring every child; `learn`: one lear
 
 Layouts: `N,M,W` puts N rollout workers, M scorers and W learner ranks on separate GPUs (the sd35m preset: 4,1,2);
 `colocated:G` puts one of each role on each of G GPUs (the paper's own set-up: every GPU samples, scores and learns).
-Schedules:
-- serial: rollout of every chunk (greedy over the N workers), then scoring of every chunk (over the M scorers), then
-  learning (W ranks, data parallel), then sync: drm_ray/driver.py with grpo.schedule=serial.
-- pipelined: a chunk is scored as soon as it is rolled out and a scorer is free; the learner trains on chunk i as
-  soon as it is scored and chunk i - 1 is trained (minibatch boundaries are fixed, so the order is); sync at the end.
-  Colocated GPUs run their roles one after another either way. drm_ray/driver.py's default schedule; its learner's
-  unit is a micro-batch row, which may straddle two chunks.
+The iteration is played as events (`run_tasks`): rollout chunks (each worker takes the next chunk when free), scoring
+calls, the learner's cells as drm_ray deals them (`IterationLayout`: each rank trains its micro-batch rows in
+order, each minibatch ends in an all-reduce when W > 1), then the sync. Schedules:
+- serial: every rollout, then every scoring call, then the learner, then sync (grpo.schedule=serial).
+- pipelined: a chunk is scored as soon as it is rolled out and a scorer is free; a learner row starts as soon as
+  every group it touches is scored and the rank's previous row is done (the default schedule).
+  Colocated GPUs run their roles one after another either way.
+`--cores C` makes the roles share C CPU cores (each running task progresses at min(1, C / running tasks)), as on a
+CPU machine; without it every unit has its own device.
 Output: iteration time, the longest phase (the bound no schedule beats), iteration / longest phase, each role's busy
 seconds and utilization (busy / iteration), and the critical path. With --sd35m it also searches every split of the
 GPUs and ranks the layouts.
@@ -34,10 +36,10 @@ Where the costs come from:
   the rollout workers (a few sequences per call); `--score-efficiency` scales that. The ranking of layouts depends on
   the ratios only; bench/gpu_check.py on a GPU measures them.
 
-Checked once against measured CPU runs (tiny preset, 8 prompt groups in 4 chunks, 8 iterations, means after the
-first): costs read from a run with 1 rollout worker predict 0.483 s per serial iteration for 2 rollout workers; the
-run with 2 measured 0.489 s (-1.2%). Pipelined, on this 2-core machine, the prediction is 31% short of the measured
-run (docs/PIPELINE.md): the roles share two cores there, which the simulator does not model.
+Checked against measured CPU runs (tiny preset, 8 prompt groups of 3 states in 4 chunks, 8 iterations, means after
+the first; docs/PIPELINE.md): costs read from a serial run predict pipelined runs with 1 and 2 rollout workers within
+4% and 1% with `--cores 2` (the machine's), and the serial run itself 11.5% short (the driver's hand-offs between
+phases are not charged).
 """
 
 from __future__ import annotations
