@@ -15,7 +15,7 @@ import ray
 import torch
 
 from drm_ray.algorithms.rl_batch import IterationLayout, grad_accum
-from drm_ray.data.prompt_table import prompt_table_ref
+from drm_ray.data.prompt_table import prompt_table_ref, share_table
 from drm_ray.data.prompts import load_prompts
 from drm_ray.diffusion.sampling import decode_latents
 from drm_ray.models.lora import save_lora_diffusers
@@ -43,6 +43,7 @@ class RLSetup:
         # the prompt table stays in the object store (float16 numpy, zero-copy per node); actors get the reference
         self.prompts_ref = prompt_table_ref(list(prompts) + held_out, s.negative_prompt, m.preset, self.kwargs,
                                             on_gpu=bool(ro.num_gpus))
+        table = share_table(self.prompts_ref)  # restartable actors take the holder's name (prompt_table.py)
         self.rewards = [parse_spec(r) for r in cfg.reward.rewards]  # what is optimized, with weights
         self.judges = [parse_spec(j).kind for j in cfg.reward.judges]  # what only evaluates
         uses_drm = any(r.kind == "drm" for r in self.rewards) or "drm" in self.judges
@@ -52,18 +53,19 @@ class RLSetup:
         actor = rollout_actor_options(ro)  # resources from the config, SPREAD over nodes
         actor["max_restarts"] = ro.max_restarts  # a dead actor comes back; the driver resubmits its work
         dtype = m.dtype if ro.num_gpus else None
-        self.scorers = [ray.remote(RewardScorer).options(**actor).remote(
-            prompts=[self.prompts_ref], torch_threads=threads,
+        names = [f"{table}_scorer{i}" for i in range(ro.num_scorers)]  # workers find their scorer by name
+        self.scorers = [ray.remote(RewardScorer).options(**actor, name=names[i]).remote(
+            prompts=table, torch_threads=threads,
             **scorer_kwargs(cfg, cfg.reward.rewards, drm_path, dtype))
-            for _ in range(ro.num_scorers)]
+            for i in range(ro.num_scorers)]
         self.judge = None
         if self.judges:  # one actor, off the training path: it scores the evaluation panel only
             self.judge = ray.remote(RewardScorer).options(**actor).remote(
-                prompts=[self.prompts_ref], torch_threads=threads, **scorer_kwargs(cfg, self.judges, drm_path, dtype))
+                prompts=table, torch_threads=threads, **scorer_kwargs(cfg, self.judges, drm_path, dtype))
         sampling = cfg.rollout_sampling()
         self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
-            m.preset, self.kwargs, self.lora_cfg, [self.prompts_ref], sampling, cfg.grpo.algo, threads,
-            self.scorers[i % len(self.scorers)], self.x0_children, ro.timeout_s) for i in range(ro.num_workers)]
+            m.preset, self.kwargs, self.lora_cfg, table, sampling, cfg.grpo.algo, threads,
+            names[i % len(names)], self.x0_children, ro.timeout_s) for i in range(ro.num_workers)]
         self.per_group = len(self.branch_steps) * (1 if cfg.grpo.algo == "step_grpo" else s.k)  # trained states
         states = cfg.grpo.prompts_per_iter * self.per_group
         loop_config = dict(

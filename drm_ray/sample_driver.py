@@ -63,21 +63,23 @@ def start_actors(sampler_kwargs: dict, prompts_ref, scorer_kwargs: dict | None, 
     `drm_ray.workers.scorer.scorer_kwargs`) and a judge actor (with `judge_kwargs`), ready: (samplers, the others)."""
     import ray
 
+    from drm_ray.data.prompt_table import share_table
     from drm_ray.workers.scorer import RewardScorer
 
     if num_workers < 1 or num_scorers < 1:
         raise ValueError(f"need at least one worker and one scorer, got workers={num_workers}, "
                          f"scorers={num_scorers}")
     opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
+    table = share_table(prompts_ref)
     scorer_cls = ray.remote(**opts)(RewardScorer)
     scorers = [] if scorer_kwargs is None else [
-        scorer_cls.remote(prompts=[prompts_ref], torch_threads=torch_threads, **scorer_kwargs)
+        scorer_cls.remote(prompts=table, torch_threads=torch_threads, **scorer_kwargs)
         for _ in range(num_scorers)]
-    judge = None if judge_kwargs is None else scorer_cls.remote(prompts=[prompts_ref], torch_threads=torch_threads,
+    judge = None if judge_kwargs is None else scorer_cls.remote(prompts=table, torch_threads=torch_threads,
                                                                 **judge_kwargs)
     others = scorers + ([judge] if judge is not None else [])
     sampler_cls = ray.remote(**opts)(StepwiseSampler)
-    workers = [sampler_cls.remote(**sampler_kwargs, prompts=[prompts_ref], torch_threads=torch_threads,
+    workers = [sampler_cls.remote(**sampler_kwargs, prompts=table, torch_threads=torch_threads,
                                   scorer=RemoteScorer(scorers[i % len(scorers)], timeout_s) if scorers else None,
                                   judges=RemoteScorer(judge, timeout_s) if judge is not None else None)
                for i in range(num_workers)]

@@ -128,6 +128,9 @@ def test_ray_job_submit_runs_step_grpo_on_a_started_head(tmp_path):
         tree = _descendants(head)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout and "iter 2/2" in job.stdout, job.stdout[-4000:]
+        # a quiet console: no C++ error lines from Ray's core worker (e.g. its warning about restartable actors whose
+        # constructors take object-store arguments) and no Python tracebacks
+        assert "core_worker.cc" not in job.stdout + job.stderr and "Traceback" not in job.stdout, job.stdout[-4000:]
         assert json.loads((out / "summary.json").read_text())["iteration"] == 2
         assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
         assert (out / "checkpoints" / "iter-000002" / "state.json").is_file()

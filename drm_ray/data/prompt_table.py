@@ -75,15 +75,44 @@ def encode_prompt_table(prompts: list[str], negative_prompt: str, preset: str, m
     return PromptTable(list(prompts), embeds, pooled, neg[0], neg_pooled[0])
 
 
+class PromptTableHolder:
+    """A small actor that holds the table's reference for the job: restartable actors get its name, a plain string,
+    and fetch the table through it in their constructor, so a restarted actor fetches it again. (Ray logs an error
+    line for every restartable actor whose constructor takes an object-store reference, even nested in a list or
+    behind an actor handle; a name is neither.)"""
+
+    def __init__(self, box: list):
+        self.box = box  # [ObjectRef of the PromptTable]: nested, so it stays a reference
+
+    def get(self) -> list:
+        return self.box
+
+
+_HOLDERS: dict[str, object] = {}  # name -> holder handle, kept by the process that shared the table
+
+
+def share_table(table_ref) -> str:
+    """Hold `table_ref` in a named `PromptTableHolder` on this node (no CPU) and return the name actors take."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = f"drm_ray_prompts_{uuid.uuid4().hex[:12]}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    _HOLDERS[name] = ray.remote(PromptTableHolder).options(name=name, num_cpus=0, scheduling_strategy=here) \
+        .remote([table_ref])
+    return name
+
+
 def resolve_table(prompts):
-    """The PromptTable an actor was given: the table itself (in-process use), or a one-element list holding its
-    object-store reference, as the jobs pass it. Nested in a list, the reference reaches the constructor unresolved,
-    so Ray does not warn on every restartable actor that its constructor argument lives in the object store; the
-    driver keeps the reference alive, so a restarted actor fetches it again."""
-    if isinstance(prompts, list):
+    """The PromptTable an actor was given: the table itself (in-process use), or the name of the
+    `PromptTableHolder` the jobs share it through (`share_table`)."""
+    if isinstance(prompts, str):
         import ray
 
-        return ray.get(prompts[0])
+        box = ray.get(ray.get_actor(prompts).get.remote())
+        return ray.get(box[0])
     return prompts
 
 

@@ -106,7 +106,9 @@ class RolloutWorker:
         self.sigmas = schedule_sigmas(comps.scheduler, sampling["num_steps"])
         self.scheduler = comps.scheduler
         self.latent_size = latent_size(preset, model_kwargs["resolution"])
-        self.scorer = scorer  # a RewardScorer actor (continuation=best asks it which child continues)
+        # continuation=best asks a RewardScorer which child continues: the actor, or its name (the driver names its
+        # scorers so that a restartable worker's constructor takes a string, not an actor handle)
+        self.scorer = _actor(scorer) if isinstance(scorer, str) else scorer
         self.x0_children = x0_children  # image rewards score the children's denoised estimates x0_hat
         self.timeout_s = timeout_s
         self.version = -1  # no adapter state loaded from the learner yet
@@ -206,3 +208,9 @@ class RolloutWorker:
     def schedule(self) -> torch.Tensor:
         """The sigmas of the rollout schedule ([num_steps + 1], float32)."""
         return self.sigmas
+
+
+def _actor(name: str):
+    import ray
+
+    return ray.get_actor(name)
