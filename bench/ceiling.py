@@ -45,8 +45,11 @@ def name(algo: str, lr: float, norm: str) -> str:
     return f"{algo} lr={lr:g}" + (f" adv_norm={norm}" if norm != "std" else "")
 
 
+TAG = ""  # "-p<prompts>-i<iterations>" when --set changes the RL budget, so runs of other budgets are kept apart
+
+
 def run_dir(out: Path, algo: str, lr: float, seed: int, norm: str = "std") -> Path:
-    return out / "ceiling" / (f"{algo}-oracle-lr{lr:g}" + (f"-{norm}" if norm != "std" else "") + f"-s{seed}")
+    return out / "ceiling" / (f"{algo}-oracle-lr{lr:g}" + (f"-{norm}" if norm != "std" else "") + TAG + f"-s{seed}")
 
 
 def settings(algos, lrs, norms) -> list[tuple[str, float, str]]:
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         if key not in ("prompts", "iterations", "eval_every") or not value:
             parser.error(f"--set {item!r}: expected prompts|iterations|eval_every=INT")
         p[key] = int(value)
+    global TAG
+    TAG = "".join(f"-{k[0]}{p[k]}" for k in ("prompts", "iterations") if p[k] != (QUICK if args.quick else FULL)[k])
     seeds = args.seeds or (1 if args.quick else 3)
     out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     out.mkdir(parents=True, exist_ok=True)
