@@ -148,7 +148,7 @@ def write_oracle_pairs(path: str | Path, comps, *, samples_per_caption: int, pai
 def soften_pairs(src: str | Path, dst: str | Path, tau: float, batch_size: int = 512) -> dict:
     """Relabel the preference file `src` with soft labels (module doc) into `dst`: the oracle regrades both stored
     images of each pair (as the DRM will see them, after PNG quantization). A pair whose regraded order flips is
-    swapped, one whose grades are now equal is dropped; both are counted."""
+    swapped, one whose grades are now equal (a label that is 0.5 in float32) is dropped; both are counted."""
     from drm_ray.data.preferences import PreferenceReader
 
     rows, flipped, dropped, labels = [], 0, 0, []
@@ -162,7 +162,7 @@ def soften_pairs(src: str | Path, dst: str | Path, tau: float, batch_size: int =
         s_l = oracle_scores(batch.image_lose, batch.prompt).score
         for i, prompt in enumerate(batch.prompt):
             gap = float(s_w[i] - s_l[i])
-            if gap == 0.0:
+            if np.float32(soft_label(abs(gap), tau)) <= 0.5:  # equal grades (or a gap below float32's resolution)
                 dropped += 1
                 continue
             win, lose = ("image_win", "image_lose") if gap > 0 else ("image_lose", "image_win")
