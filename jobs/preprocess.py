@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from drm_ray.console import add_config_args, job_config, run_job  # noqa: E402
-from drm_ray.data.preprocess import encoder_options, preprocess_pairs  # noqa: E402
-from drm_ray.models.sd3 import model_kwargs  # noqa: E402
 from drm_ray.runtime import job_env  # noqa: E402
 
 
@@ -47,6 +45,9 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = job_config(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job_env(cfg.model.preset, cfg.model.path)  # sd35m: fails here, once, if model.path cannot provide weights
+    # the model stack is imported after job_config has quieted the libraries (transformers warns at import)
+    from drm_ray.data.preprocess import encoder_options, preprocess_pairs
+    from drm_ray.models.sd3 import model_kwargs
 
     start = time.perf_counter()
     options = encoder_options(cfg.data, cfg.rollout.autoscale_wait_s)
