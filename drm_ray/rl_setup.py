@@ -15,7 +15,7 @@ import ray
 import torch
 
 from drm_ray.algorithms.rl_batch import IterationLayout, grad_accum
-from drm_ray.data.prompt_table import prompt_table_ref, share_table
+from drm_ray.data.prompt_table import prompt_table_ref, release_table, share_table
 from drm_ray.data.prompts import load_prompts
 from drm_ray.diffusion.sampling import decode_latents
 from drm_ray.models.lora import save_lora_diffusers
@@ -43,7 +43,7 @@ class RLSetup:
         # the prompt table stays in the object store (float16 numpy, zero-copy per node); actors get the reference
         self.prompts_ref = prompt_table_ref(list(prompts) + held_out, s.negative_prompt, m.preset, self.kwargs,
                                             on_gpu=bool(ro.num_gpus))
-        table = share_table(self.prompts_ref)  # restartable actors take the holder's name (prompt_table.py)
+        self.table = table = share_table(self.prompts_ref)  # restartable actors take the holder's name
         self.rewards = [parse_spec(r) for r in cfg.reward.rewards]  # what is optimized, with weights
         self.judges = [parse_spec(j).kind for j in cfg.reward.judges]  # what only evaluates
         uses_drm = any(r.kind == "drm" for r in self.rewards) or "drm" in self.judges
@@ -134,6 +134,7 @@ class RLSetup:
         self.learner.shutdown()
         for a in self.workers + self.scorers + self.judge_actors():
             ray.kill(a)
+        release_table(self.table)
 
 
 def resolve_drm(cfg, out: Path) -> Path:

@@ -63,14 +63,13 @@ def start_actors(sampler_kwargs: dict, prompts_ref, scorer_kwargs: dict | None, 
     `drm_ray.workers.scorer.scorer_kwargs`) and a judge actor (with `judge_kwargs`), ready: (samplers, the others)."""
     import ray
 
-    from drm_ray.data.prompt_table import share_table
     from drm_ray.workers.scorer import RewardScorer
 
     if num_workers < 1 or num_scorers < 1:
         raise ValueError(f"need at least one worker and one scorer, got workers={num_workers}, "
                          f"scorers={num_scorers}")
     opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
-    table = share_table(prompts_ref)
+    table = prompts_ref  # a top-level reference: Ray hands each actor the table (these actors are not restarted)
     scorer_cls = ray.remote(**opts)(RewardScorer)
     scorers = [] if scorer_kwargs is None else [
         scorer_cls.remote(prompts=table, torch_threads=torch_threads, **scorer_kwargs)

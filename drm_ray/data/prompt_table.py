@@ -105,9 +105,18 @@ def share_table(table_ref) -> str:
     return name
 
 
+def release_table(name: str) -> None:
+    """End the holder `share_table` made (the job's actors have their tables)."""
+    import ray
+
+    holder = _HOLDERS.pop(name, None)
+    if holder is not None:
+        ray.kill(holder)
+
+
 def resolve_table(prompts):
-    """The PromptTable an actor was given: the table itself (in-process use), or the name of the
-    `PromptTableHolder` the jobs share it through (`share_table`)."""
+    """The PromptTable an actor was given: the table itself (in-process use, or a top-level reference that Ray
+    resolved), or the name of the `PromptTableHolder` the RL job shares it through (`share_table`)."""
     if isinstance(prompts, str):
         import ray
 
