@@ -159,10 +159,10 @@ class Progress:
     at most about `lines` of them (every total / lines steps, and the last)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "", stream=None, unit: str = "iter",
-                 lines: int | None = None):
+                 lines: int | None = None, start: float | None = None):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream or sys.stdout
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start  # when step `initial` was done (perf_counter)
         self.initial = initial
         self.every = max(1, total // lines) if lines else 1
         self.next_line = initial + self.every

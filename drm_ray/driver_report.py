@@ -50,7 +50,9 @@ class DriverReport:
         KL to the reference (and the clipped fraction with several updates per batch), seconds per phase."""
         g = self.cfg.grpo
         if self.console is None:
-            self.console = Progress(g.iterations, self.iteration - 1, g.algo)
+            # made after the first reported iteration: its clock starts when that iteration did
+            self.console = Progress(g.iterations, self.iteration - 1, g.algo,
+                                    start=time.perf_counter() - m["timing/iteration"])
         self.rewards_seen.append(m["reward/final_mean"])
         text = f"reward {m['reward/final_mean']:+.4f}"
         if self.eval_history:

@@ -83,3 +83,14 @@ def test_progress_off_a_terminal_prints_at_most_the_asked_lines_and_the_last():
         bar.update(step, "")
     steps = [int(line.split()[2].split("/")[0]) for line in stream.getvalue().splitlines()]
     assert steps == list(range(100, 1001, 100))
+
+
+def test_progress_eta_counts_the_steps_done_since_its_clock_started():
+    # the RL driver makes its bar after iteration 1 is done, with the clock set to when iteration 1 began: at step
+    # 2 of 20 after 2 x 10 s, 18 steps are left at 10 s each -> 3m00s (counting from its own creation it said 1m30s)
+    import time
+
+    stream = io.StringIO()
+    bar = Progress(20, 0, "grpo", stream=stream, start=time.perf_counter() - 20.0)
+    bar.update(2, "reward +0.1")
+    assert stream.getvalue().strip().endswith("| 20s elapsed, eta 3m00s")
