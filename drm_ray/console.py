@@ -145,6 +145,8 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its logger's level when imported
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Token authentication is enabled for this Ray cluster": the local cluster's secure default, said on every start
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
 
 
 def verbose() -> bool:
