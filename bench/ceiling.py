@@ -56,7 +56,24 @@ def settings(algos, lrs, norms) -> list[tuple[str, float, str]]:
     return [(a, lr, n) for lr in lrs for n in norms for a in algos]
 
 
-def run_rl(chain: Chain, p: dict, seeds: int, grid: list[tuple[str, float, str]], k: int = 4) -> None:
+def caption_file(out: Path, pattern: str) -> Path:
+    """The toy captions matching the regular expression `pattern`, one per line, for data.prompts."""
+    import re
+
+    from drm_ray.toy.world import caption_texts
+
+    chosen = [t for t in caption_texts() if re.search(pattern, t)]
+    if not chosen:
+        raise SystemExit(f"[ceiling] --captions {pattern!r} matches no toy caption (see drm_ray.toy.world)")
+    path = out / "prompts" / (re.sub(r"[^a-z0-9]+", "_", pattern.lower()).strip("_") + ".txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(chosen) + "\n")
+    return path
+
+
+def run_rl(chain: Chain, p: dict, seeds: int, grid: list[tuple[str, float, str]], k: int = 4,
+           prompts_file: Path | None = None) -> None:
+    data = [f"data.prompts={prompts_file}"] if prompts_file else []
     for seed in range(seeds):
         for algo, lr, norm in grid:
             run = run_dir(chain.out, algo, lr, seed, norm)
@@ -66,7 +83,7 @@ def run_rl(chain: Chain, p: dict, seeds: int, grid: list[tuple[str, float, str]]
                 "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", f"sampling.k={k}",
                 f"learner.lr={lr}", f"grpo.adv_norm={norm}", f"grpo.prompts_per_iter={prompts}",
                 f"grpo.iterations={p['iterations']}", f"grpo.eval_every={p['eval_every']}",
-                f"grpo.checkpoint_every={p['iterations']}", f"tracking.run_name=ceiling-{run.name}"],
+                f"grpo.checkpoint_every={p['iterations']}", f"tracking.run_name=ceiling-{run.name}", *data],
                 run / "summary.json")
 
 
@@ -103,7 +120,8 @@ def final_metric(out: Path, run: Path, key: str) -> float:
     return max(history, key=lambda m: m.step).value if history else float("nan")
 
 
-def report(out: Path, p: dict, seeds: int, grid: list, timings: dict, path: Path, quick: bool, cmd: str) -> None:
+def report(out: Path, p: dict, seeds: int, grid: list, timings: dict, path: Path, quick: bool, cmd: str,
+           prompts_file: Path | None = None) -> None:
     c = curves(out, seeds, grid)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
@@ -112,8 +130,9 @@ def report(out: Path, p: dict, seeds: int, grid: list, timings: dict, path: Path
           f"{platform.machine()} with {os.cpu_count()} CPU cores, no GPU; every number was measured by that run. "
           "Settings as bench/reproduce.py's RL stage: " + ", ".join(f"{k}={p[k]}" for k in
                                                                    ("iterations", "eval_every", "prompts")) +
-          f", k=4, up to {seeds} seed(s) per setting. Panel: 180 ODE images (every caption "
-          "twice, fixed seeds), graded by the oracle.", ""]
+          f", k=4, up to {seeds} seed(s) per setting. Panel: 180 ODE images ("
+          + (f"the {len(prompts_file.read_text().split(chr(10))) - 1} training captions of {prompts_file.name}, "
+             "cycling" if prompts_file else "every caption twice") + ", fixed seeds), graded by the oracle.", ""]
     if not c:
         path.write_text("\n".join(md + ["No run finished.", ""]))
         return
@@ -166,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override budget parameters of bench/reproduce.py's FULL / QUICK (prompts, iterations, "
                              "eval_every)")
+    parser.add_argument("--captions", default=None, metavar="REGEX",
+                        help="train (and build the panel) on the toy captions matching REGEX only, e.g. "
+                             "'^a .* square ' for the 25 one-square captions (default: all 90)")
     parser.add_argument("--force", action="store_true", help="re-run finished runs")
     parser.add_argument("--report", default=None, help="default docs/CEILING.md (<out>/CEILING.md with --quick)")
     args = parser.parse_args(argv)
@@ -183,13 +205,16 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain(out, p, args.force)
+    prompts_file = caption_file(out, args.captions) if args.captions else None
+    if prompts_file:
+        TAG += "-" + prompts_file.stem
     lrs = [float(v) for v in args.lrs.split(",")]
     grid = settings(args.algos.split(","), lrs, args.adv_norms.split(","))
     chain.pretrain()
-    run_rl(chain, p, seeds, grid)
+    run_rl(chain, p, seeds, grid, prompts_file=prompts_file)
     path = Path(args.report) if args.report else (out / "CEILING.md" if args.quick else ROOT / "docs" / "CEILING.md")
     cmd = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    report(out, p, seeds, grid, chain.timings, path, args.quick, cmd)
+    report(out, p, seeds, grid, chain.timings, path, args.quick, cmd, prompts_file)
     print(f"[ceiling] report written to {path}", flush=True)
 
 

@@ -1,0 +1,32 @@
+"""bench/policy_breakdown.py's arithmetic, against hand computations and the oracle's own score."""
+
+import numpy as np
+
+from bench.policy_breakdown import group_variance, kind_of, mixed_groups, score_terms
+from drm_ray.toy.oracle import oracle_scores
+from drm_ray.toy.world import scene_batch
+
+
+def test_score_terms_add_up_to_the_oracle_score():
+    captions, images = scene_batch(3, 0, 6)
+    result = oracle_scores(images, captions)
+    total = sum(score_terms(result).values())
+    np.testing.assert_allclose(total, result.score, atol=1e-12)
+
+
+def test_group_variance_by_hand():
+    # groups (1, 3) and (5, 5): population variances 1 and 0 -> mean 0.5
+    assert group_variance(np.array([1.0, 3.0, 5.0, 5.0]), 2) == 0.5
+    # one group of four: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5 -> 1.25
+    assert group_variance(np.array([1.0, 2.0, 3.0, 4.0]), 4) == 1.25
+
+
+def test_mixed_groups_counts_groups_with_both_outcomes():
+    correct = np.array([True, False, True, True, False, False])
+    assert mixed_groups(correct, 2) == 1 / 3
+
+
+def test_kind_of_caption():
+    assert kind_of("two red circles") == "two"
+    assert kind_of("a blue square on the left") == "square"
+    assert kind_of("a white triangle in the center") == "triangle"
