@@ -14,8 +14,12 @@
 - cleanliness: the fraction of pixels within 0.2 of some palette colour (blur and noise lower it), times a penalty
   for pixels in other caption colours (stray objects), saturating at 20 such pixels.
 
-`correct` is the binary version a person would give: the colour present, the shape classified right, and the
-object within 5 px of its anchor (placement >= 0.5) or exactly two objects. Nothing here looks at a generator's
+`correct` is the binary version: the colour present, the shape classified right, and the object within 5 px of its
+anchor (placement >= 0.5) or exactly two objects. The shape prototypes are measured on crisp renders, so the shape
+criterion also grades crispness: blur rounds a square's corners and lowers its fill ratio toward a circle's (the
+pre-trained toy policy's squares average 0.84 against 0.80 for a rendered circle and 1.00 for a rendered square), and
+a square a person would still call a square is graded as a circle (88% of that policy's squares;
+`bench/policy_breakdown.py` measures it). Nothing here looks at a generator's
 internals; the same function grades the dataset, samples of the pre-trained model, RL evaluation panels and
 Step-wise Sampling.
 """
