@@ -103,6 +103,9 @@ class DRMConfig:
     head: str = "mlp"                    # mlp (fixed resolution) | mean (any resolution)
     head_dim: int = 4                    # per-token features of the mlp head
     init: str = "pretrained"             # pretrained | random (the paper's ablation)
+    train_blocks: int | None = None      # None: every weight learns; N: only the last N kept blocks and the head
+                                         # (the embedders and earlier blocks keep their initial weights, no
+                                         # optimizer state for them)
     lr: float = 1e-4                     # AdamW learning rate of DRM training
     batch_size: int = 16                 # pairs per optimizer step (global, over every rank and micro-step)
     micro_batch: int | None = None       # pairs per rank per forward/backward; None: batch_size / num_workers.

@@ -105,6 +105,9 @@ def rule_errors(c, rl: bool) -> list[str]:
     need(d.max_grad_norm > 0, "drm.max_grad_norm", "must be > 0", d.max_grad_norm)
     need(d.num_cpus >= 0, "drm.num_cpus", "must be >= 0", d.num_cpus)
     need(m.num_layers >= d.n_drop + 1, "model.num_layers", f"must exceed drm.n_drop ({d.n_drop})", m.num_layers)
+    need(d.train_blocks is None or 0 <= d.train_blocks <= m.num_layers - d.n_drop, "drm.train_blocks",
+         f"must be null (all) or between 0 (the head only) and the kept blocks ({m.num_layers - d.n_drop})",
+         d.train_blocks)
     da = c.data
     need(da.encoder_workers > 0, "data.encoder_workers", "must be > 0", da.encoder_workers)
     need(da.encoder_gpus >= 0, "data.encoder_gpus", "must be >= 0", da.encoder_gpus)

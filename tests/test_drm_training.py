@@ -106,6 +106,29 @@ def test_training_lowers_the_loss_keeps_the_best_and_resumes(ray_session, tmp_pa
         assert all(torch.equal(after[k], best_weights[k]) for k in after)
 
 
+def test_train_blocks_freezes_everything_but_the_last_blocks_and_the_head(ray_session, tmp_path):
+    """drm.train_blocks=1 of 2 kept blocks: after real DeepSpeed steps the last block and the head moved, every
+    other weight (embedders, the first block) is bit-identical to a fresh build of the same initial DRM."""
+    from drm_ray.models.sd3 import latent_size, model_kwargs
+    from drm_ray.reward.train_loop import build_training_drm
+    from drm_ray.reward.trainer import train_drm
+
+    cache = _learnable_cache(tmp_path / "cache", n=64)
+    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "drm.train_steps=5", "drm.lr=1e-2",
+                               "drm.batch_size=8", "drm.train_blocks=1", "drm.checkpoint_every=5",
+                               "model.num_layers=5"])
+    r = cfg.drm
+    drm_dir = train_drm(cfg, cache)
+    initial = build_training_drm("tiny", model_kwargs(cfg.model, cfg.sampling), "cpu", n_drop=r.n_drop, head=r.head,
+                                 head_dim=r.head_dim, init=r.init, seed=cfg.run.seed,
+                                 latent_size=latent_size("tiny", cfg.sampling.resolution)).state_dict()
+    trained = DiffusionRewardModel.from_pretrained(drm_dir).state_dict()
+    last = f"blocks.{cfg.model.num_layers - r.n_drop - 1}."
+    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert moved and all(k.startswith((last, "head.")) for k in moved), sorted(moved)
+    assert any(k.startswith("head.") for k in moved) and any(k.startswith(last) for k in moved)
+
+
 def test_asking_for_gpus_without_them_fails_at_once(ray_session, tmp_path):
     from drm_ray.placement import ClusterResourcesError
     from drm_ray.reward.trainer import train_drm

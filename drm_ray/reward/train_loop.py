@@ -164,6 +164,15 @@ def validate(model, pairs: PairBatch, index: torch.Tensor, timesteps, seed: int,
     return acc
 
 
+def set_trainable(model, train_blocks: int | None) -> None:
+    """Every weight learns (None), or only the last `train_blocks` kept blocks and the reward head."""
+    model.requires_grad_(train_blocks is None)
+    if train_blocks is not None:
+        model.head.requires_grad_(True)
+        for block in list(model.blocks)[len(model.blocks) - train_blocks:]:
+            block.requires_grad_(True)
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def drm_train_loop(config: dict) -> None:
@@ -179,7 +188,8 @@ def drm_train_loop(config: dict) -> None:
                                head=config["head"], head_dim=config["head_dim"], init=config["init"],
                                latent_size=config["latent_size"], seed=config["seed"],
                                gradient_checkpointing=config["gradient_checkpointing"])
-    model.requires_grad_(True).train()
+    set_trainable(model, config.get("train_blocks"))
+    model.train()
     micro, accum, pairs_per_step = config["micro"], config["accum"], config["batch_size"]
     ds_cfg = deepspeed_config(micro, accum, world, config["zero_stage"], config["bf16"], config["max_grad_norm"])
     engine, _ = init_engine(model, model.parameters(), config["lr"], 0.0, ds_cfg)

@@ -36,8 +36,8 @@ def train_loop_config(cfg, cache_dir: str | Path, heldout_dir: str | Path | None
     micro, accum = cfg.drm_accumulation()
     return dict(
         preset=cfg.model.preset, model_kwargs=model_kwargs(cfg.model, cfg.sampling), n_drop=r.n_drop,
-        head=r.head, head_dim=r.head_dim, init=r.init, latent_size=latent_size(cfg.model.preset,
-                                                                               cfg.sampling.resolution),
+        train_blocks=r.train_blocks, head=r.head, head_dim=r.head_dim, init=r.init,
+        latent_size=latent_size(cfg.model.preset, cfg.sampling.resolution),
         seed=cfg.run.seed, lr=r.lr, batch_size=r.batch_size, micro=micro, accum=accum,
         gradient_checkpointing=r.gradient_checkpointing, train_steps=r.train_steps,
         zero_noise_prob=r.zero_noise_prob, shift=cfg.sampling.shift, log_every=r.log_every,
