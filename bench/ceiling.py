@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     chain.pretrain()
     run_rl(chain, p, seeds, grid, prompts_file=prompts_file)
     path = Path(args.report) if args.report else (out / "CEILING.md" if args.quick else ROOT / "docs" / "CEILING.md")
-    cmd = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     report(out, p, seeds, grid, chain.timings, path, args.quick, cmd, prompts_file)
     print(f"[ceiling] report written to {path}", flush=True)
 

@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 STAGES = ("pretrain", "pairs", "drm", "rl", "stepwise", "report")
 FULL = dict(pretrain_steps=2500, samples=96, pairs=1500, val=8, val_pairs=32, heldout=16, heldout_pairs=64,
-            drm_steps=3000, drm_val_every=250, drm_seeds=1,
+            drm_steps=3000, drm_val_every=250, drm_seeds=1, drm_train_blocks=-1,
             rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=2e-3, rl_updates=1, rl_clip=1e-4, iterations=40,
             eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
             mix=False)
 QUICK = dict(pretrain_steps=150, samples=6, pairs=10, val=3, val_pairs=4, heldout=4, heldout_pairs=4, drm_steps=60,
-             drm_val_every=30, drm_seeds=1,
+             drm_val_every=30, drm_seeds=1, drm_train_blocks=-1,
              rl_seeds=1, rl_rewards=("drm", "oracle"), rl_lr=1e-3, rl_updates=2, rl_clip=2e-3, iterations=4,
              eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
              mix=False)
@@ -115,6 +115,8 @@ class Chain:
                                                  f"data.heldout_data={caches['val']}",
                                                  f"drm.val_every={self.p['drm_val_every']}",
                                                  "drm.val_pairs=100000",  # every validation pair
+                                                 *([f"drm.train_blocks={self.p['drm_train_blocks']}"]
+                                                   if self.p["drm_train_blocks"] >= 0 else []),
                                                  f"tracking.run_name=train_drm-{init}-s{seed}"],
                          run / "drm" / "drm_config.json")
                 self.run(f"eval-{init}-s{seed}", ["jobs/eval_drm.py", *common, "--drm", str(run / "drm"), "--cache",

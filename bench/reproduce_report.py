@@ -82,7 +82,10 @@ def drm_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
              f"chance, each by > 2 s.e. = {2 * se:.3f})",
     }
     text = (f"Held-out accuracy on {n_pairs} oracle-labelled pairs (mean +- sd over {len(acc['pretrained'])} "
-            f"DRM seed(s); both inits see the same data, steps and seeds):\n\n"
+            f"DRM seed(s); both inits see the same data, steps and seeds"
+            + (f"; only the last {p['drm_train_blocks']} kept block(s) and the head learn (drm.train_blocks), the "
+               "embedders and earlier blocks keep their initial weights" if p.get("drm_train_blocks", -1) >= 0 else "")
+            + "):\n\n"
             + _table(["t", "pretrained init", "random init", "difference"], rows) + "\n")
     return text, {"acc": acc, "verdict": verdict, "mean": mean}
 
