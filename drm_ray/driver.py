@@ -135,9 +135,9 @@ class StepGRPODriver(DriverReport):
                    "score/actor_restarts": float(self.restarts["scorer"]),
                    "train/learner_restarts": float(self.rl.learner.restarts)}
         self.tracker.log_metrics(metrics, self.iteration)
-        self.progress(metrics)
         if self.iteration % g.eval_every == 0 or self.iteration == g.iterations:
             metrics.update(self.log_panel(self.iteration))
+        self.progress(metrics)  # after the panel, so an evaluation iteration's line shows its own panel
         if ckpt:
             self.checkpoint(ckpt)
         return metrics

@@ -131,7 +131,11 @@ def test_ray_job_submit_runs_step_grpo_on_a_started_head(tmp_path):
         # a quiet console: no C++ error lines from Ray's core worker (e.g. its warning about restartable actors whose
         # constructors take object-store arguments) and no Python tracebacks
         assert "core_worker.cc" not in job.stdout + job.stderr and "Traceback" not in job.stdout, job.stdout[-4000:]
-        assert json.loads((out / "summary.json").read_text())["iteration"] == 2
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["iteration"] == 2
+        # the last progress line shows the panel of its own iteration (2), not the one before
+        line = [ln for ln in job.stdout.splitlines() if "iter 2/2" in ln][-1]
+        assert f"eval {summary['eval'][-1]['eval/reward']:+.4f}" in line, (line, summary["eval"])
         assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
         assert (out / "checkpoints" / "iter-000002" / "state.json").is_file()
     finally:
