@@ -10,8 +10,9 @@ Stages, each a subprocess of a job (so the chain is exactly what a user runs), o
               training set that also spans other guidance scales, noise levels, renders and other captions'
               renders; measured once, it lowered held-out accuracy at t=0 from 0.595 to 0.545, so it is off).
 3. drm        jobs/preprocess.py encodes the three pair sets once; jobs/train_drm.py with drm.init=pretrained and
-              =random (equal steps, data, seeds), keeping the step with the best accuracy on the validation pairs
-              (a split of its own), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500, 750, 950.
+              =random (equal steps, data, seeds; drm_train_blocks=1: only the last kept block and the head learn,
+              the protocol under which the pre-trained init shows in this world, docs/reproduction/DRM_ATTEMPTS.md),
+              keeping the step with the best accuracy on the validation pairs (a split of its own), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500, 750, 950.
 4. rl         jobs/step_grpo.py --algo grpo and --algo step_grpo, several seeds, each optimizing the first
               pretrained-init DRM and, separately, the oracle (Step-GRPO grades each child through its x0_hat; the
               DRM judges those runs), at equal rollout compute per iteration: GRPO samples k trajectories for each
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 STAGES = ("pretrain", "pairs", "drm", "rl", "stepwise", "report")
 FULL = dict(pretrain_steps=2500, samples=96, pairs=1500, val=8, val_pairs=32, heldout=16, heldout_pairs=64,
-            drm_steps=3000, drm_val_every=250, drm_seeds=1, drm_train_blocks=-1,
+            drm_steps=3000, drm_val_every=250, drm_seeds=1, drm_train_blocks=1,
             rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=2e-3, rl_updates=1, rl_clip=1e-4, iterations=40,
             eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
             mix=False)
