@@ -132,7 +132,7 @@ def report(out: Path, p: dict, seeds: int, grid: list, timings: dict, path: Path
           "Settings as bench/reproduce.py's RL stage: " + ", ".join(f"{k}={p[k]}" for k in
                                                                    ("iterations", "eval_every", "prompts")) +
           f", k=4, up to {seeds} seed(s) per setting. Panel: 180 ODE images ("
-          + (f"the {len(prompts_file.read_text().split(chr(10))) - 1} training captions of {prompts_file.name}, "
+          + (f"the {len(prompts_file.read_text().splitlines())} training captions of {prompts_file.name}, "
              "cycling" if prompts_file else "every caption twice") + ", fixed seeds), graded by the oracle.", ""]
     if not c:
         path.write_text("\n".join(md + ["No run finished.", ""]))

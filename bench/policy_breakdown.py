@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ode = oracle_scores(ode_images, [texts[i] for i in ode_rows])
     ode_kind = kinds[ode_rows]
     md += [f"ODE samples ({args.steps} steps, CFG {args.guidance}), every caption x {args.seeds} seeds:", "",
-           "| captions | images | oracle | correct | colour | shape | placement | cleanliness |", "|---|---|---|---|---|---|---|---|"]
+           "| captions | images | oracle | correct | colour | shape | placement | cleanliness |",
+           "|---|---|---|---|---|---|---|---|"]
     for kind in (*KINDS, "all"):
         m = ode_kind == kind if kind != "all" else np.ones(len(ode_rows), bool)
         md.append(f"| {kind} | {m.sum()} | {ode.score[m].mean():.3f} | {100 * ode.correct[m].mean():.1f}% | "

@@ -12,7 +12,8 @@ Stages, each a subprocess of a job (so the chain is exactly what a user runs), o
 3. drm        jobs/preprocess.py encodes the three pair sets once; jobs/train_drm.py with drm.init=pretrained and
               =random (equal steps, data, seeds; drm_train_blocks=1: only the last kept block and the head learn,
               the protocol under which the pre-trained init shows in this world, docs/reproduction/DRM_ATTEMPTS.md),
-              keeping the step with the best accuracy on the validation pairs (a split of its own), then jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500, 750, 950.
+              keeping the step with the best accuracy on the validation pairs (a split of its own), then
+              jobs/eval_drm.py on the held-out pairs at t = 0, 250, 500, 750, 950.
 4. rl         jobs/step_grpo.py --algo grpo and --algo step_grpo, several seeds, each optimizing the first
               pretrained-init DRM and, separately, the oracle (Step-GRPO grades each child through its x0_hat; the
               DRM judges those runs), at equal rollout compute per iteration: GRPO samples k trajectories for each
