@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     from drm_ray.data.preferences import PreferenceReader
     from drm_ray.reward.evaluate import score_pairs_at
     from drm_ray.reward.model import DiffusionRewardModel
-    from drm_ray.toy.oracle import oracle_scores
+    from drm_ray.toy.oracle import oracle_scores, score_terms
     from drm_ray.toy.world import RESOLUTION
 
     torch.set_num_threads(2)
@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     w = oracle_scores(torch.cat(win), prompts)
     lo = oracle_scores(torch.cat(lose), prompts)
     gap = w.score - lo.score
-    faith = lambda r: 0.75 * r.colour * (0.4 + 0.3 * r.shape + 0.3 * r.placement)  # noqa: E731
-    d_faith, d_clean = faith(w) - faith(lo), 0.25 * (w.cleanliness - lo.cleanliness)
+    tw, tl = score_terms(w), score_terms(lo)
+    d_clean = tw["cleanliness"] - tl["cleanliness"]
+    d_faith = sum(tw[k] - tl[k] for k in ("colour", "shape", "placement"))
     kinds = np.where(w.correct != lo.correct, "correct differs",
                      np.where(np.abs(d_faith) >= np.abs(d_clean), "faithfulness decides", "cleanliness decides"))
     drm = DiffusionRewardModel.from_pretrained(args.drm)

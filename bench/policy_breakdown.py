@@ -39,12 +39,6 @@ def kind_of(caption: str) -> str:
     return "two" if cap.count == 2 else cap.shape
 
 
-def score_terms(result) -> dict[str, np.ndarray]:
-    """The oracle score's four additive terms (they sum to `result.score`)."""
-    return {"colour": 0.75 * 0.4 * result.colour, "shape": 0.75 * 0.3 * result.colour * result.shape,
-            "placement": 0.75 * 0.3 * result.colour * result.placement, "cleanliness": 0.25 * result.cleanliness}
-
-
 def group_variance(values: np.ndarray, k: int) -> float:
     """Mean over groups of the (population) variance within each group of k consecutive values."""
     return float(values.reshape(-1, k).var(axis=1).mean())
@@ -112,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from drm_ray.toy.model import build_toy
-    from drm_ray.toy.oracle import PROTOTYPE_MEAN, oracle_scores
+    from drm_ray.toy.oracle import PROTOTYPE_MEAN, oracle_scores, score_terms
     from drm_ray.toy.pretrain import caption_table
     from drm_ray.toy.world import SHAPES
 

@@ -1,9 +1,10 @@
-"""bench/policy_breakdown.py's arithmetic, against hand computations and the oracle's own score."""
+"""bench/policy_breakdown.py's arithmetic and the oracle's score terms, against hand computations and the oracle's
+own score."""
 
 import numpy as np
 
-from bench.policy_breakdown import group_variance, kind_of, mixed_groups, score_terms
-from drm_ray.toy.oracle import oracle_scores
+from bench.policy_breakdown import group_variance, kind_of, mixed_groups
+from drm_ray.toy.oracle import oracle_scores, score_terms
 from drm_ray.toy.world import scene_batch
 
 

@@ -145,6 +145,12 @@ def score_one(image: np.ndarray, cap: Caption) -> tuple[float, bool, float, floa
     return score, correct, colour, shape, placement, cleanliness
 
 
+def score_terms(result: OracleResult) -> dict[str, np.ndarray]:
+    """The score's four additive terms (they sum to `result.score`): which criterion a score difference comes from."""
+    return {"colour": 0.75 * 0.4 * result.colour, "shape": 0.75 * 0.3 * result.colour * result.shape,
+            "placement": 0.75 * 0.3 * result.colour * result.placement, "cleanliness": 0.25 * result.cleanliness}
+
+
 def oracle_scores(images, captions: list[str]) -> OracleResult:
     """Grade images (a [N, 3, H, W] tensor / array in [0, 1], or [N, H, W, 3]) against their caption texts."""
     arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
