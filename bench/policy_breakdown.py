@@ -11,7 +11,8 @@ Two measurements of one toy checkpoint, both graded by the oracle:
    is a sum of four terms (0.75 x 0.4 x colour, 0.75 x 0.3 x colour x shape, 0.75 x 0.3 x colour x placement,
    0.25 x cleanliness); the variance of each term within a group says which criterion GRPO's advantages are made of
    (the terms' covariances make up the rest of the score's within-group variance). Also: the share of groups that
-   hold both a `correct` and an incorrect image.
+   hold both a `correct` and an incorrect image, and the share of images with an extra object (one in another
+   caption colour, which the caption does not mention) and of groups with and without one.
 
 Plus the shape classifier's two features (fill ratio of the bounding box, bottom-minus-top width) on the policy's
 ODE samples beside their values on crisp renders: the oracle's shape prototypes are measured on renders, so a
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from drm_ray.toy.model import build_toy
-    from drm_ray.toy.oracle import PROTOTYPE_MEAN, oracle_scores, score_terms
+    from drm_ray.toy.oracle import PROTOTYPE_MEAN, has_extra_object, oracle_scores, score_terms
     from drm_ray.toy.pretrain import caption_table
     from drm_ray.toy.world import SHAPES
 
@@ -121,30 +122,34 @@ def main(argv: list[str] | None = None) -> None:
     ode_images = sample(comps, texts, embeds, pooled, ode_rows, 0.0, args.steps, args.guidance, 1)
     ode = oracle_scores(ode_images, [texts[i] for i in ode_rows])
     ode_kind = kinds[ode_rows]
+    ode_extra = has_extra_object(ode_images, [texts[i] for i in ode_rows])
     md += [f"ODE samples ({args.steps} steps, CFG {args.guidance}), every caption x {args.seeds} seeds:", "",
-           "| captions | images | oracle | correct | colour | shape | placement | cleanliness |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| captions | images | oracle | correct | colour | shape | placement | cleanliness | extra object |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for kind in (*KINDS, "all"):
         m = ode_kind == kind if kind != "all" else np.ones(len(ode_rows), bool)
         md.append(f"| {kind} | {m.sum()} | {ode.score[m].mean():.3f} | {100 * ode.correct[m].mean():.1f}% | "
                   f"{ode.colour[m].mean():.3f} | {ode.shape[m].mean():.3f} | {ode.placement[m].mean():.3f} | "
-                  f"{ode.cleanliness[m].mean():.3f} |")
+                  f"{ode.cleanliness[m].mean():.3f} | {100 * ode_extra[m].mean():.1f}% |")
 
     sde_rows = [i for i in range(n) for _ in range(args.k)]
-    sde = oracle_scores(sample(comps, texts, embeds, pooled, sde_rows, args.noise_level, args.steps, args.guidance,
-                               2), [texts[i] for i in sde_rows])
+    sde_images = sample(comps, texts, embeds, pooled, sde_rows, args.noise_level, args.steps, args.guidance, 2)
+    sde = oracle_scores(sde_images, [texts[i] for i in sde_rows])
+    sde_extra = has_extra_object(sde_images, [texts[i] for i in sde_rows])
     terms = score_terms(sde)
     sde_kind = kinds[sde_rows]
     md += ["", f"GRPO's groups: {args.k} SDE samples (noise_level {args.noise_level}) of every caption. Within-group "
            "variance of the oracle score and of each of its terms (mean over groups):", "",
            "| captions | groups | score mean | score var | colour term | shape term | placement term | "
-           "cleanliness term | groups with correct and incorrect |", "|---|---|---|---|---|---|---|---|---|"]
+           "cleanliness term | groups with correct and incorrect | extra object | groups with and without one |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in (*KINDS, "all"):
         m = sde_kind == kind if kind != "all" else np.ones(len(sde_rows), bool)
         md.append(f"| {kind} | {m.sum() // args.k} | {sde.score[m].mean():.3f} | "
                   f"{group_variance(sde.score[m], args.k):.5f} | "
                   + " | ".join(f"{group_variance(terms[t][m], args.k):.5f}" for t in terms)
-                  + f" | {100 * mixed_groups(sde.correct[m], args.k):.0f}% |")
+                  + f" | {100 * mixed_groups(sde.correct[m], args.k):.0f}% | {100 * sde_extra[m].mean():.1f}% | "
+                  f"{100 * mixed_groups(sde_extra[m], args.k):.0f}% |")
 
     feats = largest_object_features(ode_images, [texts[i] for i in ode_rows])
     md += ["", "The shape classifier's features (fill ratio of the bounding box, bottom-minus-top width / box width) "

@@ -335,7 +335,12 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
           "= 90 captions. The hidden oracle (drm_ray/toy/oracle.py) grades an image against its caption from pixels "
           "alone: 0.75 x faithfulness (colour present, gating shape-classifier probability and placement / count) + "
           "0.25 x cleanliness (pixels on the palette, no stray colours), in [0, 1]; `correct` is its yes/no "
-          "version. The toy preset's transformer is SD3's architecture (6 blocks, width 96), latents come from a "
+          "version. The pre-training scenes show an object their caption does not mention at rate "
+          f"extra_object_rate={p.get('extra_object_rate', 0.0)} (a random shape in another caption colour, like web "
+          "images whose captions leave things out); the oracle charges it through cleanliness (a saturated stray-"
+          "colour penalty, -0.25), so the pre-trained policy has a flaw that alignment should remove and that is "
+          "visible at the scale of whole objects. The toy preset's transformer is SD3's architecture (6 blocks, "
+          "width 96), latents come from a "
           "fixed PCA patch codec (4x4 RGB patches -> 16 channels), text from seeded random CLIP/T5 encoders with "
           "word-level tokenizers.", "",
           "## Timings (wall clock on this machine)", "",
@@ -353,7 +358,11 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
                f"{pre['codec']['reconstruction_rmse']:.3f}). ODE samples ({q['num_steps']} steps, CFG "
                f"{q['guidance_scale']}) of every caption x {q['samples'] // 90} seeds: oracle {q['oracle_mean']:.3f} "
                f"+- {q['oracle_std']:.3f}, correct {100 * q['correct_fraction']:.1f}% (the dataset itself: "
-               f"{d['oracle_mean']:.3f}, {100 * d['correct_fraction']:.1f}%).", ""]
+               f"{d['oracle_mean']:.3f}, {100 * d['correct_fraction']:.1f}%)."
+               + (f" Samples with an extra object: {100 * q['extra_object_fraction']:.1f}% (the dataset: "
+                  f"{100 * d['extra_object_fraction']:.1f}%; classifier-free guidance suppresses most of them in "
+                  "ODE samples, the SDE rollouts keep more: bench/policy_breakdown.py)."
+                  if "extra_object_fraction" in q else ""), ""]
         metrics.update({"pretrain/oracle": q["oracle_mean"], "pretrain/correct": q["correct_fraction"]})
     if pairs:
         tr, ho = pairs["train"], pairs["heldout"]

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(config="toy")
     parser.add_argument("--steps", type=int, default=2500, help="optimizer steps (batch 64; ~0.18 s each on 2 cores)")
     parser.add_argument("--dataset-size", type=int, default=20_000, help="procedural scenes drawn once")
+    parser.add_argument("--extra-object-rate", type=float, default=0.0,
+                        help="fraction of training images that also show an object their caption does not mention "
+                             "(drm_ray.toy.world.scene); the model learns to add one as often")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (one process uses the whole machine)")
     args = parser.parse_intermixed_args(argv)
     cfg = job_config(args)
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{cfg.model.preset}")
     if args.steps < 1 or args.dataset_size < 64:
         parser.error("--steps must be >= 1 and --dataset-size >= 64")
+    if not 0.0 <= args.extra_object_rate <= 1.0:
+        parser.error(f"--extra-object-rate must be in [0, 1], got {args.extra_object_rate}")
     job_env(cfg.model.preset)
     import torch
 
@@ -50,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, out, run_name="pretrain_toy",
                       tags={"job": "pretrain_toy"})
-    tracker.log_params({"steps": args.steps, "dataset_size": args.dataset_size, **{
+    tracker.log_params({"steps": args.steps, "dataset_size": args.dataset_size,
+                       "extra_object_rate": args.extra_object_rate, **{
         k: v for k, v in cfg.flat().items() if k.startswith("model.")}})
 
     def log(metrics: dict, step: int) -> None:
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                         num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim,
                         max_sequence_length=m.max_sequence_length, steps=args.steps,
                         eval_steps=cfg.sampling.eval_num_steps, eval_guidance=cfg.sampling.guidance_scale,
-                        log=log)
+                        extra_object_rate=args.extra_object_rate, log=log)
     q = meta["samples"]
     tracker.log_metrics({"eval/oracle_score": q["oracle_mean"], "eval/oracle_correct": q["correct_fraction"],
                          "train/minutes": meta["training"]["total_seconds"] / 60}, args.steps)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from drm_ray.toy.oracle import label_components, oracle_scores
+from drm_ray.toy.oracle import has_extra_object, label_components, oracle_scores
 from drm_ray.toy.world import (
     COLOURS, Caption, all_captions, caption_texts, parse_caption, render_scene, scene_batch, shape_mask,
 )
@@ -49,6 +49,36 @@ def test_dataset_generator_is_deterministic_per_seed_and_extends():
     assert caps_a[10:] == caps_c and np.array_equal(img_a[10:], img_c)  # scene i depends only on (seed, i)
     assert not np.array_equal(img_a, img_d)
     assert img_a.shape == (20, 32, 32, 3) and img_a.dtype == np.float32 and 0 <= img_a.min() <= img_a.max() <= 1
+
+
+def test_extra_objects_add_one_uncaptioned_object_and_cost_oracle_score():
+    caps, clean = scene_batch(5, 0, 300)
+    caps_x, extra = scene_batch(5, 0, 300, extra_object_rate=0.3)
+    assert caps_x == caps
+    changed = np.abs(extra - clean).reshape(300, -1).max(axis=1) > 0
+    assert 0.2 < changed.mean() < 0.4  # binomial(300, 0.3): +-0.08 is over 3 standard deviations
+    assert np.array_equal(extra[~changed], clean[~changed])  # the other scenes are the rate-0 scenes, bit for bit
+    for i in np.flatnonzero(changed)[:20]:
+        cap = parse_caption(caps[i])
+        added = np.abs(extra[i] - clean[i]).max(axis=-1) > 0.5  # pixels the extra object painted
+        labels, n = label_components(added)
+        assert n == 1 and added.sum() >= 12  # one object (a triangle of half-extent 3 covers ~15 pixels)
+        assert not (clean[i][added].max(axis=-1) > 0.3).any()  # on the background, clear of the caption's objects
+        colour = extra[i][added].mean(axis=0)
+        nearest = min(COLOURS, key=lambda c: np.linalg.norm(np.asarray(COLOURS[c]) - colour))
+        assert nearest != cap.colour
+    a, b = oracle_scores(clean[changed], [caps[i] for i in np.flatnonzero(changed)]), oracle_scores(
+        extra[changed], [caps[i] for i in np.flatnonzero(changed)])
+    # an object in another caption colour (>= 20 pixels of it) saturates the stray-pixel penalty: cleanliness 0, so
+    # the score loses its weight, 0.25, while colour, shape and placement of the captioned object are untouched
+    gap = a.score - b.score
+    assert gap.min() > 0.1 and np.median(gap) > 0.2 and np.median(b.cleanliness) == 0
+    assert np.allclose(a.placement, b.placement) and np.allclose(a.shape, b.shape)
+    # the oracle's detector finds exactly the scenes the generator added an object to (ground truth: changed pixels)
+    assert np.array_equal(has_extra_object(extra, caps), changed)
+    assert not has_extra_object(torch.from_numpy(clean).permute(0, 3, 1, 2), caps).any()  # channels-first as well
+    with pytest.raises(ValueError, match="extra_object_rate"):
+        scene_batch(5, 0, 2, extra_object_rate=1.5)
 
 
 def test_oracle_orders_hand_made_images():

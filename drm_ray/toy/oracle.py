@@ -12,7 +12,8 @@
 - placement: one object: 1 within 2 px of the named anchor, falling linearly to 0 at 8 px (the anchor spacing).
   Two objects: 1 when exactly two objects of that colour are present, 0.5 when one or three, else 0.
 - cleanliness: the fraction of pixels within 0.2 of some palette colour (blur and noise lower it), times a penalty
-  for pixels in other caption colours (stray objects), saturating at 20 such pixels.
+  for pixels in other caption colours (stray objects), saturating at 20 such pixels: an extra object the caption does
+  not mention (drm_ray.toy.world's `extra_object_rate`; `has_extra_object` detects one) costs the whole term.
 
 `correct` is the binary version: the colour present, the shape classified right, and the object within 5 px of its
 anchor (placement >= 0.5) or exactly two objects. The shape prototypes are measured on crisp renders, so the shape
@@ -145,6 +146,28 @@ def score_one(image: np.ndarray, cap: Caption) -> tuple[float, bool, float, floa
     return score, correct, colour, shape, placement, cleanliness
 
 
+def has_extra_object(images, captions: list[str]) -> np.ndarray:
+    """[N] bool: the image shows an object (>= MIN_OBJECT connected pixels) in a caption colour other than its
+    caption's, one the caption does not mention (drm_ray.toy.world.add_extra_object draws such objects; the score
+    charges them through cleanliness's stray-pixel penalty)."""
+    arr = _channels_last(images)
+    out = []
+    for image, text in zip(arr, captions):
+        _, stray, _ = target_mask(image.astype(np.float64), parse_caption(text).colour)
+        labels, n = label_components(stray)
+        out.append(n > 0 and int(np.bincount(labels.ravel())[1:].max()) >= MIN_OBJECT)
+    return np.asarray(out, dtype=bool)
+
+
+def _channels_last(images) -> np.ndarray:
+    arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[-1]):
+        raise ValueError(f"expected images [N, 3, H, W] or [N, H, W, 3], got shape {arr.shape}")
+    if arr.shape[1] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    return arr
+
+
 def score_terms(result: OracleResult) -> dict[str, np.ndarray]:
     """The score's four additive terms (they sum to `result.score`): which criterion a score difference comes from."""
     return {"colour": 0.75 * 0.4 * result.colour, "shape": 0.75 * 0.3 * result.colour * result.shape,
@@ -153,11 +176,7 @@ def score_terms(result: OracleResult) -> dict[str, np.ndarray]:
 
 def oracle_scores(images, captions: list[str]) -> OracleResult:
     """Grade images (a [N, 3, H, W] tensor / array in [0, 1], or [N, H, W, 3]) against their caption texts."""
-    arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-    if arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[-1]):
-        raise ValueError(f"expected images [N, 3, H, W] or [N, H, W, 3], got shape {arr.shape}")
-    if arr.shape[1] == 3 and arr.shape[-1] != 3:
-        arr = arr.transpose(0, 2, 3, 1)
+    arr = _channels_last(images)
     if len(arr) != len(captions):
         raise ValueError(f"{len(arr)} images but {len(captions)} captions")
     rows = [score_one(a.astype(np.float64), parse_caption(c)) for a, c in zip(arr, captions)]

@@ -6,6 +6,8 @@ with x_0 the PCA-codec latent of a scene and 10% of captions dropped to "" so cl
 AdamW with a linear warm-up and cosine decay; an exponential moving average of the weights is what gets saved.
 The dataset is drawn once (scene i of `data_seed`), the codec fitted on a separate draw; text embeddings of the 90
 captions and of "" are computed once (the text encoders are frozen and random-init, so only the transformer learns).
+With `extra_object_rate` > 0 that fraction of the training images also shows an object its caption does not mention
+(drm_ray.toy.world.scene): the model learns to add one now and then, a flaw an aligned model should lose.
 
 At the end the EMA model samples every caption with a few seeds (ODE, CFG) and the oracle grades them; the numbers
 go into `toy_meta.json` beside the weights, so a user sees how well the checkpoint follows captions before using it.
@@ -28,7 +30,7 @@ from drm_ray.diffusion.sampling import decode_latents, denoise, encode_images, i
 from drm_ray.models.sd3 import encode_prompts
 from drm_ray.toy.codec import fit_codec
 from drm_ray.toy.model import VAE_SCALE, build_toy, toy_transformer
-from drm_ray.toy.oracle import oracle_scores
+from drm_ray.toy.oracle import has_extra_object, oracle_scores
 from drm_ray.toy.world import RESOLUTION, caption_texts, scene_batch
 
 
@@ -62,7 +64,7 @@ def evaluate_samples(comps, embeds: torch.Tensor, pooled: torch.Tensor, texts: l
     """ODE samples of every caption x `seeds_per_caption`, graded by the oracle; and the first seed's images."""
     n = len(texts) - 1
     sigmas = schedule_sigmas(comps.scheduler, num_steps)
-    scores, correct, first = [], [], None
+    scores, correct, extra, first = [], [], [], None
     for rep in range(seeds_per_caption):
         gen = torch.Generator().manual_seed(seed + rep)
         x1 = initial_latents(n, comps.transformer.config.in_channels, RESOLUTION // VAE_SCALE, gen)
@@ -73,9 +75,11 @@ def evaluate_samples(comps, embeds: torch.Tensor, pooled: torch.Tensor, texts: l
         res = oracle_scores(images, texts[:n])
         scores.append(res.score)
         correct.append(res.correct)
-    scores, correct = np.concatenate(scores), np.concatenate(correct)
+        extra.append(has_extra_object(images, texts[:n]))
+    scores, correct, extra = np.concatenate(scores), np.concatenate(correct), np.concatenate(extra)
     return {"oracle_mean": float(scores.mean()), "oracle_std": float(scores.std()),
-            "correct_fraction": float(correct.mean()), "samples": int(len(scores)),
+            "correct_fraction": float(correct.mean()), "extra_object_fraction": float(extra.mean()),
+            "samples": int(len(scores)),
             "num_steps": num_steps, "guidance_scale": guidance_scale}, first
 
 
@@ -118,12 +122,13 @@ def pretrain_toy(out_dir: str | Path, *, seed: int = 0, data_seed: int = 1, data
                  max_sequence_length: int = 16, steps: int = 2500, batch_size: int = 64, lr: float = 1e-3,
                  warmup: int = 200, ema_decay: float = 0.999, cfg_dropout: float = 0.1, eval_steps: int = 8,
                  eval_guidance: float = 4.5, eval_seeds: int = 2, codec_images: int = 4096,
+                 extra_object_rate: float = 0.0,
                  log: Callable[[dict, int], None] | None = None, log_every: int = 100) -> dict:
     """Pre-train and write `out_dir/{transformer,vae}` + `toy_meta.json`; returns the metadata."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    codec, kept = fit_codec(scene_batch(data_seed + 1_000, 0, codec_images)[1])
-    captions, images = scene_batch(data_seed, 0, dataset_size)
+    codec, kept = fit_codec(scene_batch(data_seed + 1_000, 0, codec_images, extra_object_rate)[1])
+    captions, images = scene_batch(data_seed, 0, dataset_size, extra_object_rate)
     latents = encode_dataset(codec, images)                                       # [N, 16, 8, 8]
     recon = decode_latents(codec, latents[:512]).permute(0, 2, 3, 1).numpy()
     recon_rmse = float(np.sqrt(((recon - images[:512]) ** 2).mean()))
@@ -145,19 +150,22 @@ def pretrain_toy(out_dir: str | Path, *, seed: int = 0, data_seed: int = 1, data
     comps.transformer = ema
     quality, images_seed0 = evaluate_samples(comps, embeds, pooled, texts, eval_seeds, eval_steps, eval_guidance)
     data_quality = oracle_scores(images[:512], captions[:512])
+    data_extra = has_extra_object(images[:512], captions[:512])
     meta = {
         "architecture": {"num_layers": num_layers, "num_attention_heads": num_attention_heads,
                          "attention_head_dim": attention_head_dim, "max_sequence_length": max_sequence_length,
                          "resolution": RESOLUTION, "params": sum(p.numel() for p in ema.parameters())},
         "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed,
                      "data_seed": data_seed, "dataset_size": dataset_size, "cfg_dropout": cfg_dropout,
+                     "extra_object_rate": extra_object_rate,
                      "final_loss": float(np.mean(losses[-100:])), "train_seconds": train_seconds,
                      "data_seconds": data_seconds, "total_seconds": time.perf_counter() - start},
         "codec": {"variance_kept": kept, "reconstruction_rmse": recon_rmse},
         "samples": quality,
         "samples_without_ema": raw_quality,
         "dataset": {"oracle_mean": float(data_quality.score.mean()),
-                    "correct_fraction": float(data_quality.correct.mean())},
+                    "correct_fraction": float(data_quality.correct.mean()),
+                    "extra_object_fraction": float(data_extra.mean())},
     }
     save_checkpoint(out_dir, ema, codec, meta, sample_grid(images_seed0))
     return meta

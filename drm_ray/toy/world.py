@@ -6,6 +6,12 @@ black background with 4x supersampled anti-aliasing; size, exact position (jitte
 faint colour jitter vary per image. Scene i of a seed depends only on (seed, i), so a dataset is deterministic per
 seed and a longer one extends a shorter one.
 
+`extra_object_rate` makes that fraction of a dataset's images also show one object the caption does not mention (a
+random shape in another caption colour, clear of the captioned objects), as web images often show more than their
+captions say. A model pre-trained on such data adds objects nobody asked for, a flaw the oracle charges (its
+stray-colour penalty) and that alignment should remove; unlike a square's corner crispness it is visible at the scale
+of whole objects, so a reward model can see it in a noisy latent.
+
 The vocabulary is the single source of truth for the dataset, the oracle (drm_ray/toy/oracle.py) and the toy
 tokenizers (drm_ray/toy/model.py).
 """
@@ -33,6 +39,7 @@ POSITIONS = {  # name -> (phrase, anchor (x, y) in pixels of the 32x32 image)
 JITTER = 2.0           # pixels around the anchor
 SIZE_RANGE = (4.0, 6.0)  # half-extent of a single shape, pixels
 PAIR_SIZE_RANGE = (3.0, 4.5)
+EXTRA_SIZE_RANGE = (3.0, 4.0)  # half-extent of an uncaptioned extra object (`extra_object_rate`)
 
 
 @dataclass(frozen=True)
@@ -102,13 +109,19 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, colour) -> None:
 
 def render_scene(cap: Caption, rng: np.random.Generator) -> np.ndarray:
     """A float image [32, 32, 3] in [0, 1] that shows `cap`, with random size, jitter and colour jitter."""
+    return _draw(cap, rng)[0]
+
+
+def _draw(cap: Caption, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
+    """(the image of `cap`, its objects as (cx, cy, half-extent))."""
     canvas = np.zeros((RESOLUTION, RESOLUTION, 3)) + np.asarray(BACKGROUND)
     colour = np.clip(np.asarray(COLOURS[cap.colour]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
     if cap.count == 1:
         ax, ay = POSITIONS[cap.position][1]
         cx, cy = ax + rng.uniform(-JITTER, JITTER), ay + rng.uniform(-JITTER, JITTER)
-        _paint(canvas, shape_mask(cap.shape, cx, cy, rng.uniform(*SIZE_RANGE)), colour)
-        return canvas
+        half = rng.uniform(*SIZE_RANGE)
+        _paint(canvas, shape_mask(cap.shape, cx, cy, half), colour)
+        return canvas, [(cx, cy, half)]
     halves = rng.uniform(*PAIR_SIZE_RANGE, size=2)
     for _ in range(100):  # two shapes apart from each other, inside the frame
         centres = rng.uniform(6, RESOLUTION - 6, size=(2, 2))
@@ -116,18 +129,43 @@ def render_scene(cap: Caption, rng: np.random.Generator) -> np.ndarray:
             break
     for (cx, cy), half in zip(centres, halves):
         _paint(canvas, shape_mask(cap.shape, cx, cy, half), colour)
+    return canvas, [(float(cx), float(cy), float(h)) for (cx, cy), h in zip(centres, halves)]
+
+
+def add_extra_object(canvas: np.ndarray, cap: Caption, objects: list[tuple[float, float, float]],
+                     rng: np.random.Generator) -> np.ndarray:
+    """Paint one object the caption does not mention: a random shape in another caption colour, clear of `objects`
+    (its own connected component), anywhere in the frame. Returns `canvas`, changed in place."""
+    others = [c for c in COLOURS if c != cap.colour]
+    name = others[int(rng.integers(len(others)))]
+    colour = np.clip(np.asarray(COLOURS[name]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    half = rng.uniform(*EXTRA_SIZE_RANGE)
+    for _ in range(200):
+        cx, cy = rng.uniform(half + 1, RESOLUTION - half - 1, size=2)
+        if all(np.hypot(cx - ox, cy - oy) > half + oh + 3 for ox, oy, oh in objects):
+            break
+    _paint(canvas, shape_mask(shape, cx, cy, half), colour)
     return canvas
 
 
-def scene(seed: int, index: int) -> tuple[Caption, np.ndarray]:
-    """Scene `index` of dataset `seed`: a uniformly drawn caption and an image of it."""
+def scene(seed: int, index: int, extra_object_rate: float = 0.0) -> tuple[Caption, np.ndarray]:
+    """Scene `index` of dataset `seed`: a uniformly drawn caption and an image of it. With `extra_object_rate` > 0
+    that fraction of the images also shows one object its caption does not mention (`add_extra_object`), like web
+    images whose captions leave things out; the captioned content is the same scene as at rate 0."""
+    if not 0.0 <= extra_object_rate <= 1.0:
+        raise ValueError(f"extra_object_rate must be in [0, 1], got {extra_object_rate}")
     rng = np.random.default_rng([seed, index])
     caps = all_captions()
     cap = caps[int(rng.integers(len(caps)))]
-    return cap, render_scene(cap, rng)
+    canvas, objects = _draw(cap, rng)
+    if extra_object_rate > 0 and rng.random() < extra_object_rate:
+        add_extra_object(canvas, cap, objects, rng)
+    return cap, canvas
 
 
-def scene_batch(seed: int, start: int, count: int) -> tuple[list[str], np.ndarray]:
+def scene_batch(seed: int, start: int, count: int,
+                extra_object_rate: float = 0.0) -> tuple[list[str], np.ndarray]:
     """Scenes start..start+count-1 as (caption texts, images [N, 32, 32, 3] float32 in [0, 1])."""
-    caps, images = zip(*(scene(seed, i) for i in range(start, start + count)))
+    caps, images = zip(*(scene(seed, i, extra_object_rate) for i in range(start, start + count)))
     return [c.text for c in caps], np.stack(images).astype(np.float32)
