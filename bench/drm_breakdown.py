@@ -7,7 +7,8 @@ Reads the held-out preference file (the images the oracle regrades here) and its
 scores, in the same row order, noised exactly as jobs/eval_drm.py noises them), and prints the DRM's accuracy at each
 t split by (a) the oracle gap between winner and loser and (b) what decides the pair: the yes/no `correct` differs,
 or both are equally correct and the faithfulness part (0.75 x colour x (0.4 + 0.3 shape + 0.3 placement)) or the
-cleanliness part (0.25 x palette crispness) contributes more of the gap. A benchmark, not a test.
+cleanliness part (0.25 x palette crispness) contributes more of the gap; and (c) whether one image of the pair shows
+an extra object its caption does not mention (oracle.has_extra_object). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from drm_ray.data.preferences import PreferenceReader
     from drm_ray.reward.evaluate import score_pairs_at
     from drm_ray.reward.model import DiffusionRewardModel
-    from drm_ray.toy.oracle import oracle_scores, score_terms
+    from drm_ray.toy.oracle import has_extra_object, oracle_scores, score_terms
     from drm_ray.toy.world import RESOLUTION
 
     torch.set_num_threads(2)
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         prompts += b.prompt
     w = oracle_scores(torch.cat(win), prompts)
     lo = oracle_scores(torch.cat(lose), prompts)
+    extra_w, extra_l = has_extra_object(torch.cat(win), prompts), has_extra_object(torch.cat(lose), prompts)
+    extra = {"only the loser has an extra object": extra_l & ~extra_w,
+             "only the winner has an extra object": extra_w & ~extra_l, "both or neither": extra_w == extra_l}
     gap = w.score - lo.score
     tw, tl = score_terms(w), score_terms(lo)
     d_clean = tw["cleanliness"] - tl["cleanliness"]
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{m.mean():.2f} | {right[m].mean() if m.any() else float('nan'):.3f} |")
         for k in ("correct differs", "faithfulness decides", "cleanliness decides"):
             m = kinds == k
+            print(f"| {k} | {m.sum()} | {m.mean():.2f} | {right[m].mean() if m.any() else float('nan'):.3f} |")
+        for k, m in extra.items():
             print(f"| {k} | {m.sum()} | {m.mean():.2f} | {right[m].mean() if m.any() else float('nan'):.3f} |")
         print()
 
