@@ -294,8 +294,8 @@ class StepGRPODriver(DriverReport):
         state = {"iteration": self.iteration, "version": self.version, "sampler": self.sampler.state(),
                  "torch_rng": torch.get_rng_state().tolist(), "mlflow_run_id": self.tracker.run_id,
                  "algo": self.cfg.grpo.algo, "compute": self.compute, "eval_history": self.eval_history}
-        path = commit_checkpoint(self.out, self.iteration, staging, state, ray.get(self.lora_ref),
-                                 self.rl.lora_cfg)
+        lora = ray.get(self.lora_ref, timeout=self.cfg.rollout.timeout_s)  # every driver wait is bounded
+        path = commit_checkpoint(self.out, self.iteration, staging, state, lora, self.rl.lora_cfg)
         self.say(f"[step_grpo] checkpoint {path}")
 
     def log_panel(self, step: int) -> dict:
