@@ -112,6 +112,43 @@ def rl_curves(out: Path, p: dict, reward: str) -> dict:
     return curves
 
 
+def panel_extra_objects(out: Path, run: Path, size: int = 32) -> tuple[float, float] | None:
+    """The share of the first and of the last evaluation panel's images that show an extra object
+    (drm_ray.toy.oracle.has_extra_object), read back from the panel PNGs the run logged to MLflow. The toy panel is
+    every caption in order, cycling; None when the run has no panels or the recomputed oracle grade of a panel is
+    not the logged one (then the captions are not the ones assumed)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from drm_ray.rl_setup import grid_tiles
+    from drm_ray.toy.oracle import has_extra_object, oracle_scores
+    from drm_ray.toy.world import caption_texts
+
+    summary = _load(run / "summary.json")
+    if not summary or not summary.get("eval"):
+        return None
+    client, texts, out_rates = MlflowClient(f"sqlite:///{out / 'mlflow.db'}"), caption_texts(), []
+    params = client.get_run(summary["mlflow_run_id"]).data.params
+    if params.get("data.eval_prompts", "None") != "None":  # a panel of other prompts than the captions in order
+        return None
+    n = int(params["grpo.eval_panel_size"])
+    caps = [texts[j % len(texts)] for j in range(n)]
+    for ev in (summary["eval"][0], summary["eval"][-1]):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                png = client.download_artifacts(summary["mlflow_run_id"], f"panel/iter_{ev['iteration']:06d}.png", tmp)
+            except Exception:  # noqa: BLE001 - no panel logged: nothing to report
+                return None
+            grid = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64) / 255
+        tiles = grid_tiles(grid, n, size)
+        if abs(float(oracle_scores(tiles, caps).score.mean()) - ev["eval/oracle_score"]) > 0.01:
+            return None
+        out_rates.append(float(has_extra_object(tiles, caps).mean()))
+    return out_rates[0], out_rates[1]
+
+
 REWARD_NAMES = {"drm": "the DRM", "oracle": "the oracle (Step-GRPO: on each child's x0_hat)"}
 
 
@@ -190,13 +227,30 @@ def rl_section(out: Path, p: dict, metrics: dict, reward: str = "drm") -> tuple[
     header = ["iteration", "policy forwards", "GRPO oracle", "Step-GRPO oracle", "correct (GRPO / Step)"]
     if has_drm:
         header.append("DRM score (GRPO / Step)")
+    extra = {}
+    for algo in ("grpo", "step_grpo"):
+        name = f"{algo}-s{{}}" if reward == "drm" else f"{algo}-{reward}-s{{}}"
+        rates = [r for r in (panel_extra_objects(out, out / "rl" / name.format(seed)) for seed in range(p["rl_seeds"]))
+                 if r is not None]
+        if rates:
+            extra[algo] = np.array(rates)  # [seeds, (first, last)]
+    extra_text = ""
+    if len(extra) == 2:
+        extra_text = ("Panel images showing an object their caption does not mention (oracle.has_extra_object on "
+                      "the panels logged to MLflow; first -> last evaluation, mean over seeds): " + "; ".join(
+                          f"{'GRPO' if a == 'grpo' else 'Step-GRPO'} {100 * v[:, 0].mean():.1f}% -> "
+                          f"{100 * v[:, 1].mean():.1f}% (per seed {', '.join(f'{100 * x:.1f}%' for x in v[:, 1])})"
+                          for a, v in extra.items()) + ".\n")
+        for a, v in extra.items():
+            metrics[f"rl/{a}{'' if reward == 'drm' else '_' + reward}_final_extra_objects"] = float(v[:, 1].mean())
     text = (f"Optimizing {REWARD_NAMES.get(reward, reward)}. Oracle grade of the fixed evaluation panel (every "
             f"caption twice, fixed seeds, ODE; mean +- sd over {len(g['oracle'])} seed(s)); policy forwards = "
             f"cumulative transformer forwards (CFG pair = 1) spent sampling rollouts, equal for both algorithms at "
             f"every iteration. {cost}\n\n" + _table(header, rows)
-            + f"\n\nOracle gain over the run: GRPO {clear['grpo']}; Step-GRPO {clear['step_grpo']}.\n")
+            + f"\n\nOracle gain over the run: GRPO {clear['grpo']}; Step-GRPO {clear['step_grpo']}.\n"
+            + (f"\n{extra_text}" if extra_text else ""))
     return text, {"curves": curves, "verdict": verdict, "target": target, "drm_verdict": drm_verdict,
-                  "clear": clear}
+                  "clear": clear, "extra": extra}
 
 
 def stepwise_section(out: Path, metrics: dict) -> tuple[str, dict]:

@@ -175,6 +175,17 @@ def image_grid(images, columns: int | None = None):
     return grid
 
 
+def grid_tiles(grid, count: int, size: int, columns: int | None = None):
+    """The `count` tiles of `size` x `size` pixels an `image_grid` of `count` images holds, as an array
+    [count, size, size, C] (the inverse of `image_grid`, e.g. for a panel read back from MLflow)."""
+    import numpy as np
+
+    columns = columns or max(4, math.ceil(math.sqrt(count)))
+    arr = np.asarray(grid)
+    return np.stack([arr[size * (i // columns):size * (i // columns + 1), size * (i % columns):size * (i % columns + 1)]
+                     for i in range(count)])
+
+
 def update_config(cfg, states: int, num_workers: int = 1, per_group: int = 1) -> dict:
     """What the learner's update step (`train_update` / `train_iteration`) reads, for `states` trained states per
     iteration (groups of `per_group`) over `num_workers` ranks: the learner loop and every bench script take it

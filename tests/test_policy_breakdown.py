@@ -1,5 +1,5 @@
 """bench/policy_breakdown.py's arithmetic and the oracle's score terms, against hand computations and the oracle's
-own score."""
+own score; reading a logged image panel back into its tiles (bench/reproduce_report.py's extra-object count)."""
 
 import numpy as np
 
@@ -31,3 +31,16 @@ def test_kind_of_caption():
     assert kind_of("two red circles") == "two"
     assert kind_of("a blue square on the left") == "square"
     assert kind_of("a white triangle in the center") == "triangle"
+
+
+def test_grid_tiles_reads_back_the_images_of_an_image_grid():
+    from PIL import Image
+
+    from drm_ray.rl_setup import grid_tiles, image_grid
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(18, 8, 8, 3), dtype=np.uint8)  # 18 tiles: 5 columns, the last row partial
+    grid = image_grid([Image.fromarray(a) for a in images])
+    assert grid.size == (5 * 8, 4 * 8)
+    assert np.array_equal(grid_tiles(grid, 18, 8), images)
+    assert np.array_equal(grid_tiles(image_grid([Image.fromarray(a) for a in images], 3), 18, 8, columns=3), images)
