@@ -446,8 +446,9 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     if orl:
         md += [f"- The ceiling (GRPO with the oracle as its reward must raise the panel oracle): "
                f"{orl['clear']['grpo']}. The probes behind the RL settings, and why GRPO's gradient is noise at "
-               "these batch sizes: [reproduction/RL_SETTINGS.md](reproduction/RL_SETTINGS.md); GRPO with the oracle at 16x "
-               "the batch: [CEILING.md](CEILING.md).",
+               "these batch sizes (in this world too: 4x the batch, training only the first steps): "
+               "[reproduction/RL_SETTINGS.md](reproduction/RL_SETTINGS.md); GRPO with the oracle at 16x the batch "
+               "in the world without extra objects: [CEILING.md](CEILING.md).",
                f"- Step-GRPO vs GRPO with the oracle as the reward (the algorithm claim, no reward-model error), "
                f"judged by the oracle: {orl['verdict']}."]
     if rl:
