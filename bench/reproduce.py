@@ -132,7 +132,9 @@ class Chain:
                          run / "eval.json")
 
     def rl_dir(self, algo: str, reward: str, seed: int) -> Path:
-        return self.out / "rl" / (f"{algo}-s{seed}" if reward == "drm" else f"{algo}-{reward}-s{seed}")
+        from bench.reproduce_report import rl_run
+
+        return rl_run(self.out, algo, reward, seed)
 
     def rl(self) -> None:
         """GRPO and Step-GRPO with each reward of `rl_rewards`, several seeds, equal rollout compute per iteration.

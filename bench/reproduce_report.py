@@ -90,12 +90,17 @@ def drm_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
     return text, {"acc": acc, "verdict": verdict, "mean": mean}
 
 
+def rl_run(out: Path, algo: str, reward: str, seed: int) -> Path:
+    """The directory of one RL run of bench/reproduce.py (`Chain.rl_dir`)."""
+    return out / "rl" / (f"{algo}-s{seed}" if reward == "drm" else f"{algo}-{reward}-s{seed}")
+
+
 def rl_curves(out: Path, p: dict, reward: str) -> dict:
     """{algo: curves over the seeds that finished} of the runs optimizing `reward` (empty if either algo has none)."""
     curves = {}
     for algo in ("grpo", "step_grpo"):
-        name = (lambda seed: f"{algo}-s{seed}") if reward == "drm" else (lambda seed: f"{algo}-{reward}-s{seed}")
-        runs = [r for r in (_load(out / "rl" / name(seed) / "summary.json") for seed in range(p["rl_seeds"])) if r]
+        runs = [r for r in (_load(rl_run(out, algo, reward, seed) / "summary.json") for seed in range(p["rl_seeds"]))
+                if r]
         if not runs:
             return {}
         ev = [r["eval"] for r in runs]
@@ -229,8 +234,7 @@ def rl_section(out: Path, p: dict, metrics: dict, reward: str = "drm") -> tuple[
         header.append("DRM score (GRPO / Step)")
     extra = {}
     for algo in ("grpo", "step_grpo"):
-        name = f"{algo}-s{{}}" if reward == "drm" else f"{algo}-{reward}-s{{}}"
-        rates = [r for r in (panel_extra_objects(out, out / "rl" / name.format(seed)) for seed in range(p["rl_seeds"]))
+        rates = [r for r in (panel_extra_objects(out, rl_run(out, algo, reward, seed)) for seed in range(p["rl_seeds"]))
                  if r is not None]
         if rates:
             extra[algo] = np.array(rates)  # [seeds, (first, last)]
@@ -242,7 +246,7 @@ def rl_section(out: Path, p: dict, metrics: dict, reward: str = "drm") -> tuple[
                           f"{100 * v[:, 1].mean():.1f}% (per seed {', '.join(f'{100 * x:.1f}%' for x in v[:, 1])})"
                           for a, v in extra.items()) + ".\n")
         for a, v in extra.items():
-            metrics[f"rl/{a}{'' if reward == 'drm' else '_' + reward}_final_extra_objects"] = float(v[:, 1].mean())
+            metrics[f"rl/{a}{tag}_final_extra_objects"] = float(v[:, 1].mean())
     text = (f"Optimizing {REWARD_NAMES.get(reward, reward)}. Oracle grade of the fixed evaluation panel (every "
             f"caption twice, fixed seeds, ODE; mean +- sd over {len(g['oracle'])} seed(s)); policy forwards = "
             f"cumulative transformer forwards (CFG pair = 1) spent sampling rollouts, equal for both algorithms at "
