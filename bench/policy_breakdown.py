@@ -52,8 +52,9 @@ def mixed_groups(correct: np.ndarray, k: int) -> float:
 
 
 def sample(comps, texts, embeds, pooled, rows: list[int], noise_level: float, steps: int, guidance: float,
-           seed: int, batch: int = 360):
-    """Images [N, 3, 32, 32] of caption rows `rows` (ODE when noise_level is 0)."""
+           seed: int, batch: int = 360, shared: int = 1):
+    """Images [N, 3, 32, 32] of caption rows `rows` (ODE when noise_level is 0); `shared` consecutive rows start
+    from one initial noise (GRPO's groups with grpo.shared_initial_noise)."""
     import torch
 
     from drm_ray.diffusion.flow import schedule_sigmas
@@ -67,7 +68,8 @@ def sample(comps, texts, embeds, pooled, rows: list[int], noise_level: float, st
     out = []
     for start in range(0, len(rows), batch):
         idx = torch.tensor(rows[start:start + batch])
-        x1 = initial_latents(len(idx), LATENT_CHANNELS, RESOLUTION // VAE_SCALE, gen)
+        x1 = initial_latents(len(idx) // shared, LATENT_CHANNELS, RESOLUTION // VAE_SCALE, gen)
+        x1 = x1.repeat_interleave(shared, dim=0)
         with torch.no_grad():
             lat = denoise(comps.transformer, sigmas, embeds[idx], pooled[idx],
                           embeds[empty:].expand(len(idx), -1, -1), pooled[empty:].expand(len(idx), -1),
@@ -133,23 +135,29 @@ def main(argv: list[str] | None = None) -> None:
                   f"{ode.cleanliness[m].mean():.3f} | {100 * ode_extra[m].mean():.1f}% |")
 
     sde_rows = [i for i in range(n) for _ in range(args.k)]
-    sde_images = sample(comps, texts, embeds, pooled, sde_rows, args.noise_level, args.steps, args.guidance, 2)
-    sde = oracle_scores(sde_images, [texts[i] for i in sde_rows])
-    sde_extra = has_extra_object(sde_images, [texts[i] for i in sde_rows])
-    terms = score_terms(sde)
     sde_kind = kinds[sde_rows]
-    md += ["", f"GRPO's groups: {args.k} SDE samples (noise_level {args.noise_level}) of every caption. Within-group "
-           "variance of the oracle score and of each of its terms (mean over groups):", "",
-           "| captions | groups | score mean | score var | colour term | shape term | placement term | "
-           "cleanliness term | groups with correct and incorrect | extra object | groups with and without one |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for kind in (*KINDS, "all"):
-        m = sde_kind == kind if kind != "all" else np.ones(len(sde_rows), bool)
-        md.append(f"| {kind} | {m.sum() // args.k} | {sde.score[m].mean():.3f} | "
-                  f"{group_variance(sde.score[m], args.k):.5f} | "
-                  + " | ".join(f"{group_variance(terms[t][m], args.k):.5f}" for t in terms)
-                  + f" | {100 * mixed_groups(sde.correct[m], args.k):.0f}% | {100 * sde_extra[m].mean():.1f}% | "
-                  f"{100 * mixed_groups(sde_extra[m], args.k):.0f}% |")
+    if (360 // args.k) * args.k != 360:
+        parser.error("--k must divide 360 (the sampling batch)")
+    for shared, title in ((1, "each from its own initial noise (GRPO's groups by default)"),
+                          (args.k, "all from one initial noise (grpo.shared_initial_noise: the SDE noise is then "
+                                   "the only difference within a group)")):
+        sde_images = sample(comps, texts, embeds, pooled, sde_rows, args.noise_level, args.steps, args.guidance, 2,
+                            shared=shared)
+        sde = oracle_scores(sde_images, [texts[i] for i in sde_rows])
+        sde_extra = has_extra_object(sde_images, [texts[i] for i in sde_rows])
+        terms = score_terms(sde)
+        md += ["", f"GRPO's groups: {args.k} SDE samples (noise_level {args.noise_level}) of every caption, {title}. "
+               "Within-group variance of the oracle score and of each of its terms (mean over groups):", "",
+               "| captions | groups | score mean | score var | colour term | shape term | placement term | "
+               "cleanliness term | groups with correct and incorrect | extra object | groups with and without one |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for kind in (*KINDS, "all"):
+            m = sde_kind == kind if kind != "all" else np.ones(len(sde_rows), bool)
+            md.append(f"| {kind} | {m.sum() // args.k} | {sde.score[m].mean():.3f} | "
+                      f"{group_variance(sde.score[m], args.k):.5f} | "
+                      + " | ".join(f"{group_variance(terms[t][m], args.k):.5f}" for t in terms)
+                      + f" | {100 * mixed_groups(sde.correct[m], args.k):.0f}% | {100 * sde_extra[m].mean():.1f}% | "
+                      f"{100 * mixed_groups(sde_extra[m], args.k):.0f}% |")
 
     feats = largest_object_features(ode_images, [texts[i] for i in ode_rows])
     md += ["", "The shape classifier's features (fill ratio of the bounding box, bottom-minus-top width / box width) "

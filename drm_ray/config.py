@@ -69,6 +69,9 @@ class GRPOConfig:
     algo: str = "step_grpo"              # step_grpo | grpo
     branch_steps: tuple[int, ...] | None = None   # None: every step but the last
     continuation: str = "random"         # random | best | mean: which state a trajectory continues from
+    shared_initial_noise: bool = False   # GRPO: a group's k trajectories start from one x_1 (DanceGRPO's
+                                         # init_same_noise), so only their SDE noise tells them apart. Step-GRPO's
+                                         # children share their parent state already
     prompts_per_iter: int = 4            # B prompt groups per iteration
     updates_per_iter: int = 1            # minibatches per iteration (contiguous runs of groups), one optimizer step
                                          # each (Flow-GRPO): the ratio is 1 on the first, the clip range acts later
@@ -239,7 +242,8 @@ class Config:
         """What a rollout worker samples with: steps, CFG, SDE noise, k children, branching steps, continuation."""
         s = self.sampling
         return {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
-                "k": k or s.k, "branch_steps": list(self.branch_steps()), "continuation": self.grpo.continuation}
+                "k": k or s.k, "branch_steps": list(self.branch_steps()), "continuation": self.grpo.continuation,
+                "shared_initial_noise": self.grpo.shared_initial_noise}
 
     def validate(self, job: str | None = None) -> "Config":
         """Check every rule at once; `job="step_grpo"` adds the rules of policy-gradient training."""

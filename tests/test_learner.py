@@ -220,3 +220,19 @@ def test_coordinator_deals_each_cell_once_its_groups_are_scored():
             assert w["total"] == totals[w["minibatch"]] == 6
             # the latent chunks named are exactly those holding the cell's states
             assert sorted(s[0] for s in w["sources"]) == sorted({int(i) // 4 * 4 for i in expect["state_index"]})
+
+
+def test_shared_initial_noise_gives_a_group_one_x1_and_its_own_sde_noise():
+    prompts = encode_prompt_table(["a red circle", "a blue square"], "", "tiny", KWARGS)
+    groups = [(0, 0, 11), (1, 1, 12)]
+    own = RolloutWorker("tiny", KWARGS, LORA, prompts, SAMPLING, algo="grpo").rollout(groups, version=-1)
+    shared = RolloutWorker("tiny", KWARGS, LORA, prompts, {**SAMPLING, "shared_initial_noise": True},
+                           algo="grpo").rollout(groups, version=-1)
+    steps = len(SAMPLING["branch_steps"])
+    for a, b in zip(own, shared):
+        x1_own, x1_shared = a.states[::steps], b.states[::steps]  # each trajectory's state at step 0: x_1, [k, ...]
+        assert all(not torch.equal(x1_own[0], x) for x in x1_own[1:])  # default: one x_1 per trajectory
+        assert all(torch.equal(x1_shared[0], x) for x in x1_shared[1:])  # shared: one per group
+        assert torch.equal(x1_shared[0], x1_own[0])  # the first trajectory's generator draws it either way
+        assert all(not torch.equal(b.final[0], f) for f in b.final[1:])  # the SDE noise still differs
+    assert not torch.equal(shared[0].states[0], shared[1].states[0])  # groups still differ

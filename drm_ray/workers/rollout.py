@@ -161,7 +161,11 @@ class RolloutWorker:
         idx = [p for _, p, _ in groups for _ in range(per_group)]
         gens = [g for _, _, seed in groups for g in group_generators(seed, per_group)]
         conds = self.prompts.rows(idx, self.device)  # embeds, pooled, neg, neg_pooled [B, ...]
-        x1 = initial_latents(len(idx), self.transformer.config.in_channels, self.latent_size, gens, self.device)
+        if s.get("shared_initial_noise") and per_group > 1:  # one x_1 per group, from its first trajectory's generator
+            x1 = initial_latents(len(groups), self.transformer.config.in_channels, self.latent_size,
+                                 gens[::per_group], self.device).repeat_interleave(per_group, dim=0)
+        else:
+            x1 = initial_latents(len(idx), self.transformer.config.in_channels, self.latent_size, gens, self.device)
         continuation = s["continuation"] if self.algo == "step_grpo" else "random"
         out = branching_rollout(
             self.transformer, self.sigmas, x1, *conds, s["guidance_scale"],
