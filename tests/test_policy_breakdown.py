@@ -44,3 +44,18 @@ def test_grid_tiles_reads_back_the_images_of_an_image_grid():
     assert grid.size == (5 * 8, 4 * 8)
     assert np.array_equal(grid_tiles(grid, 18, 8), images)
     assert np.array_equal(grid_tiles(image_grid([Image.fromarray(a) for a in images], 3), 18, 8, columns=3), images)
+
+
+def test_gradient_snr_recovers_a_known_signal_and_noise():
+    from bench.gradient_snr import snr
+
+    # g_i = mu + N(0, sigma^2 I) in P dims: E|g_i - mean|^2 = P sigma^2, so the batch whose mean has noise as large as
+    # the signal is P sigma^2 / |mu|^2 = 2000 * 1 / 4 = 500 groups
+    rng = np.random.default_rng(0)
+    mu = np.zeros(2000)
+    mu[:4] = 1.0
+    r = snr(mu + rng.standard_normal((400, 2000)))
+    assert abs(r["mu2"] - 4.0) < 0.5 and abs(r["trace"] - 2000) < 20
+    assert 400 < r["n_star"] < 650
+    assert r["zero_groups"] == 0.0
+    assert snr(rng.standard_normal((400, 2000)))["mu2"] < 0.5  # no signal: |mu|^2 estimated near 0, not T / N = 5
