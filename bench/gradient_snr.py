@@ -85,15 +85,30 @@ def group_gradients(cfg, algo: str, groups: int, seed: int, reward: str, chunk: 
     return np.stack(grads), forwards
 
 
-def snr(grads: np.ndarray) -> dict:
+def snr(grads: np.ndarray, blocks: int = 16) -> dict:
+    """Signal and noise of per-group gradients [N, P]: |mu|^2 (unbiased: the mean of g_i . g_j over i != j) with a
+    delete-a-block jackknife standard error, the per-group covariance trace T, and groups for SNR 1 = T / |mu|^2
+    (with a lower bound T / (|mu|^2 + 2 s.e.) when the signal is not resolved)."""
     n = grads.shape[0]
-    mean = grads.mean(axis=0)
-    trace = float(((grads - mean) ** 2).sum(axis=1).sum() / (n - 1))
-    mu2 = float(mean @ mean) - trace / n
+    gram = grads @ grads.T  # [N, N]
+
+    def mu2(keep: np.ndarray) -> float:
+        sub = gram[np.ix_(keep, keep)]
+        m = len(keep)
+        return float((sub.sum() - np.trace(sub)) / (m * (m - 1)))
+
+    every = np.arange(n)
+    est = mu2(every)
+    parts = np.array_split(every, blocks)
+    jack = np.array([mu2(np.setdiff1d(every, part)) for part in parts])
+    se = float(np.sqrt((blocks - 1) / blocks * ((jack - jack.mean()) ** 2).sum()))
+    trace = float((np.trace(gram) - gram.sum() / n) / (n - 1))  # sum_i |g_i - mean|^2 / (N - 1)
     a, b = grads[: n // 2].mean(axis=0), grads[n // 2:].mean(axis=0)
     cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
     zero = float((np.abs(grads).sum(axis=1) == 0).mean())
-    return {"groups": n, "mu2": mu2, "trace": trace, "n_star": trace / mu2 if mu2 > 0 else float("inf"),
+    return {"groups": n, "mu2": est, "mu2_se": se, "trace": trace,
+            "n_star": trace / est if est > 0 else float("inf"),
+            "n_star_low": trace / (est + 2 * se) if est + 2 * se > 0 else float("inf"),
             "half_cos": cos, "zero_groups": zero}
 
 
@@ -106,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (toy preset)")
     parser.add_argument("--out", default=None, help="also write the markdown here")
+    parser.add_argument("--save", default=None, help="a directory for the per-group gradients (<algo>.npy, float32)")
     args = parser.parse_args(argv)
     import torch
 
@@ -116,17 +132,22 @@ def main(argv: list[str] | None = None) -> None:
           f"Overrides: {' '.join(args.set) or '(none)'}. {args.groups} independent groups per algorithm; the first "
           "update's LoRA gradient (B = 0).", "",
           "| algorithm | groups | policy forwards / group | zero-gradient groups | half-batch cosine | "
-          "groups for SNR 1 | trajectories for SNR 1 | policy forwards for SNR 1 | seconds |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "|mu|^2 / T (x 1e-4) | groups for SNR 1 (lower bound) | trajectories for SNR 1 | policy forwards for SNR 1 | "
+          "seconds |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for algo in args.algos.split(","):
         cfg = load_config("toy", [f"model.path={args.model}", f"grpo.algo={algo}", *args.set])
         t0 = time.perf_counter()
         grads, forwards = group_gradients(cfg, algo, args.groups, args.seed, args.reward)
         r = snr(grads)
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            np.save(Path(args.save) / f"{algo}.npy", grads.astype(np.float32))
         per = cfg.sampling.k if algo == "grpo" else 1
         md.append(f"| {algo} | {r['groups']} | {forwards} | {100 * r['zero_groups']:.0f}% | {r['half_cos']:+.3f} | "
-                  f"{r['n_star']:.0f} | {r['n_star'] * per:.0f} | {r['n_star'] * forwards:.0f} | "
-                  f"{time.perf_counter() - t0:.0f} |")
+                  f"{1e4 * r['mu2'] / r['trace']:+.1f} +- {1e4 * r['mu2_se'] / r['trace']:.1f} | "
+                  f"{r['n_star']:.0f} (> {r['n_star_low']:.0f}) | {r['n_star'] * per:.0f} | "
+                  f"{r['n_star'] * forwards:.0f} | {time.perf_counter() - t0:.0f} |")
         print(md[-1], flush=True)
     text = "\n".join(md) + "\n"
     print(text)

@@ -57,5 +57,6 @@ def test_gradient_snr_recovers_a_known_signal_and_noise():
     r = snr(mu + rng.standard_normal((400, 2000)))
     assert abs(r["mu2"] - 4.0) < 0.5 and abs(r["trace"] - 2000) < 20
     assert 400 < r["n_star"] < 650
+    assert 0.05 < r["mu2_se"] < 0.5 and abs(r["mu2"] - 4.0) < 3 * r["mu2_se"]  # the s.e. covers the truth
     assert r["zero_groups"] == 0.0
     assert snr(rng.standard_normal((400, 2000)))["mu2"] < 0.5  # no signal: |mu|^2 estimated near 0, not T / N = 5
