@@ -95,6 +95,72 @@ def rl_run(out: Path, algo: str, reward: str, seed: int) -> Path:
     return out / "rl" / (f"{algo}-s{seed}" if reward == "drm" else f"{algo}-{reward}-s{seed}")
 
 
+def ceiling_run(out: Path, seed: int) -> Path:
+    """The directory of one run of bench/reproduce.py's ceiling stage (`Chain.ceiling_dir`)."""
+    return out / "ceiling_scale" / f"grpo-oracle-s{seed}"
+
+
+def gain_text(v: np.ndarray) -> tuple[str, bool]:
+    """Per-seed oracle gains [seeds] -> ("mean +- s.e. ...: CLEAR / NOT CLEAR", clear): clear when the mean exceeds
+    two standard errors over at least two seeds."""
+    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    ok = bool(len(v) > 1 and v.mean() > 2 * se)
+    return (f"{v.mean():+.4f} +- {se:.4f} s.e. over {len(v)} seed(s) (per seed {', '.join(f'{x:+.4f}' for x in v)}): "
+            + ("CLEAR" if ok else "NOT CLEAR") + " (criterion: > 2 s.e.)"), ok
+
+
+def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
+    """GRPO with the oracle at a large batch (the ceiling stage): does the panel oracle rise at all?"""
+    runs = [r for r in (_load(ceiling_run(out, seed) / "summary.json") for seed in range(p.get("ceiling_seeds", 0)))
+            if r]
+    if not runs:
+        return "Ceiling stage not run.\n", {}
+    n = min(len(r["eval"]) for r in runs)
+    iters = [e["iteration"] for e in runs[0]["eval"][:n]]
+    oracle = np.array([[e["eval/oracle_score"] for e in r["eval"][:n]] for r in runs])  # [seeds, evals]
+    correct = np.array([[e["eval/oracle_correct"] for e in r["eval"][:n]] for r in runs])
+    forwards = [e["policy_forwards"] for e in runs[0]["eval"][:n]]
+    text_gain, ok = gain_text(oracle[:, -1] - oracle[:, 0])
+    peak = int(np.argmax(oracle.mean(0)))
+    rates = [r for r in (panel_extra_objects(out, ceiling_run(out, seed)) for seed in range(len(runs)))
+             if r is not None]
+    metrics["ceiling/grpo_oracle_gain"] = float((oracle[:, -1] - oracle[:, 0]).mean())
+    trajectories = p["ceiling_groups"] * 4
+    text = (f"GRPO with the oracle as its reward at {trajectories} trajectories per iteration ({p['ceiling_groups']} "
+            f"prompt groups of k=4, {trajectories // max(1, p['prompts'])}x the rl stage's batch), each group's "
+            f"trajectories from one initial noise x_1 (`grpo.shared_initial_noise=true`) and SDE and training on "
+            f"step(s) {p['ceiling_branch_steps']} only (`grpo.branch_steps`; ODE elsewhere), so the rewards within "
+            f"a group differ only by what the trained step drew. {len(runs)} seed(s), {iters[-1]} iterations; the "
+            f"same 180-image panel.\n\n"
+            + _table(["iteration", "policy forwards", "panel oracle", "correct"],
+                     [[it, fw, _ms(oracle[:, j]), f"{100 * correct[:, j].mean():.1f}%"]
+                      for j, (it, fw) in enumerate(zip(iters, forwards))])
+            + f"\n\nOracle gain over the run: {text_gain}; the seed-mean peak {oracle.mean(0)[peak]:.4f} at iteration "
+            f"{iters[peak]}.\n")
+    step = rl_curves(out, p, "oracle").get("step_grpo")
+    reach = None
+    if step is not None and oracle[:, -1].mean() > oracle[:, 0].mean():
+        target = float(oracle[:, -1].mean())
+        reach = first_reach(step["iters"], step["oracle"].mean(0), target)
+        if reach is None:
+            text += (f"\nStep-GRPO with the oracle on x0_hat at the rl stage's batch (section (c')) does not reach this "
+                     f"GRPO's final panel oracle {target:.4f} within its {step['iters'][-1]} iterations.\n")
+        else:
+            per_it = (step["forwards"][-1] + step["x0_forwards"][-1]) / max(1, step["iters"][-1])
+            spent = reach * per_it
+            text += (f"\nStep-GRPO with the oracle on x0_hat at the rl stage's batch (section (c'), seed mean) reaches "
+                     f"this GRPO's final panel oracle {target:.4f} at iteration {reach:.1f}: about {spent:,.0f} policy "
+                     f"forwards including its x0_hat forwards, vs {forwards[-1]:,} for GRPO here "
+                     f"({forwards[-1] / spent:.1f}x).\n")
+            metrics["ceiling/forwards_ratio"] = forwards[-1] / spent
+    if rates:
+        v = np.array(rates)
+        text += (f"\nPanel images with an extra object: {100 * v[:, 0].mean():.1f}% -> {100 * v[:, 1].mean():.1f}% "
+                 f"(per seed {', '.join(f'{100 * x:.1f}%' for x in v[:, 1])}).\n")
+    return text, {"clear": text_gain, "ok": ok, "trajectories": trajectories,
+                  "forwards": forwards[-1]}
+
+
 def rl_curves(out: Path, p: dict, reward: str) -> dict:
     """{algo: curves over the seeds that finished} of the runs optimizing `reward` (empty if either algo has none)."""
     curves = {}
@@ -189,11 +255,7 @@ def rl_section(out: Path, p: dict, metrics: dict, reward: str = "drm") -> tuple[
     fmt = (lambda v: "n/a" if v is None else f"{v:.1f}")
     clear, is_clear = {}, {}
     for a, v in gain.items():
-        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-        is_clear[a] = bool(len(v) > 1 and v.mean() > 2 * se)
-        clear[a] = (f"{v.mean():+.4f} +- {se:.4f} s.e. over {len(v)} seed(s) (per seed "
-                    f"{', '.join(f'{x:+.4f}' for x in v)}): "
-                    + ("CLEAR" if is_clear[a] else "NOT CLEAR") + " (criterion: > 2 s.e.)")
+        clear[a], is_clear[a] = gain_text(v)
     s_mean = s["oracle"].mean(0)
     peak = int(np.argmax(s_mean))
     step_summary = (f"Step-GRPO's panel oracle {s_mean[0]:.4f} -> {s_mean[-1]:.4f} (gain {clear['step_grpo']}; its "
@@ -372,6 +434,7 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     drm_text, drm = drm_section(out, p, metrics)
     rl_text, rl = rl_section(out, p, metrics, "drm")
     orl_text, orl = rl_section(out, p, metrics, "oracle")
+    ceil_text, ceil = ceiling_section(out, p, metrics)
     sw_text, sw = stepwise_section(out, metrics)
     figures = plots(drm, rl, sw, report.parent / "reproduction", orl)
     samples = out / "pretrained" / "samples.png"
@@ -438,6 +501,7 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     md += ["## (c) GRPO vs Step-GRPO at equal rollout compute, optimizing the DRM", "", rl_text]
     md += ["## (c') The same with the oracle as the reward: the ceiling, and the algorithm claim without "
            "reward-model error", "", orl_text]
+    md += ["## (c'') The ceiling at a larger batch: can GRPO raise the oracle at all?", "", ceil_text]
     md += ["## (d) Step-wise Sampling vs k", "", sw_text]
     md += ["## Plots", ""] + [f"![{f.stem}](reproduction/{f.name})" for f in figures] + [""]
     md += ["## Verdicts", ""]
@@ -448,9 +512,11 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
                f"- DRM vs noise level (paper: accuracy highest at low t, still informative mid-way): "
                f"{drm['verdict']['t']}."]
     if orl:
-        md += [f"- The ceiling (GRPO with the oracle as its reward must raise the panel oracle): "
-               f"{orl['clear']['grpo']}. The probes behind the RL settings, and why GRPO's gradient is noise at "
-               "these batch sizes (in this world too: 4x the batch, training only the first steps): "
+        at_scale = (f" At {ceil['trajectories']} trajectories per iteration (one x_1 per group, SDE and training on "
+                    f"step(s) {p['ceiling_branch_steps']}; section (c'')): {ceil['clear']}." if ceil else "")
+        md += [f"- The ceiling (GRPO with the oracle as its reward must raise the panel oracle): at the rl stage's "
+               f"batch {orl['clear']['grpo']}.{at_scale} The probes behind the RL settings, and why GRPO's gradient "
+               "is noise at small batches (`bench/gradient_snr.py`): "
                "[reproduction/RL_SETTINGS.md](reproduction/RL_SETTINGS.md); GRPO with the oracle at 16x the batch "
                "in the world without extra objects: [CEILING.md](CEILING.md).",
                f"- Step-GRPO vs GRPO with the oracle as the reward (the algorithm claim, no reward-model error), "

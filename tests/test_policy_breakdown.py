@@ -60,3 +60,14 @@ def test_gradient_snr_recovers_a_known_signal_and_noise():
     assert 0.05 < r["mu2_se"] < 0.5 and abs(r["mu2"] - 4.0) < 3 * r["mu2_se"]  # the s.e. covers the truth
     assert r["zero_groups"] == 0.0
     assert snr(rng.standard_normal((400, 2000)))["mu2"] < 0.5  # no signal: |mu|^2 estimated near 0, not T / N = 5
+
+
+def test_gain_verdict_needs_two_standard_errors_over_seeds():
+    from bench.reproduce_report import gain_text
+
+    # gains 0.010, 0.012, 0.014: mean 0.012, sd 0.002, s.e. 0.002 / sqrt(3) = 0.00115 -> 0.012 > 0.0023: clear
+    text, ok = gain_text(np.array([0.010, 0.012, 0.014]))
+    assert ok and text.startswith("+0.0120 +- 0.0012 s.e. over 3 seed(s)") and "NOT CLEAR" not in text
+    # gains 0.02, -0.01: mean 0.005, s.e. 0.015: not clear; one seed is never clear (no standard error)
+    assert not gain_text(np.array([0.02, -0.01]))[1]
+    assert not gain_text(np.array([0.05]))[1]
