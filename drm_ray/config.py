@@ -116,6 +116,9 @@ class DRMConfig:
     gradient_checkpointing: bool = False  # recompute each kept block in the backward pass (activation memory)
     train_steps: int = 300               # optimizer steps of DRM training
     zero_noise_prob: float = 0.1         # chance that a pair is scored clean (s = 0)
+    pair_noise: str = "independent"      # independent: winner and loser get their own noise | shared: one noise
+                                         # for both (as Diffusion-DPO noises its pairs), so their difference is
+                                         # the images' alone. Evaluation always noises them independently
     max_grad_norm: float = 1.0           # gradient clipping of DRM training
     log_every: int = 10                  # steps between metric lines
     checkpoint_every: int = 100          # steps between Ray Train checkpoints

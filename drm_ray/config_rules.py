@@ -102,6 +102,7 @@ def rule_errors(c, rl: bool) -> list[str]:
     need(len(d.val_timesteps) > 0 and all(0 <= t <= 1000 for t in d.val_timesteps), "drm.val_timesteps",
          "must be a non-empty list of t in [0, 1000]", d.val_timesteps)
     need(0 <= d.zero_noise_prob <= 1, "drm.zero_noise_prob", "must be in [0, 1]", d.zero_noise_prob)
+    need(d.pair_noise in ("independent", "shared"), "drm.pair_noise", "must be independent or shared", d.pair_noise)
     need(d.max_grad_norm > 0, "drm.max_grad_norm", "must be > 0", d.max_grad_norm)
     need(d.num_cpus >= 0, "drm.num_cpus", "must be >= 0", d.num_cpus)
     need(m.num_layers >= d.n_drop + 1, "model.num_layers", f"must exceed drm.n_drop ({d.n_drop})", m.num_layers)

@@ -43,6 +43,8 @@ def test_yaml_round_trip(tmp_path):
     ("learner.lr=0", "learner.lr"),
     ("drm.lr=-1e-5", "drm.lr"),
     ("drm.head=attention", "drm.head"),
+    ("drm.pair_noise=same", "drm.pair_noise"),
+    ("grpo.shared_initial_noise=maybe", "grpo.shared_initial_noise"),
     ("drm.train_blocks=2", "drm.train_blocks"),  # tiny keeps 4 - 3 = 1 block
     ("drm.train_blocks=-1", "drm.train_blocks"),
     ("model.preset=sdxl", "model.preset"),

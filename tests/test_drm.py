@@ -156,6 +156,19 @@ def test_accumulation_and_checkpointing_give_the_full_batch_loss_and_gradients()
     assert checked > 20 and grads["head.out.weight"].abs().sum() > 0
 
 
+def test_shared_pair_noise_noises_winner_and_loser_alike():
+    from drm_ray.reward.model import add_noise
+    from drm_ray.reward.train_loop import draw_pair_noise
+
+    s, eps = draw_pair_noise(6, (16, 8, 8), torch.Generator().manual_seed(3), zero_prob=0.0, shift=1.0, shared=True)
+    assert eps.shape == (2, 6, 16, 8, 8) and torch.equal(eps[0], eps[1])
+    # identical images noised for a pair are then identical latents: only the images' difference is left
+    x = torch.randn(6, 16, 8, 8)
+    assert torch.equal(add_noise(x, eps[0], s), add_noise(x, eps[1], s))
+    s2, ind = draw_pair_noise(6, (16, 8, 8), torch.Generator().manual_seed(3), zero_prob=0.0, shift=1.0)
+    assert torch.equal(s, s2) and not torch.equal(ind[0], ind[1])  # the default: one draw each
+
+
 def test_timestep_reaches_the_time_embedding_in_fp32_with_bf16_weights():
     drm = build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8).to(torch.bfloat16)
     seen = []

@@ -72,9 +72,13 @@ def build_training_drm(preset: str, model_kwargs: dict, device, *, n_drop: int, 
     return model.to(device)
 
 
-def draw_pair_noise(n: int, latent_shape, generator: torch.Generator, zero_prob: float, shift: float):
-    """One noise level per pair and independent noise for winner and loser: -> s [n], eps [2, n, C, h, w]."""
+def draw_pair_noise(n: int, latent_shape, generator: torch.Generator, zero_prob: float, shift: float,
+                    shared: bool = False):
+    """One noise level per pair and noise for winner and loser, independent or (`shared`) one draw for both:
+    -> s [n], eps [2, n, C, h, w]."""
     s = sample_noise_levels(n, generator, zero_prob=zero_prob, shift=shift)  # [n]
+    if shared:
+        return s, torch.randn((1, n, *latent_shape), generator=generator).expand(2, -1, -1, -1, -1)
     eps = torch.randn((2, n, *latent_shape), generator=generator)  # [2, n, C, h, w]
     return s, eps
 
@@ -214,7 +218,7 @@ def drm_train_loop(config: dict) -> None:
             batch = next(pairs)
             generator = step_generator(config["seed"], rank, step)
             s, eps = draw_pair_noise(len(batch), batch.latent_win.shape[1:], generator, config["zero_noise_prob"],
-                                     config["shift"])
+                                     config["shift"], config.get("pair_noise") == "shared")
             loss_sum, r_w, r_l = train_step(engine, batch, s, eps, micro, accum, world, pairs_per_step, device)
             window.add(loss_sum, r_w, r_l, s)
             done, last = step + 1, step + 1 == config["train_steps"]

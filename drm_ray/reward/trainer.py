@@ -40,7 +40,7 @@ def train_loop_config(cfg, cache_dir: str | Path, heldout_dir: str | Path | None
         latent_size=latent_size(cfg.model.preset, cfg.sampling.resolution),
         seed=cfg.run.seed, lr=r.lr, batch_size=r.batch_size, micro=micro, accum=accum,
         gradient_checkpointing=r.gradient_checkpointing, train_steps=r.train_steps,
-        zero_noise_prob=r.zero_noise_prob, shift=cfg.sampling.shift, log_every=r.log_every,
+        zero_noise_prob=r.zero_noise_prob, pair_noise=r.pair_noise, shift=cfg.sampling.shift, log_every=r.log_every,
         checkpoint_every=r.checkpoint_every, val_every=r.val_every, val_pairs=r.val_pairs,
         val_timesteps=list(r.val_timesteps), heldout_dir=str(Path(heldout_dir).resolve()) if heldout_dir else None,
         zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, max_grad_norm=r.max_grad_norm,
