@@ -23,11 +23,13 @@ Stages, each a subprocess of a job (so the chain is exactly what a user runs), o
               of B/k prompts, Step-GRPO one trajectory for each of B prompts (the same number of transformer
               forwards, and the same number of trained states); the oracle grades the fixed 180-image evaluation
               panel every few iterations.
-5. ceiling    jobs/step_grpo.py --algo grpo with the oracle as the reward, at 16x the rl stage's batch (64 groups of
-              k=4 trajectories), each group's trajectories from one x_1 (grpo.shared_initial_noise) and SDE and
-              training on the first step only (grpo.branch_steps=[0]), so a group's rewards differ only by what the
-              one trained step drew: can GRPO raise the panel oracle at all, given enough rollouts? (At the rl
-              stage's batch it does not: docs/reproduction/RL_SETTINGS.md, bench/gradient_snr.py.)
+5. ceiling    jobs/step_grpo.py --algo grpo with the oracle as the reward, each group's trajectories from one x_1
+              (grpo.shared_initial_noise) and SDE and training on the first step only (grpo.branch_steps=[0]), so
+              a group's rewards differ only by what the one trained step drew; at the rl stage's batch (4 groups of
+              k=4: equal rollout compute with its Step-GRPO) and at 16x that (64 groups): can GRPO raise the panel
+              oracle at all, and how fast against Step-GRPO? (The rl stage's GRPO, SDE on every step and one x_1 per
+              trajectory as in Flow-GRPO, does not at its batch: docs/reproduction/RL_SETTINGS.md,
+              bench/gradient_snr.py.)
 6. stepwise   bench/stepwise_cost.py: Step-wise Sampling with the DRM for several k on every caption x several seeds,
               graded by the oracle (the DRM selects, the oracle judges), with diversity across seeds.
 7. report     tables and plots -> REPRODUCTION.md, everything logged to one MLflow run ("reproduce") in
@@ -53,13 +55,13 @@ FULL = dict(pretrain_steps=2500, extra_object_rate=0.6, samples=96, pairs=1500, 
             drm_steps=3000, drm_val_every=250, drm_seeds=1, drm_train_blocks=1,
             rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=2e-3, rl_updates=1, rl_clip=1e-4, iterations=40,
             eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
-            ceiling_seeds=3, ceiling_groups=64, ceiling_iterations=40, ceiling_eval_every=10, ceiling_branch_steps="0",
+            ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_iterations=40, ceiling_eval_every=10, ceiling_branch_steps="0",
             mix=False)
 QUICK = dict(pretrain_steps=150, extra_object_rate=0.6, samples=6, pairs=10, val=3, val_pairs=4, heldout=4,
              heldout_pairs=4, drm_steps=60, drm_val_every=30, drm_seeds=1, drm_train_blocks=-1,
              rl_seeds=1, rl_rewards=("drm", "oracle"), rl_lr=1e-3, rl_updates=2, rl_clip=2e-3, iterations=4,
              eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
-             ceiling_seeds=1, ceiling_groups=4, ceiling_iterations=4, ceiling_eval_every=2, ceiling_branch_steps="0",
+             ceiling_seeds=1, ceiling_groups=(2, 4), ceiling_iterations=4, ceiling_eval_every=2, ceiling_branch_steps="0",
              mix=False)
 
 
@@ -164,25 +166,27 @@ class Chain:
                         f"grpo.updates_per_iter={self.p['rl_updates']}", f"grpo.clip_eps={self.p['rl_clip']}",
                         f"tracking.run_name={algo}-{reward}-s{seed}"], run / "summary.json")
 
-    def ceiling_dir(self, seed: int) -> Path:
+    def ceiling_dir(self, groups: int, seed: int) -> Path:
         from bench.reproduce_report import ceiling_run
 
-        return ceiling_run(self.out, seed)
+        return ceiling_run(self.out, groups, seed)
 
     def ceiling(self) -> None:
-        """GRPO with the oracle at a large batch, one x_1 per group, SDE and training on `ceiling_branch_steps`."""
+        """GRPO with the oracle, one x_1 per group, SDE and training on `ceiling_branch_steps`, at each batch of
+        `ceiling_groups` prompt groups (k=4 trajectories each)."""
         p = self.p
-        for seed in range(p["ceiling_seeds"]):
-            run = self.ceiling_dir(seed)
-            self.run(f"ceiling-grpo-oracle-s{seed}", [
-                "jobs/step_grpo.py", "--config", "toy", "--algo", "grpo", self.model, self.tracking,
-                "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", "sampling.k=4",
-                f"grpo.prompts_per_iter={p['ceiling_groups']}", f"grpo.iterations={p['ceiling_iterations']}",
-                f"grpo.eval_every={p['ceiling_eval_every']}", f"grpo.checkpoint_every={p['ceiling_iterations']}",
-                f"learner.lr={p['rl_lr']}", f"grpo.updates_per_iter={p['rl_updates']}",
-                f"grpo.clip_eps={p['rl_clip']}", f"grpo.branch_steps=[{p['ceiling_branch_steps']}]",
-                "grpo.shared_initial_noise=true", f"tracking.run_name=ceiling-grpo-oracle-s{seed}"],
-                run / "summary.json")
+        for groups in p["ceiling_groups"]:
+            for seed in range(p["ceiling_seeds"]):
+                run = self.ceiling_dir(groups, seed)
+                self.run(f"ceiling-grpo-oracle-g{groups}-s{seed}", [
+                    "jobs/step_grpo.py", "--config", "toy", "--algo", "grpo", self.model, self.tracking,
+                    "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", "sampling.k=4",
+                    f"grpo.prompts_per_iter={groups}", f"grpo.iterations={p['ceiling_iterations']}",
+                    f"grpo.eval_every={p['ceiling_eval_every']}", f"grpo.checkpoint_every={p['ceiling_iterations']}",
+                    f"learner.lr={p['rl_lr']}", f"grpo.updates_per_iter={p['rl_updates']}",
+                    f"grpo.clip_eps={p['rl_clip']}", f"grpo.branch_steps=[{p['ceiling_branch_steps']}]",
+                    "grpo.shared_initial_noise=true", f"tracking.run_name=ceiling-grpo-oracle-g{groups}-s{seed}"],
+                    run / "summary.json")
 
     def stepwise(self) -> None:
         self.run("stepwise", ["bench/stepwise_cost.py", "--config", "toy", self.model,

@@ -95,9 +95,9 @@ def rl_run(out: Path, algo: str, reward: str, seed: int) -> Path:
     return out / "rl" / (f"{algo}-s{seed}" if reward == "drm" else f"{algo}-{reward}-s{seed}")
 
 
-def ceiling_run(out: Path, seed: int) -> Path:
+def ceiling_run(out: Path, groups: int, seed: int) -> Path:
     """The directory of one run of bench/reproduce.py's ceiling stage (`Chain.ceiling_dir`)."""
-    return out / "ceiling_scale" / f"grpo-oracle-s{seed}"
+    return out / "ceiling_scale" / f"grpo-oracle-g{groups}-s{seed}"
 
 
 def gain_text(v: np.ndarray) -> tuple[str, bool]:
@@ -109,56 +109,86 @@ def gain_text(v: np.ndarray) -> tuple[str, bool]:
             + ("CLEAR" if ok else "NOT CLEAR") + " (criterion: > 2 s.e.)"), ok
 
 
-def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
-    """GRPO with the oracle at a large batch (the ceiling stage): does the panel oracle rise at all?"""
-    runs = [r for r in (_load(ceiling_run(out, seed) / "summary.json") for seed in range(p.get("ceiling_seeds", 0)))
+def ceiling_curves(out: Path, p: dict, groups: int) -> dict | None:
+    """The ceiling stage's curves at one batch (over the seeds that finished), or None."""
+    runs = [r for r in (_load(ceiling_run(out, groups, seed) / "summary.json") for seed in range(p["ceiling_seeds"]))
             if r]
     if not runs:
-        return "Ceiling stage not run.\n", {}
+        return None
     n = min(len(r["eval"]) for r in runs)
-    iters = [e["iteration"] for e in runs[0]["eval"][:n]]
-    oracle = np.array([[e["eval/oracle_score"] for e in r["eval"][:n]] for r in runs])  # [seeds, evals]
-    correct = np.array([[e["eval/oracle_correct"] for e in r["eval"][:n]] for r in runs])
-    forwards = [e["policy_forwards"] for e in runs[0]["eval"][:n]]
-    text_gain, ok = gain_text(oracle[:, -1] - oracle[:, 0])
-    peak = int(np.argmax(oracle.mean(0)))
-    rates = [r for r in (panel_extra_objects(out, ceiling_run(out, seed)) for seed in range(len(runs)))
-             if r is not None]
-    metrics["ceiling/grpo_oracle_gain"] = float((oracle[:, -1] - oracle[:, 0]).mean())
-    trajectories = p["ceiling_groups"] * 4
-    text = (f"GRPO with the oracle as its reward at {trajectories} trajectories per iteration ({p['ceiling_groups']} "
-            f"prompt groups of k=4, {trajectories // max(1, p['prompts'])}x the rl stage's batch), each group's "
-            f"trajectories from one initial noise x_1 (`grpo.shared_initial_noise=true`) and SDE and training on "
-            f"step(s) {p['ceiling_branch_steps']} only (`grpo.branch_steps`; ODE elsewhere), so the rewards within "
-            f"a group differ only by what the trained step drew. {len(runs)} seed(s), {iters[-1]} iterations; the "
-            f"same 180-image panel.\n\n"
-            + _table(["iteration", "policy forwards", "panel oracle", "correct"],
-                     [[it, fw, _ms(oracle[:, j]), f"{100 * correct[:, j].mean():.1f}%"]
-                      for j, (it, fw) in enumerate(zip(iters, forwards))])
-            + f"\n\nOracle gain over the run: {text_gain}; the seed-mean peak {oracle.mean(0)[peak]:.4f} at iteration "
-            f"{iters[peak]}.\n")
+    return dict(iters=np.array([e["iteration"] for e in runs[0]["eval"][:n]]),
+                oracle=np.array([[e["eval/oracle_score"] for e in r["eval"][:n]] for r in runs]),  # [seeds, evals]
+                correct=np.array([[e["eval/oracle_correct"] for e in r["eval"][:n]] for r in runs]),
+                forwards=np.array([e["policy_forwards"] for e in runs[0]["eval"][:n]]))
+
+
+def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
+    """GRPO with the oracle, one x_1 per group and SDE on the first step, at the rl stage's batch and a larger one:
+    does the panel oracle rise at all, and how fast does Step-GRPO (section c') reach where this GRPO ends?"""
+    curves = {g: c for g in p.get("ceiling_groups", ()) if (c := ceiling_curves(out, p, g)) is not None}
+    if not curves:
+        return "Ceiling stage not run.\n", {}
     step = rl_curves(out, p, "oracle").get("step_grpo")
-    reach = None
-    if step is not None and oracle[:, -1].mean() > oracle[:, 0].mean():
-        target = float(oracle[:, -1].mean())
-        reach = first_reach(step["iters"], step["oracle"].mean(0), target)
-        if reach is None:
-            text += (f"\nStep-GRPO with the oracle on x0_hat at the rl stage's batch (section (c')) does not reach this "
-                     f"GRPO's final panel oracle {target:.4f} within its {step['iters'][-1]} iterations.\n")
-        else:
-            per_it = (step["forwards"][-1] + step["x0_forwards"][-1]) / max(1, step["iters"][-1])
-            spent = reach * per_it
-            text += (f"\nStep-GRPO with the oracle on x0_hat at the rl stage's batch (section (c'), seed mean) reaches "
-                     f"this GRPO's final panel oracle {target:.4f} at iteration {reach:.1f}: about {spent:,.0f} policy "
-                     f"forwards including its x0_hat forwards, vs {forwards[-1]:,} for GRPO here "
-                     f"({forwards[-1] / spent:.1f}x).\n")
-            metrics["ceiling/forwards_ratio"] = forwards[-1] / spent
-    if rates:
-        v = np.array(rates)
-        text += (f"\nPanel images with an extra object: {100 * v[:, 0].mean():.1f}% -> {100 * v[:, 1].mean():.1f}% "
-                 f"(per seed {', '.join(f'{100 * x:.1f}%' for x in v[:, 1])}).\n")
-    return text, {"clear": text_gain, "ok": ok, "trajectories": trajectories,
-                  "forwards": forwards[-1]}
+    equal = p["prompts"] // 4  # GRPO groups at the rl stage's rollout compute (k = 4)
+    text = (f"GRPO with the oracle as its reward, each group's k=4 trajectories from one initial noise x_1 "
+            f"(`grpo.shared_initial_noise=true`, DanceGRPO's setting) and SDE and training on step(s) "
+            f"{p['ceiling_branch_steps']} only (`grpo.branch_steps`; ODE elsewhere), so the rewards within a group "
+            f"differ only by what the trained step drew; the same 180-image panel, "
+            f"{max(len(c['oracle']) for c in curves.values())} seed(s).\n\n")
+    gs = sorted(curves)
+    n = min(len(curves[g]["iters"]) for g in gs)
+    iters = curves[gs[0]]["iters"][:n]
+    text += _table(["iteration"] + [f"panel oracle, {g} groups ({4 * g} trajectories / it.)" for g in gs],
+                   [[it] + [_ms(curves[g]["oracle"][:, j]) for g in gs] for j, it in enumerate(iters)]) + "\n\n"
+    clear, ok, extra = {}, {}, {}
+    for g in gs:
+        c = curves[g]
+        clear[g], ok[g] = gain_text(c["oracle"][:, -1] - c["oracle"][:, 0])
+        mean = c["oracle"].mean(0)
+        peak = int(np.argmax(mean))
+        metrics[f"ceiling/g{g}_oracle_gain"] = float(mean[-1] - mean[0])
+        rates = [r for r in (panel_extra_objects(out, ceiling_run(out, g, seed)) for seed in range(len(c["oracle"])))
+                 if r is not None]
+        extra[g] = (f"; panel extra objects {100 * np.mean([r[0] for r in rates]):.1f}% -> "
+                    f"{100 * np.mean([r[1] for r in rates]):.1f}%" if rates else "")
+        text += (f"- {g} groups ({4 * g} trajectories / iteration, {c['forwards'][-1]:,} rollout policy forwards over "
+                 f"the run): gain {clear[g]}; seed-mean peak {mean[peak]:.4f} at iteration {c['iters'][peak]}"
+                 f"{extra[g]}.\n")
+    verdict = None
+    if step is not None:
+        s_mean = step["oracle"].mean(0)
+        per_it = (step["forwards"][-1] + step["x0_forwards"][-1]) / max(1, step["iters"][-1])
+        for g in gs:
+            c = curves[g]
+            target, start = float(c["oracle"][:, -1].mean()), float(c["oracle"][:, 0].mean())
+            if not ok[g]:
+                continue
+            reach_s = first_reach(step["iters"], s_mean, target)
+            reach_g = first_reach(c["iters"], c["oracle"].mean(0), target)
+            if g == equal:  # equal rollout compute per iteration: the paper's measure, iterations to GRPO's final
+                ratio = reach_g / reach_s if reach_s else None
+                verdict = ("HELD" if ratio and ratio >= 1.5 and s_mean[-1] >= target else "DID NOT HOLD") + (
+                    f": at equal rollout compute ({4 * g} trajectories per iteration), Step-GRPO with the oracle on "
+                    f"x0_hat reaches this GRPO's final panel oracle ({target:.4f}, from {start:.4f}) at iteration "
+                    + (f"{reach_s:.1f}" if reach_s else "never") + f" vs GRPO's {reach_g:.1f} (ratio "
+                    + (f"{ratio:.1f}x" if ratio else "n/a") + "; criterion: >= 1.5x and still there at the end; "
+                    "the paper reports 2.5x)")
+                if ratio:
+                    metrics["ceiling/iteration_ratio"] = ratio
+            elif reach_s:
+                spent = reach_s * per_it
+                text += (f"- Step-GRPO with the oracle on x0_hat (section (c'), {p['prompts']} trajectories / "
+                         f"iteration, seed mean) reaches the {g}-group GRPO's final panel oracle {target:.4f} at "
+                         f"iteration {reach_s:.1f}: about {spent:,.0f} policy forwards counting its x0_hat forwards, "
+                         f"vs {c['forwards'][-1]:,} rollout forwards for this GRPO ({c['forwards'][-1] / spent:.1f}x)."
+                         "\n")
+                metrics[f"ceiling/g{g}_forwards_ratio"] = c["forwards"][-1] / spent
+            else:
+                text += (f"- Step-GRPO with the oracle on x0_hat (section (c')) does not reach the {g}-group GRPO's "
+                         f"final panel oracle {target:.4f} within its {step['iters'][-1]} iterations.\n")
+    if verdict:
+        text += f"\nThe algorithm claim against this GRPO: {verdict}.\n"
+    return text, {"clear": clear, "ok": ok, "verdict": verdict, "groups": gs}
 
 
 def rl_curves(out: Path, p: dict, reward: str) -> dict:
@@ -501,7 +531,7 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     md += ["## (c) GRPO vs Step-GRPO at equal rollout compute, optimizing the DRM", "", rl_text]
     md += ["## (c') The same with the oracle as the reward: the ceiling, and the algorithm claim without "
            "reward-model error", "", orl_text]
-    md += ["## (c'') The ceiling at a larger batch: can GRPO raise the oracle at all?", "", ceil_text]
+    md += ["## (c'') The ceiling: GRPO with one x_1 per group and SDE on the first step, at two batch sizes", "", ceil_text]
     md += ["## (d) Step-wise Sampling vs k", "", sw_text]
     md += ["## Plots", ""] + [f"![{f.stem}](reproduction/{f.name})" for f in figures] + [""]
     md += ["## Verdicts", ""]
@@ -512,15 +542,19 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
                f"- DRM vs noise level (paper: accuracy highest at low t, still informative mid-way): "
                f"{drm['verdict']['t']}."]
     if orl:
-        at_scale = (f" At {ceil['trajectories']} trajectories per iteration (one x_1 per group, SDE and training on "
-                    f"step(s) {p['ceiling_branch_steps']}; section (c'')): {ceil['clear']}." if ceil else "")
+        at_scale = "".join(f" With one x_1 per group and SDE and training on step(s) {p['ceiling_branch_steps']} "
+                           f"(section (c'')), at {4 * g} trajectories per iteration: {ceil['clear'][g]}."
+                           for g in (ceil["groups"] if ceil else ()))
         md += [f"- The ceiling (GRPO with the oracle as its reward must raise the panel oracle): at the rl stage's "
-               f"batch {orl['clear']['grpo']}.{at_scale} The probes behind the RL settings, and why GRPO's gradient "
-               "is noise at small batches (`bench/gradient_snr.py`): "
+               f"batch, SDE on every step, {orl['clear']['grpo']}.{at_scale} The probes behind the RL settings, and "
+               "why GRPO's gradient is noise at small batches (`bench/gradient_snr.py`): "
                "[reproduction/RL_SETTINGS.md](reproduction/RL_SETTINGS.md); GRPO with the oracle at 16x the batch "
                "in the world without extra objects: [CEILING.md](CEILING.md).",
                f"- Step-GRPO vs GRPO with the oracle as the reward (the algorithm claim, no reward-model error), "
                f"judged by the oracle: {orl['verdict']}."]
+        if ceil and ceil["verdict"]:
+            md += [f"- The same claim against GRPO with one x_1 per group and SDE on step(s) "
+                   f"{p['ceiling_branch_steps']} (section (c'')): {ceil['verdict']}."]
     if rl:
         md += [f"- Step-GRPO vs GRPO with the DRM as the reward (paper: ~2.5x fewer iterations to GRPO's final "
                f"reward), judged by the oracle: {rl['verdict']}."]
