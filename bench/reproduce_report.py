@@ -105,7 +105,8 @@ def gain_text(v: np.ndarray) -> tuple[str, bool]:
     two standard errors over at least two seeds."""
     se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
     ok = bool(len(v) > 1 and v.mean() > 2 * se)
-    return (f"{v.mean():+.4f} +- {se:.4f} s.e. over {len(v)} seed(s) (per seed {', '.join(f'{x:+.4f}' for x in v)}): "
+    se_text = f"{se:.4f}" if len(v) > 1 else "n/a"
+    return (f"{v.mean():+.4f} +- {se_text} s.e. over {len(v)} seed(s) (per seed {', '.join(f'{x:+.4f}' for x in v)}): "
             + ("CLEAR" if ok else "NOT CLEAR") + " (criterion: > 2 s.e.)"), ok
 
 
@@ -172,7 +173,10 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
                     f"x0_hat reaches this GRPO's final panel oracle ({target:.4f}, from {start:.4f}) at iteration "
                     + (f"{reach_s:.1f}" if reach_s else "never") + f" vs GRPO's {reach_g:.1f} (ratio "
                     + (f"{ratio:.1f}x" if ratio else "n/a") + "; criterion: >= 1.5x and still there at the end; "
-                    "the paper reports 2.5x)")
+                    "the paper reports 2.5x)" + (
+                        f". Counting Step-GRPO's x0_hat forwards (the oracle grades each child through one; a DRM "
+                        f"scores the noisy child itself), it spent about {reach_s * per_it:,.0f} policy forwards to "
+                        f"get there vs GRPO's {c['forwards'][-1]:,}" if reach_s else ""))
                 if ratio:
                     metrics["ceiling/iteration_ratio"] = ratio
             elif reach_s:
