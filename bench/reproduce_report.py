@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -462,7 +463,8 @@ def _save(fig, path: Path) -> Path:
 
 def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = False) -> None:
     metrics: dict = {}
-    timings = {k: v for k, v in timings.items() if not k.startswith("ceiling")}  # bench/ceiling.py's, not ours
+    # bench/ceiling.py's runs ("ceiling-<algo>-oracle-lr..."), not this chain's ceiling stage ("ceiling-grpo-oracle-g...")
+    timings = {k: v for k, v in timings.items() if not re.match(r"ceiling-\w+-oracle-lr", k)}
     pre = _load(out / "pretrained" / "toy_meta.json")
     pairs = _load(out / "pairs" / "pairs_meta.json")
     drm_text, drm = drm_section(out, p, metrics)
