@@ -1,6 +1,6 @@
 """Benchmark: the paper's claims in the toy world, end to end through the real jobs (a benchmark, not a test).
 
-    python bench/reproduce.py                      # the whole chain (~50 min on 2 CPU cores) -> docs/REPRODUCTION.md
+    python bench/reproduce.py                      # the whole chain (~2 h 15 min on 2 CPU cores) -> docs/REPRODUCTION.md
     python bench/reproduce.py --quick              # a smoke run of every stage (~6 min) -> <out>/REPRODUCTION.md
     python bench/reproduce.py --stages rl,report   # re-run some stages; finished runs are reused unless --force
 
