@@ -115,6 +115,15 @@ def format_table(header: list[str], rows: list[list], title: str = "") -> str:
     return "\n".join(out)
 
 
+def emit_markdown(lines: list[str], out: str | Path | None = None) -> str:
+    """Print a benchmark's markdown report (lines joined) and, when `out` is given, also write it there."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+    return text
+
+
 def log_to_mlflow(name: str, out_dir: Path, params: dict, metrics: dict, text: str,
                   tracking_uri: str | None = None) -> str:
     """One MLflow run (experiment `drm-ray-bench`) with the benchmark's params, numbers and table; returns its id."""

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
+    from bench.common import emit_markdown
+
     from drm_ray.config import load_config
 
     torch.set_num_threads(1)
@@ -149,10 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['n_star']:.0f} (> {r['n_star_low']:.0f}) | {r['n_star'] * per:.0f} | "
                   f"{r['n_star'] * forwards:.0f} | {time.perf_counter() - t0:.0f} |")
         print(md[-1], flush=True)
-    text = "\n".join(md) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit_markdown(md, args.out)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
+    from bench.common import emit_markdown
+
     from drm_ray.toy.model import build_toy
     from drm_ray.toy.oracle import PROTOTYPE_MEAN, has_extra_object, oracle_scores, score_terms
     from drm_ray.toy.pretrain import caption_table
@@ -169,10 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         md.append(f"| {shape} | {feats[m, 0].mean():.3f} +- {feats[m, 0].std():.3f} | {feats[m, 1].mean():.3f} +- "
                   f"{feats[m, 1].std():.3f} | {PROTOTYPE_MEAN[j, 0]:.3f} | {PROTOTYPE_MEAN[j, 1]:.3f} | "
                   f"{ode.shape[ode_kind == shape].mean():.3f} |")
-    text = "\n".join(md) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit_markdown(md, args.out)
 
 
 if __name__ == "__main__":
