@@ -55,14 +55,14 @@ FULL = dict(pretrain_steps=2500, extra_object_rate=0.6, samples=96, pairs=1500, 
             drm_steps=3000, drm_val_every=250, drm_seeds=1, drm_train_blocks=1,
             rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=2e-3, rl_updates=1, rl_clip=1e-4, iterations=40,
             eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
-            ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_iterations=40, ceiling_eval_every=10, ceiling_branch_steps="0",
-            mix=False)
+            ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_lrs=(2e-3, 1e-3), ceiling_iterations=40, ceiling_eval_every=10,
+            ceiling_branch_steps="0", mix=False)
 QUICK = dict(pretrain_steps=150, extra_object_rate=0.6, samples=6, pairs=10, val=3, val_pairs=4, heldout=4,
              heldout_pairs=4, drm_steps=60, drm_val_every=30, drm_seeds=1, drm_train_blocks=-1,
              rl_seeds=1, rl_rewards=("drm", "oracle"), rl_lr=1e-3, rl_updates=2, rl_clip=2e-3, iterations=4,
              eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
-             ceiling_seeds=1, ceiling_groups=(2, 4), ceiling_iterations=4, ceiling_eval_every=2, ceiling_branch_steps="0",
-             mix=False)
+             ceiling_seeds=1, ceiling_groups=(2, 4), ceiling_lrs=(1e-3, 1e-3), ceiling_iterations=4, ceiling_eval_every=2,
+             ceiling_branch_steps="0", mix=False)
 
 
 class Chain:
@@ -173,7 +173,9 @@ class Chain:
 
     def ceiling(self) -> None:
         """GRPO with the oracle, one x_1 per group, SDE and training on `ceiling_branch_steps`, at each batch of
-        `ceiling_groups` prompt groups (k=4 trajectories each)."""
+        `ceiling_groups` prompt groups (k=4 trajectories each), each batch at its learning rate of `ceiling_lrs`."""
+        from bench.reproduce_report import ceiling_lr
+
         p = self.p
         for groups in p["ceiling_groups"]:
             for seed in range(p["ceiling_seeds"]):
@@ -183,7 +185,7 @@ class Chain:
                     "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", "sampling.k=4",
                     f"grpo.prompts_per_iter={groups}", f"grpo.iterations={p['ceiling_iterations']}",
                     f"grpo.eval_every={p['ceiling_eval_every']}", f"grpo.checkpoint_every={p['ceiling_iterations']}",
-                    f"learner.lr={p['rl_lr']}", f"grpo.updates_per_iter={p['rl_updates']}",
+                    f"learner.lr={ceiling_lr(p, groups)}", f"grpo.updates_per_iter={p['rl_updates']}",
                     f"grpo.clip_eps={p['rl_clip']}", f"grpo.branch_steps=[{p['ceiling_branch_steps']}]",
                     "grpo.shared_initial_noise=true", f"tracking.run_name=ceiling-grpo-oracle-g{groups}-s{seed}"],
                     run / "summary.json")
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or key not in p:
             parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(p)}")
         p[key] = type(p[key])(value) if not isinstance(p[key], (bool, tuple)) else json.loads(value)
+    if len(p["ceiling_lrs"]) != len(p["ceiling_groups"]):
+        parser.error(f"ceiling_lrs {list(p['ceiling_lrs'])} must give one learning rate per entry of ceiling_groups "
+                     f"{list(p['ceiling_groups'])}")
     out = Path(args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain(out, p, args.force)

@@ -101,6 +101,13 @@ def ceiling_run(out: Path, groups: int, seed: int) -> Path:
     return out / "ceiling_scale" / f"grpo-oracle-g{groups}-s{seed}"
 
 
+def ceiling_lr(p: dict, groups: int) -> float:
+    """The learning rate of the ceiling stage's runs at `groups` groups: the entry of `ceiling_lrs` beside it in
+    `ceiling_groups` (the rl stage's `rl_lr` for parameters written before `ceiling_lrs` existed)."""
+    lrs = p.get("ceiling_lrs") or [p["rl_lr"]] * len(p["ceiling_groups"])
+    return float(dict(zip(p["ceiling_groups"], lrs))[groups])
+
+
 def gain_text(v: np.ndarray) -> tuple[str, bool]:
     """Per-seed oracle gains [seeds] -> ("mean +- s.e. ...: CLEAR / NOT CLEAR", clear): clear when the mean exceeds
     two standard errors over at least two seeds."""
@@ -140,7 +147,8 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
     gs = sorted(curves)
     n = min(len(curves[g]["iters"]) for g in gs)
     iters = curves[gs[0]]["iters"][:n]
-    text += _table(["iteration"] + [f"panel oracle, {g} groups ({4 * g} trajectories / it.)" for g in gs],
+    text += _table(["iteration"] + [f"panel oracle, {g} groups ({4 * g} trajectories / it., lr {ceiling_lr(p, g):g})"
+                                  for g in gs],
                    [[it] + [_ms(curves[g]["oracle"][:, j]) for g in gs] for j, it in enumerate(iters)]) + "\n\n"
     clear, ok, extra = {}, {}, {}
     for g in gs:
@@ -153,8 +161,8 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
                  if r is not None]
         extra[g] = (f"; panel extra objects {100 * np.mean([r[0] for r in rates]):.1f}% -> "
                     f"{100 * np.mean([r[1] for r in rates]):.1f}%" if rates else "")
-        text += (f"- {g} groups ({4 * g} trajectories / iteration, {c['forwards'][-1]:,} rollout policy forwards over "
-                 f"the run): gain {clear[g]}; seed-mean peak {mean[peak]:.4f} at iteration {c['iters'][peak]}"
+        text += (f"- {g} groups ({4 * g} trajectories / iteration, learning rate {ceiling_lr(p, g):g}, "
+                 f"{c['forwards'][-1]:,} rollout policy forwards over the run): gain {clear[g]}; seed-mean peak {mean[peak]:.4f} at iteration {c['iters'][peak]}"
                  f"{extra[g]}.\n")
     verdict = None
     if step is not None:
@@ -549,7 +557,8 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
                f"{drm['verdict']['t']}."]
     if orl:
         at_scale = "".join(f" With one x_1 per group and SDE and training on step(s) {p['ceiling_branch_steps']} "
-                           f"(section (c'')), at {4 * g} trajectories per iteration: {ceil['clear'][g]}."
+                           f"(section (c'')), at {4 * g} trajectories per iteration and learning rate {ceiling_lr(p, g):g}: "
+                           f"{ceil['clear'][g]}."
                            for g in (ceil["groups"] if ceil else ()))
         md += [f"- The ceiling (GRPO with the oracle as its reward must raise the panel oracle): at the rl stage's "
                f"batch, SDE on every step, {orl['clear']['grpo']}.{at_scale} The probes behind the RL settings, and "

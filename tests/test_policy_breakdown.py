@@ -2,6 +2,7 @@
 own score; reading a logged image panel back into its tiles (bench/reproduce_report.py's extra-object count)."""
 
 import numpy as np
+import pytest
 
 from bench.policy_breakdown import group_variance, kind_of, mixed_groups
 from drm_ray.toy.oracle import oracle_scores, score_terms
@@ -71,3 +72,17 @@ def test_gain_verdict_needs_two_standard_errors_over_seeds():
     # gains 0.02, -0.01: mean 0.005, s.e. 0.015: not clear; one seed is never clear (no standard error)
     assert not gain_text(np.array([0.02, -0.01]))[1]
     assert not gain_text(np.array([0.05]))[1]
+
+
+def test_ceiling_learning_rate_follows_its_batch_and_a_mismatch_is_named(tmp_path, capsys):
+    from bench.reproduce import main
+    from bench.reproduce_report import ceiling_lr
+
+    p = dict(rl_lr=2e-3, ceiling_groups=(4, 64), ceiling_lrs=(2e-3, 1e-3))
+    assert (ceiling_lr(p, 4), ceiling_lr(p, 64)) == (2e-3, 1e-3)
+    # parameters written before ceiling_lrs existed ran every batch at the rl stage's rate
+    assert ceiling_lr(dict(rl_lr=5e-4, ceiling_groups=(4, 64)), 64) == 5e-4
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--stages", "report", "--set", "ceiling_lrs=[0.001]"])
+    assert "one learning rate per entry of ceiling_groups [4, 64]" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
