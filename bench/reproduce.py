@@ -56,13 +56,13 @@ FULL = dict(pretrain_steps=2500, extra_object_rate=0.6, samples=96, pairs=1500, 
             rl_seeds=3, rl_rewards=("drm", "oracle"), rl_lr=2e-3, rl_updates=1, rl_clip=1e-4, iterations=40,
             eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
             ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_lrs=(2e-3, 1e-3), ceiling_iterations=40, ceiling_eval_every=10,
-            ceiling_branch_steps="0", mix=False)
+            ceiling_branch_steps="0", ceiling_drm_groups=(4,), mix=False)
 QUICK = dict(pretrain_steps=150, extra_object_rate=0.6, samples=6, pairs=10, val=3, val_pairs=4, heldout=4,
              heldout_pairs=4, drm_steps=60, drm_val_every=30, drm_seeds=1, drm_train_blocks=-1,
              rl_seeds=1, rl_rewards=("drm", "oracle"), rl_lr=1e-3, rl_updates=2, rl_clip=2e-3, iterations=4,
              eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
              ceiling_seeds=1, ceiling_groups=(2, 4), ceiling_lrs=(1e-3, 1e-3), ceiling_iterations=4, ceiling_eval_every=2,
-             ceiling_branch_steps="0", mix=False)
+             ceiling_branch_steps="0", ceiling_drm_groups=(2,), mix=False)
 
 
 class Chain:
@@ -166,28 +166,36 @@ class Chain:
                         f"grpo.updates_per_iter={self.p['rl_updates']}", f"grpo.clip_eps={self.p['rl_clip']}",
                         f"tracking.run_name={algo}-{reward}-s{seed}"], run / "summary.json")
 
-    def ceiling_dir(self, groups: int, seed: int) -> Path:
+    def ceiling_dir(self, groups: int, seed: int, reward: str = "oracle") -> Path:
         from bench.reproduce_report import ceiling_run
 
-        return ceiling_run(self.out, groups, seed)
+        return ceiling_run(self.out, groups, seed, reward)
 
     def ceiling(self) -> None:
         """GRPO with the oracle, one x_1 per group, SDE and training on `ceiling_branch_steps`, at each batch of
-        `ceiling_groups` prompt groups (k=4 trajectories each), each batch at its learning rate of `ceiling_lrs`."""
+        `ceiling_groups` prompt groups (k=4 trajectories each), each batch at its learning rate of `ceiling_lrs`;
+        then the same GRPO with the DRM as its reward at each batch of `ceiling_drm_groups` (the DRM claim against a
+        GRPO that can move the oracle)."""
         from bench.reproduce_report import ceiling_lr
 
         p = self.p
-        for groups in p["ceiling_groups"]:
+        drm = self.drm_dir("pretrained", 0) / "drm"
+        runs = [("oracle", g) for g in p["ceiling_groups"]]
+        if drm.is_dir():
+            runs += [("drm", g) for g in p.get("ceiling_drm_groups", ())]
+        for reward, groups in runs:
             for seed in range(p["ceiling_seeds"]):
-                run = self.ceiling_dir(groups, seed)
-                self.run(f"ceiling-grpo-oracle-g{groups}-s{seed}", [
+                run = self.ceiling_dir(groups, seed, reward)
+                name = f"ceiling-grpo-{reward}-g{groups}-s{seed}"
+                self.run(name, [
                     "jobs/step_grpo.py", "--config", "toy", "--algo", "grpo", self.model, self.tracking,
-                    "reward.rewards=[oracle]", f"run.output_dir={run}", f"run.seed={seed}", "sampling.k=4",
+                    f"reward.rewards=[{reward}]", *([f"reward.drm_path={drm}"] if reward == "drm" else []),
+                    f"run.output_dir={run}", f"run.seed={seed}", "sampling.k=4",
                     f"grpo.prompts_per_iter={groups}", f"grpo.iterations={p['ceiling_iterations']}",
                     f"grpo.eval_every={p['ceiling_eval_every']}", f"grpo.checkpoint_every={p['ceiling_iterations']}",
                     f"learner.lr={ceiling_lr(p, groups)}", f"grpo.updates_per_iter={p['rl_updates']}",
                     f"grpo.clip_eps={p['rl_clip']}", f"grpo.branch_steps=[{p['ceiling_branch_steps']}]",
-                    "grpo.shared_initial_noise=true", f"tracking.run_name=ceiling-grpo-oracle-g{groups}-s{seed}"],
+                    "grpo.shared_initial_noise=true", f"tracking.run_name={name}"],
                     run / "summary.json")
 
     def stepwise(self) -> None:

@@ -96,16 +96,17 @@ def rl_run(out: Path, algo: str, reward: str, seed: int) -> Path:
     return out / "rl" / (f"{algo}-s{seed}" if reward == "drm" else f"{algo}-{reward}-s{seed}")
 
 
-def ceiling_run(out: Path, groups: int, seed: int) -> Path:
+def ceiling_run(out: Path, groups: int, seed: int, reward: str = "oracle") -> Path:
     """The directory of one run of bench/reproduce.py's ceiling stage (`Chain.ceiling_dir`)."""
-    return out / "ceiling_scale" / f"grpo-oracle-g{groups}-s{seed}"
+    return out / "ceiling_scale" / f"grpo-{reward}-g{groups}-s{seed}"
 
 
 def ceiling_lr(p: dict, groups: int) -> float:
     """The learning rate of the ceiling stage's runs at `groups` groups: the entry of `ceiling_lrs` beside it in
-    `ceiling_groups` (the rl stage's `rl_lr` for parameters written before `ceiling_lrs` existed)."""
+    `ceiling_groups` (the rl stage's `rl_lr` for a batch not listed there, and for parameters written before
+    `ceiling_lrs` existed)."""
     lrs = p.get("ceiling_lrs") or [p["rl_lr"]] * len(p["ceiling_groups"])
-    return float(dict(zip(p["ceiling_groups"], lrs))[groups])
+    return float(dict(zip(p["ceiling_groups"], lrs)).get(groups, p["rl_lr"]))
 
 
 def gain_text(v: np.ndarray) -> tuple[str, bool]:
@@ -118,17 +119,66 @@ def gain_text(v: np.ndarray) -> tuple[str, bool]:
             + ("CLEAR" if ok else "NOT CLEAR") + " (criterion: > 2 s.e.)"), ok
 
 
-def ceiling_curves(out: Path, p: dict, groups: int) -> dict | None:
-    """The ceiling stage's curves at one batch (over the seeds that finished), or None."""
-    runs = [r for r in (_load(ceiling_run(out, groups, seed) / "summary.json") for seed in range(p["ceiling_seeds"]))
-            if r]
+def ceiling_curves(out: Path, p: dict, groups: int, reward: str = "oracle") -> dict | None:
+    """The ceiling stage's curves at one batch and reward (over the seeds that finished), or None."""
+    runs = [r for r in (_load(ceiling_run(out, groups, seed, reward) / "summary.json")
+                        for seed in range(p["ceiling_seeds"])) if r]
     if not runs:
         return None
     n = min(len(r["eval"]) for r in runs)
-    return dict(iters=np.array([e["iteration"] for e in runs[0]["eval"][:n]]),
-                oracle=np.array([[e["eval/oracle_score"] for e in r["eval"][:n]] for r in runs]),  # [seeds, evals]
-                correct=np.array([[e["eval/oracle_correct"] for e in r["eval"][:n]] for r in runs]),
-                forwards=np.array([e["policy_forwards"] for e in runs[0]["eval"][:n]]))
+    ev = [r["eval"][:n] for r in runs]
+    return dict(iters=np.array([e["iteration"] for e in ev[0]]),
+                oracle=np.array([[e["eval/oracle_score"] for e in r] for r in ev]),  # [seeds, evals]
+                correct=np.array([[e["eval/oracle_correct"] for e in r] for r in ev]),
+                drm=(np.array([[e["eval/drm_score"] for e in r] for r in ev]) if "eval/drm_score" in ev[0][0]
+                     else None),
+                forwards=np.array([e["policy_forwards"] for e in ev[0]]))
+
+
+def ceiling_drm_part(out: Path, p: dict, metrics: dict) -> tuple[str, str | None]:
+    """The ceiling's GRPO (one x_1 per group, SDE on the first step) with the DRM as its reward, beside Step-GRPO
+    with the DRM (section c) at equal rollout compute: the paper's claim measured against a GRPO that can move.
+    Returns (markdown, verdict or None when the runs are missing)."""
+    equal = p["prompts"] // 4  # GRPO groups at the rl stage's rollout compute (k = 4)
+    c = ceiling_curves(out, p, equal, "drm") if equal in p.get("ceiling_drm_groups", ()) else None
+    step = rl_curves(out, p, "drm").get("step_grpo")
+    if c is None or step is None:
+        return "", None
+    s_at = {int(it): j for j, it in enumerate(step["iters"])}
+    rows = []
+    for j, it in enumerate(c["iters"]):
+        k = s_at.get(int(it))
+        rows.append([it, _ms(c["oracle"][:, j]), _ms(step["oracle"][:, k]) if k is not None else "n/a",
+                     (f"{c['drm'][:, j].mean():+.3f} / " if c["drm"] is not None else "n/a / ")
+                     + (f"{step['drm'][:, k].mean():+.3f}" if k is not None and step["drm"] is not None else "n/a")])
+    text = (f"\nThe same GRPO with the DRM as its reward ({4 * equal} trajectories / iteration, learning rate "
+            f"{ceiling_lr(p, equal):g}, {len(c['oracle'])} seed(s)) beside Step-GRPO with the DRM (section (c), the "
+            "same rollout compute per iteration):\n\n")
+    text += _table(["iteration", "panel oracle, GRPO (DRM reward)", "panel oracle, Step-GRPO (DRM reward)",
+                    "DRM score (GRPO / Step)"], rows) + "\n\n"
+    gain, ok = gain_text(c["oracle"][:, -1] - c["oracle"][:, 0])
+    mean, s_mean = c["oracle"].mean(0), step["oracle"].mean(0)
+    target, start = float(mean[-1]), float(mean[0])
+    metrics["ceiling/grpo_drm_oracle_gain"] = target - start
+    text += f"- GRPO with the DRM: panel oracle gain {gain}"
+    if c["drm"] is not None:
+        text += f"; its DRM score {c['drm'][:, 0].mean():+.3f} -> {c['drm'][:, -1].mean():+.3f}"
+    text += ".\n"
+    if not ok:
+        return text, (f"UNDECIDED: this GRPO with the DRM as its reward did not clearly raise the panel oracle "
+                      f"either (gain {gain}), so 'iterations to reach GRPO's final' is not defined here")
+    reach_s = first_reach(step["iters"], s_mean, target)
+    reach_g = first_reach(c["iters"], mean, target)
+    ratio = reach_g / reach_s if reach_s else None
+    if ratio:
+        metrics["ceiling/iteration_ratio_drm"] = ratio
+    held = bool(ratio and ratio >= 1.5 and s_mean[-1] >= target)
+    return text, (("HELD" if held else "DID NOT HOLD") + (
+        f": at equal rollout compute ({4 * equal} trajectories per iteration), Step-GRPO with the DRM reaches this "
+        f"GRPO's final panel oracle ({target:.4f}, from {start:.4f}) at iteration "
+        + (f"{reach_s:.1f}" if reach_s else "never") + f" vs GRPO's {reach_g:.1f} (ratio "
+        + (f"{ratio:.1f}x" if ratio else "n/a") + f"; criterion: >= 1.5x and still there at the end; Step-GRPO "
+        f"ends at {s_mean[-1]:.4f}; the paper reports 2.5x)"))
 
 
 def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
@@ -201,7 +251,10 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
                          f"final panel oracle {target:.4f} within its {step['iters'][-1]} iterations.\n")
     if verdict:
         text += f"\nThe algorithm claim against this GRPO: {verdict}.\n"
-    return text, {"clear": clear, "ok": ok, "verdict": verdict, "groups": gs}
+    drm_text, drm_verdict = ceiling_drm_part(out, p, metrics)
+    if drm_verdict:
+        text += drm_text + f"\nThe DRM claim against this GRPO: {drm_verdict}.\n"
+    return text, {"clear": clear, "ok": ok, "verdict": verdict, "groups": gs, "drm_verdict": drm_verdict}
 
 
 def rl_curves(out: Path, p: dict, reward: str) -> dict:
@@ -545,7 +598,8 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     md += ["## (c) GRPO vs Step-GRPO at equal rollout compute, optimizing the DRM", "", rl_text]
     md += ["## (c') The same with the oracle as the reward: the ceiling, and the algorithm claim without "
            "reward-model error", "", orl_text]
-    md += ["## (c'') The ceiling: GRPO with one x_1 per group and SDE on the first step, at two batch sizes", "", ceil_text]
+    md += ["## (c'') The ceiling: GRPO with one x_1 per group and SDE on the first step, at two batch sizes; the same "
+           "GRPO with the DRM", "", ceil_text]
     md += ["## (d) Step-wise Sampling vs k", "", sw_text]
     md += ["## Plots", ""] + [f"![{f.stem}](reproduction/{f.name})" for f in figures] + [""]
     md += ["## Verdicts", ""]
@@ -575,6 +629,9 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
                f"reward), judged by the oracle: {rl['verdict']}."]
         if rl["drm_verdict"]:
             md += [f"- The same comparison in {rl['drm_verdict']}."]
+        if ceil and ceil.get("drm_verdict"):
+            md += [f"- Step-GRPO vs GRPO with one x_1 per group and SDE on step(s) {p['ceiling_branch_steps']}, both "
+                   f"with the DRM as the reward (section (c'')), judged by the oracle: {ceil['drm_verdict']}."]
     if sw:
         md += [f"- Step-wise Sampling (paper: a better final image as k grows): {sw['verdict']}."]
     if drm and rl and rl["curves"]["grpo"]["drm"] is not None:

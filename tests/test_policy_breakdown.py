@@ -1,6 +1,8 @@
 """bench/policy_breakdown.py's arithmetic and the oracle's score terms, against hand computations and the oracle's
 own score; reading a logged image panel back into its tiles (bench/reproduce_report.py's extra-object count)."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,45 @@ def test_ceiling_learning_rate_follows_its_batch_and_a_mismatch_is_named(tmp_pat
         main(["--out", str(tmp_path), "--stages", "report", "--set", "ceiling_lrs=[0.001]"])
     assert "one learning rate per entry of ceiling_groups [4, 64]" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def _write_summary(run, iters, oracle, drm):
+    import json
+
+    run.mkdir(parents=True)
+    ev = [{"iteration": it, "eval/oracle_score": o, "eval/oracle_correct": 0.5, "eval/drm_score": d,
+           "policy_forwards": 128 * it} for it, o, d in zip(iters, oracle, drm)]
+    (run / "summary.json").write_text(json.dumps({"eval": ev}))
+
+
+def test_drm_claim_against_the_ceiling_grpo_is_read_from_the_runs(tmp_path):
+    from bench.reproduce_report import ceiling_drm_part, ceiling_run, rl_run
+
+    p = dict(prompts=16, rl_seeds=3, rl_lr=2e-3, ceiling_seeds=3, ceiling_groups=(4,), ceiling_lrs=(2e-3,),
+             ceiling_drm_groups=(4,))
+    ceil_iters, rl_iters = [0, 10, 20, 30, 40], list(range(0, 45, 5))
+    for seed, gain in enumerate([0.03, 0.04, 0.05]):  # GRPO with the DRM: finals 0.83, 0.84, 0.85 -> mean 0.84
+        _write_summary(ceiling_run(tmp_path, 4, seed, "drm"), ceil_iters,
+                       [0.80 + gain * it / 40 for it in ceil_iters], [1.0 + it / 40 for it in ceil_iters])
+        # Step-GRPO with the DRM: 0.80 + 0.0025 * it, so it reaches 0.84 at iteration 16: 40 / 16 = 2.5x
+        _write_summary(rl_run(tmp_path, "step_grpo", "drm", seed), rl_iters, [0.80 + 0.0025 * it for it in rl_iters],
+                       [1.0 + it / 10 for it in rl_iters])
+        _write_summary(rl_run(tmp_path, "grpo", "drm", seed), rl_iters, [0.80] * 9, [1.0] * 9)
+    metrics = {}
+    text, verdict = ceiling_drm_part(tmp_path, p, metrics)
+    assert verdict.startswith("HELD") and "at iteration 16.0 vs GRPO's 40.0 (ratio 2.5x" in verdict
+    assert abs(metrics["ceiling/iteration_ratio_drm"] - 2.5) < 1e-9
+    assert "| 20 | 0.820 +- 0.005 | 0.850 +- 0.000 | +1.500 / +3.000 |" in text  # seeds 0.815, 0.820, 0.825 at it. 20
+    # Step-GRPO falling back below GRPO's final by the end: the claim does not hold, however fast it got there
+    for seed in range(3):
+        run = rl_run(tmp_path, "step_grpo", "drm", seed)
+        shutil.rmtree(run)
+        _write_summary(run, rl_iters, [0.80 + 0.0025 * it for it in rl_iters[:-1]] + [0.79], [1.0] * 9)
+    assert ceiling_drm_part(tmp_path, p, {})[1].startswith("DID NOT HOLD")
+    # a GRPO that does not clearly move the oracle leaves the claim undecided
+    for seed, gain in enumerate([0.02, -0.02, 0.0]):
+        run = ceiling_run(tmp_path, 4, seed, "drm")
+        shutil.rmtree(run)
+        _write_summary(run, ceil_iters, [0.80 + gain * it / 40 for it in ceil_iters], [1.0] * 5)
+    assert ceiling_drm_part(tmp_path, p, {})[1].startswith("UNDECIDED")
+    assert ceiling_drm_part(tmp_path, dict(p, ceiling_drm_groups=()), {}) == ("", None)
