@@ -9,6 +9,12 @@ t split by (a) the oracle gap between winner and loser and (b) what decides the 
 or both are equally correct and the faithfulness part (0.75 x colour x (0.4 + 0.3 shape + 0.3 placement)) or the
 cleanliness part (0.25 x palette crispness) contributes more of the gap; and (c) whether one image of the pair shows
 an extra object its caption does not mention (oracle.has_extra_object). A benchmark, not a test.
+
+With `--x0-reference` it also ranks the same pairs at the same noisy latents (the same noise draws) by the oracle's
+grade of the policy's denoised estimate x0_hat = x_s - s * v (model.path's transformer, one forward with CFG per
+image): the reference a reward model of noisy latents competes with, and what Step-GRPO's oracle on x0_hat sees. At
+high noise it says how much of the winner / loser difference is still recoverable from x_s by this policy, so a
+DRM's accuracy can be read against it rather than only against chance.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", required=True, help="the held-out preference Parquet")
     parser.add_argument("--cache", required=True, help="its embedding cache (jobs/preprocess.py)")
     parser.add_argument("--timesteps", default="0,750")
+    parser.add_argument("--x0-reference", action="store_true",
+                        help="also rank the pairs by the oracle of model.path's x0_hat at the same noisy latents")
     args = parser.parse_intermixed_args(argv)
-    job_config(args)
+    cfg = job_config(args)
     import numpy as np
     import torch
 
@@ -60,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = np.where(w.correct != lo.correct, "correct differs",
                      np.where(np.abs(d_faith) >= np.abs(d_clean), "faithfulness decides", "cleanliness decides"))
     drm = DiffusionRewardModel.from_pretrained(args.drm)
+    x0_oracle = X0Oracle(cfg) if args.x0_reference else None
     edges = [0.0, 0.1, 0.2, 0.4, 1.0]
     print(f"{len(gap)} held-out pairs; oracle gap quartiles "
           f"{', '.join(f'{q:.3f}' for q in np.quantile(np.abs(gap), [0.25, 0.5, 0.75]))}; "
@@ -69,17 +78,55 @@ def main(argv: list[str] | None = None) -> None:
         right = (r_w > r_l).numpy()
         if len(right) != len(gap):
             raise SystemExit(f"error: cache has {len(right)} pairs, the file {len(gap)}")
-        print(f"t={t}: accuracy {right.mean():.3f}\n\n| split | pairs | share | accuracy |\n|---|---|---|---|")
-        for lo_e, hi_e in zip(edges[:-1], edges[1:]):
-            m = (np.abs(gap) > lo_e) & (np.abs(gap) <= hi_e)
-            print(f"| oracle gap {lo_e:g} - {hi_e:g} | {m.sum()} | "
-                  f"{m.mean():.2f} | {right[m].mean() if m.any() else float('nan'):.3f} |")
-        for k in ("correct differs", "faithfulness decides", "cleanliness decides"):
-            m = kinds == k
-            print(f"| {k} | {m.sum()} | {m.mean():.2f} | {right[m].mean() if m.any() else float('nan'):.3f} |")
-        for k, m in extra.items():
-            print(f"| {k} | {m.sum()} | {m.mean():.2f} | {right[m].mean() if m.any() else float('nan'):.3f} |")
+        cols = {"accuracy": right}
+        if x0_oracle is not None:  # the same pairs, noise draws and order, graded through the policy's x0_hat
+            o_w, o_l, _ = score_pairs_at(x0_oracle, args.cache, t)
+            cols["oracle via x0_hat"] = (o_w > o_l).numpy()
+        print(f"t={t}: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in cols.items()) + "\n\n| split | pairs | share | "
+              + " | ".join(cols) + " |\n|---|---|---|" + "---|" * len(cols))
+        splits = [(f"oracle gap {lo_e:g} - {hi_e:g}", (np.abs(gap) > lo_e) & (np.abs(gap) <= hi_e))
+                  for lo_e, hi_e in zip(edges[:-1], edges[1:])]
+        splits += [(k, kinds == k) for k in ("correct differs", "faithfulness decides", "cleanliness decides")]
+        splits += list(extra.items())
+        for name, m in splits:
+            print(f"| {name} | {m.sum()} | {m.mean():.2f} | "
+                  + " | ".join(f"{v[m].mean() if m.any() else float('nan'):.3f}" for v in cols.values()) + " |")
         print()
+
+
+class X0Oracle:
+    """A stand-in for the DRM in `score_pairs_at`: scores noisy latents x_s [B, C, h, w] at s [B] by the oracle's
+    grade of the policy's x0_hat (decoded by the toy codec). The caption of each row is recovered from its pooled
+    prompt embedding, which must be one of the toy captions' (the cache was encoded by this text stack)."""
+
+    def __init__(self, cfg):
+        import torch
+
+        from drm_ray.models.sd3 import build_components, model_kwargs
+        from drm_ray.toy.pretrain import caption_table
+
+        self.comps = build_components("toy", device="cpu", **model_kwargs(cfg.model, cfg.sampling))
+        self.max_sequence_length = cfg.model.max_sequence_length
+        self.texts, embeds, pooled = caption_table(self.comps, self.max_sequence_length)
+        self.pooled, self.neg = pooled[:-1].float(), (embeds[-1:], pooled[-1:])
+        self.guidance = cfg.sampling.guidance_scale
+        self.device = torch.device("cpu")
+
+    def __call__(self, x, s, embeds, pooled):
+        import torch
+
+        from drm_ray.diffusion.sampling import decode_latents, denoised_estimate
+        from drm_ray.toy.oracle import oracle_scores
+
+        dist, idx = torch.cdist(pooled.float(), self.pooled).min(1)
+        if dist.max() > 1e-3 * self.pooled.norm(dim=1).mean():
+            raise SystemExit("error: the cache's prompt embeddings are not this model's captions' (encode the cache "
+                             "with the same model.path, or drop --x0-reference)")
+        n = len(x)
+        x0 = denoised_estimate(self.comps.transformer, x, s, embeds, pooled, self.neg[0].expand(n, -1, -1),
+                               self.neg[1].expand(n, -1), self.guidance)
+        images = decode_latents(self.comps.vae, x0)
+        return torch.from_numpy(oracle_scores(images, [self.texts[i] for i in idx.tolist()]).score)
 
 
 if __name__ == "__main__":

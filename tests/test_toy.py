@@ -313,3 +313,26 @@ def test_mixed_training_images_span_settings_renders_and_other_captions(toy_ckpt
     assert sources[-4:] == ["render", "render", "other_caption", "other_caption"]
     assert len(set(sources[:len(MIX_SETTINGS)])) == len(MIX_SETTINGS)  # one sample per (guidance, noise) setting
     assert not torch.equal(images[:, 0], images[:, 1])  # settings differ
+
+
+def test_x0_reference_grades_the_policy_estimate_under_each_rows_caption(toy_ckpt):
+    """bench/drm_breakdown.py --x0-reference: at s = 0 the estimate is the latent itself, so its score is the
+    oracle's grade of the decoded latent under the caption its prompt embedding names."""
+    from bench.drm_breakdown import X0Oracle
+    from drm_ray.config import load_config
+    from drm_ray.diffusion.sampling import decode_latents, encode_images
+    from drm_ray.models.sd3 import encode_prompts
+
+    ref = X0Oracle(load_config("toy", [f"model.path={toy_ckpt[0]}"]))
+    caps, images = scene_batch(3, 0, 6)
+    x = encode_images(ref.comps.vae, torch.from_numpy(images).permute(0, 3, 1, 2))
+    msl = ref.max_sequence_length
+    for captions in (caps, caps[::-1]):  # the scenes' own captions, then mismatched ones
+        embeds, pooled = encode_prompts(ref.comps, captions, msl)
+        got = ref(x, torch.zeros(6), embeds, pooled)
+        assert np.allclose(got.numpy(), oracle_scores(decode_latents(ref.comps.vae, x), captions).score)
+    assert ref(x, torch.zeros(6), *encode_prompts(ref.comps, caps, msl)).mean() > got.mean() + 0.2
+    noisy = ref(x, torch.full((6,), 0.75), *encode_prompts(ref.comps, caps, msl))
+    assert noisy.shape == (6,) and bool(((noisy >= 0) & (noisy <= 1)).all())
+    with pytest.raises(SystemExit, match="not this model's captions"):
+        ref(x, torch.zeros(6), *encode_prompts(ref.comps, ["a purple hexagon"] * 6, msl))
