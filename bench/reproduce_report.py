@@ -141,7 +141,7 @@ def ceiling_drm_part(out: Path, p: dict, metrics: dict) -> tuple[str, str | None
     Returns (markdown, verdict or None when the runs are missing)."""
     equal = p["prompts"] // 4  # GRPO groups at the rl stage's rollout compute (k = 4)
     c = ceiling_curves(out, p, equal, "drm") if equal in p.get("ceiling_drm_groups", ()) else None
-    step = rl_curves(out, p, "drm").get("step_grpo")
+    step = algo_curves(out, p, "step_grpo", "drm")
     if c is None or step is None:
         return "", None
     s_at = {int(it): j for j, it in enumerate(step["iters"])}
@@ -187,7 +187,7 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
     curves = {g: c for g in p.get("ceiling_groups", ()) if (c := ceiling_curves(out, p, g)) is not None}
     if not curves:
         return "Ceiling stage not run.\n", {}
-    step = rl_curves(out, p, "oracle").get("step_grpo")
+    step = algo_curves(out, p, "step_grpo", "oracle")
     equal = p["prompts"] // 4  # GRPO groups at the rl stage's rollout compute (k = 4)
     text = (f"GRPO with the oracle as its reward, each group's k=4 trajectories from one initial noise x_1 "
             f"(`grpo.shared_initial_noise=true`, DanceGRPO's setting) and SDE and training on step(s) "
@@ -259,24 +259,27 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
 
 def rl_curves(out: Path, p: dict, reward: str) -> dict:
     """{algo: curves over the seeds that finished} of the runs optimizing `reward` (empty if either algo has none)."""
-    curves = {}
-    for algo in ("grpo", "step_grpo"):
-        runs = [r for r in (_load(rl_run(out, algo, reward, seed) / "summary.json") for seed in range(p["rl_seeds"]))
-                if r]
-        if not runs:
-            return {}
-        ev = [r["eval"] for r in runs]
-        n = min(len(e) for e in ev)  # evaluations every run reached
-        drm_key = "eval/drm_score" if reward == "drm" else "eval/judge/drm"
-        curves[algo] = dict(
-            iters=np.array([e["iteration"] for e in ev[0][:n]]),
-            oracle=np.array([[e["eval/oracle_score"] for e in r[:n]] for r in ev]),     # [seeds, evals]
-            correct=np.array([[e["eval/oracle_correct"] for e in r[:n]] for r in ev]),
-            drm=(np.array([[e[drm_key] for e in r[:n]] for r in ev]) if drm_key in ev[0][0] else None),
-            forwards=np.array([e["policy_forwards"] for e in ev[0][:n]]),
-            drm_forwards=np.array([e.get("drm_forwards", 0) for e in ev[0][:n]]),
-            x0_forwards=np.array([e.get("x0_forwards", 0) for e in ev[0][:n]]))
-    return curves
+    curves = {algo: algo_curves(out, p, algo, reward) for algo in ("grpo", "step_grpo")}
+    return curves if all(c is not None for c in curves.values()) else {}
+
+
+def algo_curves(out: Path, p: dict, algo: str, reward: str) -> dict | None:
+    """The rl stage's curves of one algorithm optimizing `reward`, over the seeds that finished; None if none did."""
+    runs = [r for r in (_load(rl_run(out, algo, reward, seed) / "summary.json") for seed in range(p["rl_seeds"]))
+            if r]
+    if not runs:
+        return None
+    ev = [r["eval"] for r in runs]
+    n = min(len(e) for e in ev)  # evaluations every run reached
+    drm_key = "eval/drm_score" if reward == "drm" else "eval/judge/drm"
+    return dict(
+        iters=np.array([e["iteration"] for e in ev[0][:n]]),
+        oracle=np.array([[e["eval/oracle_score"] for e in r[:n]] for r in ev]),     # [seeds, evals]
+        correct=np.array([[e["eval/oracle_correct"] for e in r[:n]] for r in ev]),
+        drm=(np.array([[e[drm_key] for e in r[:n]] for r in ev]) if drm_key in ev[0][0] else None),
+        forwards=np.array([e["policy_forwards"] for e in ev[0][:n]]),
+        drm_forwards=np.array([e.get("drm_forwards", 0) for e in ev[0][:n]]),
+        x0_forwards=np.array([e.get("x0_forwards", 0) for e in ev[0][:n]]))
 
 
 def panel_extra_objects(out: Path, run: Path, size: int = 32) -> tuple[float, float] | None:
