@@ -10,11 +10,13 @@ or both are equally correct and the faithfulness part (0.75 x colour x (0.4 + 0.
 cleanliness part (0.25 x palette crispness) contributes more of the gap; and (c) whether one image of the pair shows
 an extra object its caption does not mention (oracle.has_extra_object). A benchmark, not a test.
 
-With `--x0-reference` it also ranks the same pairs at the same noisy latents (the same noise draws) by the oracle's
-grade of the policy's denoised estimate x0_hat = x_s - s * v (model.path's transformer, one forward with CFG per
-image): the reference a reward model of noisy latents competes with, and what Step-GRPO's oracle on x0_hat sees. At
-high noise it says how much of the winner / loser difference is still recoverable from x_s by this policy, so a
-DRM's accuracy can be read against it rather than only against chance.
+With `--reference` it also ranks the same pairs at the same noisy latents (the same noise draws) by the oracle's
+grade of what model.path's policy makes of each noisy latent x_s (with CFG, as it samples):
+  x0     its one-step denoised estimate x0_hat = x_s - s * v (what Step-GRPO's oracle on x0_hat sees; blurry at high s)
+  ode    the ODE continuation from x_s to 0 along the rest of the sampling schedule (one crisp image)
+  sdeK   the mean grade of K continuations with the rollouts' SDE (an estimate of E[oracle | x_s] under the policy)
+References to read a DRM's accuracy against, rather than only against chance: at high noise they say how much of
+the winner / loser difference this policy can still recover from x_s.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,11 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", required=True, help="the held-out preference Parquet")
     parser.add_argument("--cache", required=True, help="its embedding cache (jobs/preprocess.py)")
     parser.add_argument("--timesteps", default="0,750")
-    parser.add_argument("--x0-reference", action="store_true",
-                        help="also rank the pairs by the oracle of model.path's x0_hat at the same noisy latents")
+    parser.add_argument("--reference", default="", metavar="x0,ode,sdeK",
+                        help="comma-separated: also rank the pairs by the oracle's grade of what model.path's policy makes "
+                             "of the same noisy latents: x0 (one-step x0_hat), ode (ODE to 0), sdeK (mean of K SDE "
+                             "continuations)")
     args = parser.parse_intermixed_args(argv)
     cfg = job_config(args)
-    import numpy as np
     import torch
 
     from drm_ray.data.preferences import PreferenceReader
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = np.where(w.correct != lo.correct, "correct differs",
                      np.where(np.abs(d_faith) >= np.abs(d_clean), "faithfulness decides", "cleanliness decides"))
     drm = DiffusionRewardModel.from_pretrained(args.drm)
-    x0_oracle = X0Oracle(cfg) if args.x0_reference else None
+    refs = [PolicyOracle(cfg, name.strip()) for name in args.reference.split(",") if name.strip()]
     edges = [0.0, 0.1, 0.2, 0.4, 1.0]
     print(f"{len(gap)} held-out pairs; oracle gap quartiles "
           f"{', '.join(f'{q:.3f}' for q in np.quantile(np.abs(gap), [0.25, 0.5, 0.75]))}; "
@@ -79,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         if len(right) != len(gap):
             raise SystemExit(f"error: cache has {len(right)} pairs, the file {len(gap)}")
         cols = {"accuracy": right}
-        if x0_oracle is not None:  # the same pairs, noise draws and order, graded through the policy's x0_hat
-            o_w, o_l, _ = score_pairs_at(x0_oracle, args.cache, t)
-            cols["oracle via x0_hat"] = (o_w > o_l).numpy()
+        for ref in refs:  # the same pairs, noise draws and order, graded through the policy
+            o_w, o_l, _ = score_pairs_at(ref, args.cache, t)
+            cols[ref.label] = (o_w > o_l).numpy()
         print(f"t={t}: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in cols.items()) + "\n\n| split | pairs | share | "
               + " | ".join(cols) + " |\n|---|---|---|" + "---|" * len(cols))
         splits = [(f"oracle gap {lo_e:g} - {hi_e:g}", (np.abs(gap) > lo_e) & (np.abs(gap) <= hi_e))
@@ -94,40 +99,61 @@ def main(argv: list[str] | None = None) -> None:
         print()
 
 
-class X0Oracle:
-    """A stand-in for the DRM in `score_pairs_at`: scores noisy latents x_s [B, C, h, w] at s [B] by the oracle's
-    grade of the policy's x0_hat (decoded by the toy codec). The caption of each row is recovered from its pooled
-    prompt embedding, which must be one of the toy captions' (the cache was encoded by this text stack)."""
+class PolicyOracle:
+    """A stand-in for the DRM in `score_pairs_at`: scores noisy latents x_s [B, C, h, w] at one s [B] by the oracle's
+    grade of what the policy makes of them (`kind`: x0, ode or sdeK; see the module docstring), decoded by the toy
+    codec. The caption of each row is recovered from its pooled prompt embedding, which must be one of the toy
+    captions' (the cache was encoded by this text stack)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, kind: str = "x0", seed: int = 0):
         import torch
 
+        from drm_ray.diffusion.flow import schedule_sigmas
         from drm_ray.models.sd3 import build_components, model_kwargs
         from drm_ray.toy.pretrain import caption_table
 
+        if kind in ("x0", "ode"):
+            self.repeats = 1
+        elif kind.startswith("sde") and kind[3:].isdigit() and int(kind[3:]) > 0:
+            self.repeats = int(kind[3:])
+        else:
+            raise SystemExit(f"error: --reference {kind!r}: expected x0, ode or sdeK with K >= 1 (e.g. sde4)")
+        self.kind, self.seed = kind, seed
+        self.label = {"x0": "oracle via x0_hat", "ode": "oracle via ODE to 0"}.get(
+            kind, f"oracle via {self.repeats} SDE continuations")
         self.comps = build_components("toy", device="cpu", **model_kwargs(cfg.model, cfg.sampling))
         self.max_sequence_length = cfg.model.max_sequence_length
         self.texts, embeds, pooled = caption_table(self.comps, self.max_sequence_length)
         self.pooled, self.neg = pooled[:-1].float(), (embeds[-1:], pooled[-1:])
-        self.guidance = cfg.sampling.guidance_scale
+        self.guidance, self.noise_level = cfg.sampling.guidance_scale, cfg.sampling.noise_level
+        self.sigmas = schedule_sigmas(self.comps.scheduler, cfg.sampling.num_steps)
         self.device = torch.device("cpu")
+        self.calls = 0
 
     def __call__(self, x, s, embeds, pooled):
         import torch
 
-        from drm_ray.diffusion.sampling import decode_latents, denoised_estimate
+        from drm_ray.diffusion.sampling import decode_latents, denoise, denoised_estimate
         from drm_ray.toy.oracle import oracle_scores
 
         dist, idx = torch.cdist(pooled.float(), self.pooled).min(1)
         if dist.max() > 1e-3 * self.pooled.norm(dim=1).mean():
             raise SystemExit("error: the cache's prompt embeddings are not this model's captions' (encode the cache "
-                             "with the same model.path, or drop --x0-reference)")
-        n = len(x)
-        x0 = denoised_estimate(self.comps.transformer, x, s, embeds, pooled, self.neg[0].expand(n, -1, -1),
-                               self.neg[1].expand(n, -1), self.guidance)
-        images = decode_latents(self.comps.vae, x0)
-        return torch.from_numpy(oracle_scores(images, [self.texts[i] for i in idx.tolist()]).score)
-
-
-if __name__ == "__main__":
-    main()
+                             "with the same model.path, or drop --reference)")
+        n, captions = len(x), [self.texts[i] for i in idx.tolist()]
+        neg_e, neg_p = self.neg[0].expand(n, -1, -1), self.neg[1].expand(n, -1)
+        if self.kind == "x0":
+            latents = [denoised_estimate(self.comps.transformer, x, s, embeds, pooled, neg_e, neg_p, self.guidance)]
+        else:
+            if not bool((s == s[0]).all()):
+                raise ValueError("continuations need one noise level per call")
+            sig = float(s[0])  # continue along the rest of the sampling schedule, starting at sig itself
+            sigmas = torch.cat([torch.tensor([sig]), self.sigmas[self.sigmas < sig - 1e-6]])
+            noise = 0.0 if self.kind == "ode" else self.noise_level
+            self.calls += 1
+            latents = [x.float() if len(sigmas) == 1 else
+                       denoise(self.comps.transformer, sigmas, embeds, pooled, neg_e, neg_p, self.guidance, noise,
+                               x, torch.Generator().manual_seed(self.seed * 100_003 + self.calls * 101 + r))
+                       for r in range(self.repeats)]
+        return torch.from_numpy(np.mean([oracle_scores(decode_latents(self.comps.vae, lat), captions).score
+                                         for lat in latents], axis=0))

@@ -315,24 +315,29 @@ def test_mixed_training_images_span_settings_renders_and_other_captions(toy_ckpt
     assert not torch.equal(images[:, 0], images[:, 1])  # settings differ
 
 
-def test_x0_reference_grades_the_policy_estimate_under_each_rows_caption(toy_ckpt):
-    """bench/drm_breakdown.py --x0-reference: at s = 0 the estimate is the latent itself, so its score is the
-    oracle's grade of the decoded latent under the caption its prompt embedding names."""
-    from bench.drm_breakdown import X0Oracle
+def test_policy_references_grade_what_the_policy_makes_of_a_latent_under_each_rows_caption(toy_ckpt):
+    """bench/drm_breakdown.py --reference: at s = 0 both the one-step estimate and the ODE continuation are the latent
+    itself, so their score is the oracle's grade of the decoded latent under the caption its prompt embedding names."""
+    from bench.drm_breakdown import PolicyOracle
     from drm_ray.config import load_config
     from drm_ray.diffusion.sampling import decode_latents, encode_images
     from drm_ray.models.sd3 import encode_prompts
 
-    ref = X0Oracle(load_config("toy", [f"model.path={toy_ckpt[0]}"]))
+    cfg = load_config("toy", [f"model.path={toy_ckpt[0]}"])
+    ref, ode, sde = PolicyOracle(cfg, "x0"), PolicyOracle(cfg, "ode"), PolicyOracle(cfg, "sde2")
     caps, images = scene_batch(3, 0, 6)
     x = encode_images(ref.comps.vae, torch.from_numpy(images).permute(0, 3, 1, 2))
     msl = ref.max_sequence_length
     for captions in (caps, caps[::-1]):  # the scenes' own captions, then mismatched ones
         embeds, pooled = encode_prompts(ref.comps, captions, msl)
+        expected = oracle_scores(decode_latents(ref.comps.vae, x), captions).score
         got = ref(x, torch.zeros(6), embeds, pooled)
-        assert np.allclose(got.numpy(), oracle_scores(decode_latents(ref.comps.vae, x), captions).score)
+        assert np.allclose(got.numpy(), expected) and np.allclose(ode(x, torch.zeros(6), embeds, pooled), expected)
     assert ref(x, torch.zeros(6), *encode_prompts(ref.comps, caps, msl)).mean() > got.mean() + 0.2
-    noisy = ref(x, torch.full((6,), 0.75), *encode_prompts(ref.comps, caps, msl))
-    assert noisy.shape == (6,) and bool(((noisy >= 0) & (noisy <= 1)).all())
+    for scorer in (ref, ode, sde):
+        noisy = scorer(x, torch.full((6,), 0.75), *encode_prompts(ref.comps, caps, msl))
+        assert noisy.shape == (6,) and bool(((noisy >= 0) & (noisy <= 1)).all())
     with pytest.raises(SystemExit, match="not this model's captions"):
         ref(x, torch.zeros(6), *encode_prompts(ref.comps, ["a purple hexagon"] * 6, msl))
+    with pytest.raises(SystemExit, match="expected x0, ode or sdeK"):
+        PolicyOracle(cfg, "sde0")
