@@ -157,3 +157,7 @@ class PolicyOracle:
                        for r in range(self.repeats)]
         return torch.from_numpy(np.mean([oracle_scores(decode_latents(self.comps.vae, lat), captions).score
                                          for lat in latents], axis=0))
+
+
+if __name__ == "__main__":
+    main()
