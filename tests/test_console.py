@@ -94,3 +94,21 @@ def test_progress_eta_counts_the_steps_done_since_its_clock_started():
     bar = Progress(20, 0, "grpo", stream=stream, start=time.perf_counter() - 20.0)
     bar.update(2, "reward +0.1")
     assert stream.getvalue().strip().endswith("| 20s elapsed, eta 3m00s")
+
+
+def test_every_script_with_a_main_runs_it_when_executed():
+    """A bench/ or jobs/ script that defines main() and never calls it exits 0 having done nothing (as
+    bench/drm_breakdown.py once did): each must end in the `if __name__ == "__main__":` guard."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for path in sorted([*root.glob("bench/*.py"), *root.glob("jobs/*.py")]):
+        tree = ast.parse(path.read_text())
+        if not any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            continue
+        guarded = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+        if not guarded:
+            missing.append(path.relative_to(root).as_posix())
+    assert not missing, f"scripts defining main() without the __main__ guard: {missing}"
