@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", required=True, help="its embedding cache (jobs/preprocess.py)")
     parser.add_argument("--timesteps", default="0,750")
     parser.add_argument("--reference", default="", metavar="x0,ode,sdeK",
-                        help="comma-separated: also rank the pairs by the oracle's grade of what model.path's policy makes "
-                             "of the same noisy latents: x0 (one-step x0_hat), ode (ODE to 0), sdeK (mean of K SDE "
-                             "continuations)")
+                        help="comma-separated: also rank the pairs by the oracle's grade of what model.path's "
+                             "policy makes of the same noisy latents: x0 (one-step x0_hat), ode (ODE to 0), sdeK "
+                             "(mean of K SDE continuations)")
     args = parser.parse_intermixed_args(argv)
     cfg = job_config(args)
     import torch

@@ -53,16 +53,16 @@ STAGES = ("pretrain", "pairs", "drm", "rl", "ceiling", "stepwise", "report")
 FULL = dict(pretrain_steps=2500, extra_object_rate=0.6, samples=96, pairs=1500, val=8, val_pairs=32, heldout=16,
             heldout_pairs=64,
             drm_steps=3000, drm_val_every=250, drm_seeds=1, drm_train_blocks=1,
-            rl_seeds=3, rl_rewards=("drm", "oracle"), rl_algos=("grpo", "step_grpo"), rl_lr=2e-3, rl_updates=1, rl_clip=1e-4, iterations=40,
-            eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
-            ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_lrs=(2e-3, 1e-3), ceiling_iterations=40, ceiling_eval_every=10,
-            ceiling_branch_steps="0", ceiling_drm_groups=(4,), mix=False)
+            rl_seeds=3, rl_rewards=("drm", "oracle"), rl_algos=("grpo", "step_grpo"), rl_lr=2e-3, rl_updates=1,
+            rl_clip=1e-4, iterations=40, eval_every=5, prompts=16, ks="1,2,4,8", stepwise_seeds=4, stepwise_prompts=90,
+            ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_lrs=(2e-3, 1e-3), ceiling_iterations=40,
+            ceiling_eval_every=10, ceiling_branch_steps="0", ceiling_drm_groups=(4,), mix=False)
 QUICK = dict(pretrain_steps=150, extra_object_rate=0.6, samples=6, pairs=10, val=3, val_pairs=4, heldout=4,
              heldout_pairs=4, drm_steps=60, drm_val_every=30, drm_seeds=1, drm_train_blocks=-1,
-             rl_seeds=1, rl_rewards=("drm", "oracle"), rl_algos=("grpo", "step_grpo"), rl_lr=1e-3, rl_updates=2, rl_clip=2e-3, iterations=4,
-             eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
-             ceiling_seeds=1, ceiling_groups=(2, 4), ceiling_lrs=(1e-3, 1e-3), ceiling_iterations=4, ceiling_eval_every=2,
-             ceiling_branch_steps="0", ceiling_drm_groups=(2,), mix=False)
+             rl_seeds=1, rl_rewards=("drm", "oracle"), rl_algos=("grpo", "step_grpo"), rl_lr=1e-3, rl_updates=2,
+             rl_clip=2e-3, iterations=4, eval_every=2, prompts=8, ks="1,2", stepwise_seeds=2, stepwise_prompts=10,
+             ceiling_seeds=1, ceiling_groups=(2, 4), ceiling_lrs=(1e-3, 1e-3), ceiling_iterations=4,
+             ceiling_eval_every=2, ceiling_branch_steps="0", ceiling_drm_groups=(2,), mix=False)
 
 
 class Chain:

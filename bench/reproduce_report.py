@@ -212,8 +212,8 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
         extra[g] = (f"; panel extra objects {100 * np.mean([r[0] for r in rates]):.1f}% -> "
                     f"{100 * np.mean([r[1] for r in rates]):.1f}%" if rates else "")
         text += (f"- {g} groups ({4 * g} trajectories / iteration, learning rate {ceiling_lr(p, g):g}, "
-                 f"{c['forwards'][-1]:,} rollout policy forwards over the run): gain {clear[g]}; seed-mean peak {mean[peak]:.4f} at iteration {c['iters'][peak]}"
-                 f"{extra[g]}.\n")
+                 f"{c['forwards'][-1]:,} rollout policy forwards over the run): gain {clear[g]}; seed-mean peak "
+                 f"{mean[peak]:.4f} at iteration {c['iters'][peak]}{extra[g]}.\n")
     verdict = None
     if step is not None:
         s_mean = step["oracle"].mean(0)
@@ -614,8 +614,8 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
                f"{drm['verdict']['t']}."]
     if orl:
         at_scale = "".join(f" With one x_1 per group and SDE and training on step(s) {p['ceiling_branch_steps']} "
-                           f"(section (c'')), at {4 * g} trajectories per iteration and learning rate {ceiling_lr(p, g):g}: "
-                           f"{ceil['clear'][g]}."
+                           f"(section (c'')), at {4 * g} trajectories per iteration and learning rate "
+                           f"{ceiling_lr(p, g):g}: {ceil['clear'][g]}."
                            for g in (ceil["groups"] if ceil else ()))
         md += [f"- The ceiling (GRPO with the oracle as its reward must raise the panel oracle): at the rl stage's "
                f"batch, SDE on every step, {orl['clear']['grpo']}.{at_scale} The probes behind the RL settings, and "
