@@ -26,10 +26,12 @@ Stages, each a subprocess of a job (so the chain is exactly what a user runs), o
 5. ceiling    jobs/step_grpo.py --algo grpo with the oracle as the reward, each group's trajectories from one x_1
               (grpo.shared_initial_noise) and SDE and training on the first step only (grpo.branch_steps=[0]), so
               a group's rewards differ only by what the one trained step drew; at the rl stage's batch (4 groups of
-              k=4: equal rollout compute with its Step-GRPO) and at 16x that (64 groups): can GRPO raise the panel
-              oracle at all, and how fast against Step-GRPO? (The rl stage's GRPO, SDE on every step and one x_1 per
-              trajectory as in Flow-GRPO, does not at its batch: docs/reproduction/RL_SETTINGS.md,
-              bench/gradient_snr.py.)
+              k=4: equal rollout compute with its Step-GRPO) and at 16x that (64 groups), each batch at its
+              learning rate (ceiling_lrs): can GRPO raise the panel oracle at all, and how fast against Step-GRPO?
+              (The rl stage's GRPO, SDE on every step and one x_1 per trajectory as in Flow-GRPO, does not at its
+              batch: docs/reproduction/RL_SETTINGS.md, bench/gradient_snr.py.) Then the same GRPO with the DRM as
+              its reward at the rl stage's batch (ceiling_drm_groups): the DRM claim judged against a GRPO that can
+              move the oracle, not only against the rl stage's.
 6. stepwise   bench/stepwise_cost.py: Step-wise Sampling with the DRM for several k on every caption x several seeds,
               graded by the oracle (the DRM selects, the oracle judges), with diversity across seeds.
 7. report     tables and plots -> REPRODUCTION.md, everything logged to one MLflow run ("reproduce") in
