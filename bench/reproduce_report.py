@@ -121,18 +121,26 @@ def gain_text(v: np.ndarray) -> tuple[str, bool]:
 
 def ceiling_curves(out: Path, p: dict, groups: int, reward: str = "oracle") -> dict | None:
     """The ceiling stage's curves at one batch and reward (over the seeds that finished), or None."""
-    runs = [r for r in (_load(ceiling_run(out, groups, seed, reward) / "summary.json")
-                        for seed in range(p["ceiling_seeds"])) if r]
-    if not runs:
+    return _run_curves([ceiling_run(out, groups, seed, reward) for seed in range(p["ceiling_seeds"])],
+                       "eval/drm_score")
+
+
+def _run_curves(runs: list[Path], drm_key: str) -> dict | None:
+    """Evaluation curves [seeds, evals] of the runs whose summary.json exists, cut to the evaluations every one of
+    them reached; None if none finished. `drm`: the DRM's panel score under `drm_key`, when logged."""
+    ev = [r["eval"] for r in (_load(run / "summary.json") for run in runs) if r]
+    if not ev:
         return None
-    n = min(len(r["eval"]) for r in runs)
-    ev = [r["eval"][:n] for r in runs]
-    return dict(iters=np.array([e["iteration"] for e in ev[0]]),
-                oracle=np.array([[e["eval/oracle_score"] for e in r] for r in ev]),  # [seeds, evals]
+    n = min(len(e) for e in ev)
+    ev = [e[:n] for e in ev]
+    first = ev[0]
+    return dict(iters=np.array([e["iteration"] for e in first]),
+                oracle=np.array([[e["eval/oracle_score"] for e in r] for r in ev]),
                 correct=np.array([[e["eval/oracle_correct"] for e in r] for r in ev]),
-                drm=(np.array([[e["eval/drm_score"] for e in r] for r in ev]) if "eval/drm_score" in ev[0][0]
-                     else None),
-                forwards=np.array([e["policy_forwards"] for e in ev[0]]))
+                drm=(np.array([[e[drm_key] for e in r] for r in ev]) if drm_key in first[0] else None),
+                forwards=np.array([e["policy_forwards"] for e in first]),
+                drm_forwards=np.array([e.get("drm_forwards", 0) for e in first]),
+                x0_forwards=np.array([e.get("x0_forwards", 0) for e in first]))
 
 
 def ceiling_drm_part(out: Path, p: dict, metrics: dict) -> tuple[str, str | None]:
@@ -265,21 +273,8 @@ def rl_curves(out: Path, p: dict, reward: str) -> dict:
 
 def algo_curves(out: Path, p: dict, algo: str, reward: str) -> dict | None:
     """The rl stage's curves of one algorithm optimizing `reward`, over the seeds that finished; None if none did."""
-    runs = [r for r in (_load(rl_run(out, algo, reward, seed) / "summary.json") for seed in range(p["rl_seeds"]))
-            if r]
-    if not runs:
-        return None
-    ev = [r["eval"] for r in runs]
-    n = min(len(e) for e in ev)  # evaluations every run reached
-    drm_key = "eval/drm_score" if reward == "drm" else "eval/judge/drm"
-    return dict(
-        iters=np.array([e["iteration"] for e in ev[0][:n]]),
-        oracle=np.array([[e["eval/oracle_score"] for e in r[:n]] for r in ev]),     # [seeds, evals]
-        correct=np.array([[e["eval/oracle_correct"] for e in r[:n]] for r in ev]),
-        drm=(np.array([[e[drm_key] for e in r[:n]] for r in ev]) if drm_key in ev[0][0] else None),
-        forwards=np.array([e["policy_forwards"] for e in ev[0][:n]]),
-        drm_forwards=np.array([e.get("drm_forwards", 0) for e in ev[0][:n]]),
-        x0_forwards=np.array([e.get("x0_forwards", 0) for e in ev[0][:n]]))
+    return _run_curves([rl_run(out, algo, reward, seed) for seed in range(p["rl_seeds"])],
+                       "eval/drm_score" if reward == "drm" else "eval/judge/drm")
 
 
 def panel_extra_objects(out: Path, run: Path, size: int = 32) -> tuple[float, float] | None:
