@@ -4,6 +4,10 @@ Defaults to a sqlite store `mlflow.db` in the run's output directory with artifa
 needs no server; `tracking_uri` (config or the MLFLOW_TRACKING_URI environment variable) points at any server. The
 client API with an explicit run id is used instead of MLflow's global "active run", so a resumed job keeps logging
 into the same run.
+
+A new sqlite store starts as a copy of an empty store that MLflow migrated once per MLflow version (kept under
+$XDG_CACHE_HOME/drm_ray): MLflow's own creation runs every schema migration, 2-4 s of every job's start-up on
+2 CPU cores, against 0.1 s for the copy.
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import sqlite3
+import tempfile
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +40,64 @@ def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | Path) -> st
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "drm_ray"
+
+
+def _empty_store_template() -> Path:
+    """An empty sqlite store made by this MLflow version (made here on first use, by MLflow itself)."""
+    import mlflow
+
+    template = _cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
+    if not template.is_file():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".mlflow-", suffix=".db", dir=template.parent)
+        os.close(fd)
+        os.unlink(tmp)  # MLflow creates (and migrates) the file itself
+        try:
+            MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()
+            os.replace(tmp, template)  # atomic: a concurrent maker writes the same content
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return template
+
+
+def prepare_sqlite_store(uri: str) -> bool:
+    """Create the sqlite file of `uri` as a copy of the empty-store template when it does not exist yet (any other
+    URI, or an existing file, is left alone); returns whether it did. Never overwrites: the copy is linked into
+    place only if no other process created the store first. Any failure leaves the creation to MLflow."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return False
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists() or not path.parent.is_dir():
+        return False
+    tmp = None
+    try:
+        template = _empty_store_template()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        shutil.copyfile(template, tmp)
+        with closing(sqlite3.connect(tmp)) as db, db:  # the Default experiment's location, as MLflow would set it
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       (os.path.join(os.path.abspath("mlruns"), "0"),))
+        os.link(tmp, path)  # fails if the store appeared meanwhile: then that one is used
+        return True
+    except (OSError, sqlite3.Error) as err:
+        log.debug("sqlite store %s: MLflow creates it (%s)", path, err)
+        return False
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 class Tracker:
     """One MLflow run: params, metrics, images and artifacts."""
 
     def __init__(self, tracking_uri: str | None, experiment: str, output_dir: str | Path,
                  run_name: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None):
         self.uri = resolve_tracking_uri(tracking_uri, output_dir)
+        prepare_sqlite_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
