@@ -1,7 +1,7 @@
 """`ray job submit` end to end, the way README's "Run on a cluster" submits: a `ray start --head --block` child
 process (loopback dashboard, free ports, its own temp dir, RAY_AUTH_MODE=disabled on both sides), the working
-directory shipped with --runtime-env-json, the tiny Step-GRPO job run for 2 iterations, outputs checked; then only that
-head is stopped (SIGTERM to `ray start --block`) and its processes are confirmed gone. Never `ray stop`: that would stop
+directory shipped with --runtime-env-json, the tiny job run for 2 iterations of the GRPO baseline (`--algo grpo`; the
+in-process tests run Step-GRPO), its outputs and MLflow run checked; then only that head is stopped (SIGTERM to `ray start --block`) and its processes are confirmed gone. Never `ray stop`: that would stop
 every Ray on the machine.
 """
 
@@ -93,8 +93,28 @@ def _stop_head(head: subprocess.Popen, tree: list[psutil.Process]) -> list[str]:
     return survivors
 
 
+def _check_grpo_run(out: Path, summary: dict) -> None:
+    """The GRPO baseline: final images only, every trajectory's steps trained, everything in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    metrics = run.data.metrics  # the last value of each
+    assert run.data.params["grpo.algo"] == "grpo"
+    assert metrics["train/rollout_logp_dev"] < 1e-4 and "reward/step0_mean" not in metrics
+    assert metrics["train/states"] == 4 * 4 * 3  # B prompts x k images x 3 trained steps, one child each
+    # GRPO scores final images only: 2 iterations x 4 prompts x k=4 images; 4 steps each
+    assert summary["compute"] == {"policy_forwards": 2 * 16 * 4, "drm_forwards": 2 * 16}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/drm_score")] == [0, 2]
+    panels = [a.path for a in client.list_artifacts(run.info.run_id, "panel")]
+    assert panels == ["panel/iter_000000.png", "panel/iter_000002.png"]
+    for key in ("timing/rollout", "timing/score", "timing/learn", "timing/sync", "train/clip_frac",
+                "train/approx_kl", "train/kl_ref", "lora/norm", "rollout/candidates_per_s", "adv/zero_std_frac"):
+        assert key in metrics, key
+
+
 @pytest.mark.slow
-def test_ray_job_submit_runs_step_grpo_on_a_started_head(tmp_path):
+def test_ray_job_submit_runs_grpo_on_a_started_head(tmp_path):
     drm = tmp_path / "drm"
     build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8).save_pretrained(drm)
     out = tmp_path / "run"
@@ -121,8 +141,8 @@ def test_ray_job_submit_runs_step_grpo_on_a_started_head(tmp_path):
         start = time.monotonic()
         job = subprocess.run(
             [RAY, "job", "submit", "--address", url, "--runtime-env-json", json.dumps(runtime_env), "--",
-             "python", "jobs/step_grpo.py", f"reward.drm_path={drm}", "grpo.iterations=2", "grpo.eval_every=2",
-             f"run.output_dir={out}"],
+             "python", "jobs/step_grpo.py", "--algo", "grpo", f"reward.drm_path={drm}", "grpo.iterations=2",
+             "grpo.eval_every=2", "grpo.checkpoint_every=2", f"run.output_dir={out}"],
             env=env, capture_output=True, text=True, timeout=480)
         timings["job"] = time.monotonic() - start
         tree = _descendants(head)
@@ -138,6 +158,7 @@ def test_ray_job_submit_runs_step_grpo_on_a_started_head(tmp_path):
         assert f"eval {summary['eval'][-1]['eval/reward']:+.4f}" in line, (line, summary["eval"])
         assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
         assert (out / "checkpoints" / "iter-000002" / "state.json").is_file()
+        _check_grpo_run(out, summary)
     finally:
         tree = tree or _descendants(head)
         start = time.monotonic()

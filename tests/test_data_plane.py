@@ -3,6 +3,9 @@
 Through real local Ray (and, for the driver test, real Ray Train + DeepSpeed) on the tiny preset.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +27,18 @@ def test_prompt_table_is_half_precision_and_rows_are_float32():
     assert e.dtype == torch.float32 and e.shape[0] == 3 and ne.shape == e.shape and npool.shape == p.shape
     assert torch.equal(e[0], torch.from_numpy(table.embeds[2].astype(np.float32)))
     assert torch.equal(e[1], torch.from_numpy(table.embeds[0].astype(np.float32)))
+
+
+@pytest.mark.parametrize("module, heavy", [
+    ("drm_ray.data.table_holder", ["numpy", "torch"]),  # a process that only keeps a reference
+    ("drm_ray.workers.coordinator", ["diffusers", "peft", "transformers", "deepspeed"]),  # tensors, no model stack
+])
+def test_small_actors_import_only_what_they_use(module, heavy):
+    # an actor process imports the module that defines its class: every library here is seconds of job start-up
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", (module, out.stdout)
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from drm_ray.data.table_holder import PromptTableHolder
+
 STORE_DTYPE = np.float16
 
 
@@ -73,19 +75,6 @@ def encode_prompt_table(prompts: list[str], negative_prompt: str, preset: str, m
         embeds[lo:lo + len(e)] = _half(e)
         pooled[lo:lo + len(p)] = _half(p)
     return PromptTable(list(prompts), embeds, pooled, neg[0], neg_pooled[0])
-
-
-class PromptTableHolder:
-    """A small actor that holds the table's reference for the job: restartable actors get its name, a plain string,
-    and fetch the table through it in their constructor, so a restarted actor fetches it again. (Ray logs an error
-    line for every restartable actor whose constructor takes an object-store reference, even nested in a list or
-    behind an actor handle; a name is neither.)"""
-
-    def __init__(self, box: list):
-        self.box = box  # [ObjectRef of the PromptTable]: nested, so it stays a reference
-
-    def get(self) -> list:
-        return self.box
 
 
 _HOLDERS: dict[str, object] = {}  # name -> holder handle, kept by the process that shared the table
