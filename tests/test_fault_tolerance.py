@@ -2,6 +2,7 @@
 
 Resume: 4 iterations straight and 2 + 2 with a stop in between give bit-identical LoRA weights: on CPU with one
 thread every step is deterministic (per-group generators, a saved sampler position, DeepSpeed's optimizer state).
+The first 2 of those are the run whose learner is killed and replayed, so 3 drivers cover resume and replay.
 """
 
 import json
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import rl_config
 from drm_ray.checkpoint import latest_checkpoint, staging_dir
+from drm_ray.models.lora import lora_checksum
 
 pytestmark = pytest.mark.slow
 
@@ -28,30 +30,74 @@ def _driver(out, drm_dir, *overrides):
 
 
 # two minibatches per update (two optimizer steps): resume and replay must reproduce both, in order
-UPDATES = "grpo.updates_per_iter=2"
-RESUME = ("grpo.checkpoint_every=2", "grpo.eval_every=2", UPDATES)
+RESUME = ("grpo.checkpoint_every=2", "grpo.eval_every=2", "grpo.updates_per_iter=2")
+# a restarted learner group restores the newest state saved every 2 versions (the LoRA does not depend on it)
+FAILURE = ("learner.max_failures=1", "learner.state_every=2")
 
 
 @pytest.fixture(scope="module")
-def first_two(ray_session, tmp_path_factory, tiny_drm_dir):
-    """2 iterations, checkpointed at 2: the first half of the resumed run, and the uninterrupted run the learner
-    failure is compared with (the LoRA does not depend on checkpoint, eval or learner-state settings).
-    Returns (output dir, LoRA checksum after 2 updates)."""
-    out = tmp_path_factory.mktemp("first_two")
-    driver = _driver(out, tiny_drm_dir, "grpo.iterations=2", *RESUME)
-    driver.run()
-    return out, driver.final_lora_checksum
+def straight(ray_session, tmp_path_factory, tiny_drm_dir):
+    """4 iterations without a stop, checkpointed every 2: the reference of the replayed and the resumed runs."""
+    out = tmp_path_factory.mktemp("straight")
+    _driver(out, tiny_drm_dir, "grpo.iterations=4", *RESUME, *FAILURE).run()
+    return out
 
 
-def test_resume_gives_the_same_lora_as_a_straight_run(ray_session, tmp_path, tiny_drm_dir, first_two):
-    _driver(tmp_path / "straight", tiny_drm_dir, "grpo.iterations=4", *RESUME).run()
-    resumed, _ = first_two
+def _lora_at(out, iteration):
+    return load_file(out / "checkpoints" / f"iter-{iteration:06d}" / "lora_state.safetensors")
+
+
+@pytest.fixture(scope="module")
+def learner_failure(ray_session, tmp_path_factory, tiny_drm_dir):
+    """The first half of `straight` (2 iterations, checkpointed at 2), whose Ray Train worker of rank 0 is killed
+    after update 1. With state_every=2 nothing newer than v0 is saved: the restarted group restores v0 and the driver
+    re-sends updates 0 and 1 in order. Returns (output dir, driver, the second iteration's metrics, the coordinator's
+    members before the kill and after the replay, its events)."""
+    out = tmp_path_factory.mktemp("learner_failure")
+    driver = _driver(out, tiny_drm_dir, "grpo.iterations=2", *RESUME, *FAILURE)
+    coordinator = driver.rl.learner.coordinator
+    seen = {}
+    step = driver.step
+
+    def step_and_kill_rank0_after_the_first():
+        metrics = step()
+        if driver.iteration == 1:
+            seen["before"] = ray.get(coordinator.get_members.remote())
+            os.kill(seen["before"][0]["pid"], signal.SIGKILL)
+            time.sleep(1.0)
+        else:  # the learner group ends with the job: read it now
+            seen["after"] = ray.get(coordinator.get_members.remote())
+            seen["events"] = ray.get(coordinator.get_events.remote())
+        return metrics
+
+    driver.step = step_and_kill_rank0_after_the_first
+    metrics = driver.run()
+    return out, driver, metrics, seen
+
+
+def test_learner_failure_between_state_saves_replays_to_the_same_lora(straight, learner_failure):
+    out, driver, metrics, seen = learner_failure
+    assert metrics["train/learner_restarts"] >= 1 and driver.version == 2
+    assert metrics["train/rollout_logp_dev"] < 1e-4 and metrics["train/mb0/ratio_max_dev"] == 0.0
+    assert metrics["train/mb1/ratio_max_dev"] > 0.0  # the second minibatch runs after the first step
+    events = seen["events"]
+    assert seen["after"][0]["pid"] != seen["before"][0]["pid"]
+    assert "generation 2 started at v0" in events, events
+    after = events[events.index("generation 2 started at v0"):]
+    submits = [e for e in after if e.startswith("submit")]
+    assert submits[0] == "submit v0: 2 chunk(s) in (generation 2)", after  # the replay starts from the restored v0
+    # bit for bit the LoRA of the uninterrupted run after 2 updates (state_every=1 is the special case that re-sends
+    # only the unacknowledged update)
+    assert driver.final_lora_checksum == lora_checksum(_lora_at(straight, 2))
+
+
+def test_resume_gives_the_same_lora_as_a_straight_run(ray_session, tiny_drm_dir, straight, learner_failure):
+    resumed = learner_failure[0]  # a run that survived a learner failure, stopped after its checkpoint at 2
     staging_dir(resumed, 3)  # a checkpoint being written when the job was killed: must be ignored
-    again = _driver(resumed, tiny_drm_dir, "grpo.iterations=4", *RESUME)
+    again = _driver(resumed, tiny_drm_dir, "grpo.iterations=4", *RESUME, *FAILURE)
     assert again.iteration == 2 and again.version == 2 and again.sampler.drawn == 8
     again.run()
-    a = load_file(latest_checkpoint(tmp_path / "straight") / "lora_state.safetensors")
-    b = load_file(latest_checkpoint(resumed) / "lora_state.safetensors")
+    a, b = _lora_at(straight, 4), _lora_at(resumed, 4)
     assert latest_checkpoint(resumed).name == "iter-000004"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the same MLflow run continues: each step logged once
@@ -92,28 +138,3 @@ def test_killed_rollout_worker_and_scorer_mid_iteration(ray_session, tmp_path, t
     second = driver.step()
     assert second["rollout/groups"] == 4 and set(driver.worker_checksums) == {driver.worker_checksums[0]}
     driver.finish()
-
-
-def test_learner_failure_between_state_saves_replays_to_the_same_lora(ray_session, tmp_path, tiny_drm_dir,
-                                                                      first_two):
-    # The Ray Train worker of rank 0 dies after update 1. With state_every=2 nothing newer than v0 is saved: the
-    # restarted group restores v0, the driver re-sends updates 0 and 1 in order, and the result equals an
-    # uninterrupted run's bit for bit. (state_every=1 is the special case that re-sends only the unacknowledged one.)
-    driver = _driver(tmp_path / "killed", tiny_drm_dir, "grpo.iterations=2", "learner.max_failures=1",
-                     "learner.state_every=2", UPDATES)
-    driver.step()
-    members = ray.get(driver.rl.learner.coordinator.get_members.remote())
-    os.kill(members[0]["pid"], signal.SIGKILL)
-    time.sleep(1.0)
-    metrics = driver.step()
-    assert metrics["train/learner_restarts"] >= 1 and driver.version == 2
-    assert metrics["train/rollout_logp_dev"] < 1e-4 and metrics["train/mb0/ratio_max_dev"] == 0.0
-    assert metrics["train/mb1/ratio_max_dev"] > 0.0  # the second minibatch runs after the first step
-    events = ray.get(driver.rl.learner.coordinator.get_events.remote())
-    assert ray.get(driver.rl.learner.coordinator.get_members.remote())[0]["pid"] != members[0]["pid"]
-    assert "generation 2 started at v0" in events, events
-    after = events[events.index("generation 2 started at v0"):]
-    submits = [e for e in after if e.startswith("submit")]
-    assert submits[0] == "submit v0: 2 chunk(s) in (generation 2)", after  # the replay starts from the restored v0
-    driver.finish()
-    assert driver.final_lora_checksum == first_two[1]
