@@ -106,29 +106,6 @@ def test_training_lowers_the_loss_keeps_the_best_and_resumes(ray_session, tmp_pa
         assert all(torch.equal(after[k], best_weights[k]) for k in after)
 
 
-def test_train_blocks_freezes_everything_but_the_last_blocks_and_the_head(ray_session, tmp_path):
-    """drm.train_blocks=1 of 2 kept blocks: after real DeepSpeed steps the last block and the head moved, every
-    other weight (embedders, the first block) is bit-identical to a fresh build of the same initial DRM."""
-    from drm_ray.models.sd3 import latent_size, model_kwargs
-    from drm_ray.reward.train_loop import build_training_drm
-    from drm_ray.reward.trainer import train_drm
-
-    cache = _learnable_cache(tmp_path / "cache", n=64)
-    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "drm.train_steps=5", "drm.lr=1e-2",
-                               "drm.batch_size=8", "drm.train_blocks=1", "drm.checkpoint_every=5",
-                               "model.num_layers=5"])
-    r = cfg.drm
-    drm_dir = train_drm(cfg, cache)
-    initial = build_training_drm("tiny", model_kwargs(cfg.model, cfg.sampling), "cpu", n_drop=r.n_drop, head=r.head,
-                                 head_dim=r.head_dim, init=r.init, seed=cfg.run.seed,
-                                 latent_size=latent_size("tiny", cfg.sampling.resolution)).state_dict()
-    trained = DiffusionRewardModel.from_pretrained(drm_dir).state_dict()
-    last = f"blocks.{cfg.model.num_layers - r.n_drop - 1}."
-    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
-    assert moved and all(k.startswith((last, "head.")) for k in moved), sorted(moved)
-    assert any(k.startswith("head.") for k in moved) and any(k.startswith(last) for k in moved)
-
-
 def test_asking_for_gpus_without_them_fails_at_once(ray_session, tmp_path):
     from drm_ray.placement import ClusterResourcesError
     from drm_ray.reward.trainer import train_drm
@@ -139,10 +116,16 @@ def test_asking_for_gpus_without_them_fails_at_once(ray_session, tmp_path):
         train_drm(cfg, cache)
 
 
-def test_train_and_eval_jobs_run_end_to_end(tmp_path):
+def test_train_and_eval_jobs_run_end_to_end(ray_session, tmp_path):
+    """The two jobs as `ray job submit` runs them (RAY_ADDRESS: they join the session's Ray), training only the last
+    kept block and the head (drm.train_blocks=1 of 2 kept blocks)."""
+    from drm_ray.models.sd3 import latent_size, model_kwargs
+    from drm_ray.reward.train_loop import build_training_drm
+
     out = tmp_path / "job"
-    env = {**os.environ}
-    train = subprocess.run([sys.executable, "jobs/train_drm.py", "--synthetic-pairs", "64", f"run.output_dir={out}",
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    overrides = [f"run.output_dir={out}", "drm.train_blocks=1", "model.num_layers=5"]
+    train = subprocess.run([sys.executable, "jobs/train_drm.py", "--synthetic-pairs", "64", *overrides,
                             "drm.train_steps=20", "drm.log_every=10", "drm.val_every=10", "drm.val_pairs=32",
                             "drm.val_timesteps=[0,500]"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
@@ -150,6 +133,20 @@ def test_train_and_eval_jobs_run_end_to_end(tmp_path):
     assert "step 20/20" in train.stdout and "held-out accuracy at t=0" in train.stdout
     assert (out / "drm" / "model.safetensors").is_file() and (out / "drm_last" / "model.safetensors").is_file()
     assert "step 20/20 val accuracy" in train.stdout  # validated on the synthetic held-out set
+
+    # after real DeepSpeed steps the last block and the head moved; every other weight (embedders, the first block)
+    # is bit-identical to a fresh build of the same initial DRM
+    cfg = load_config("tiny", overrides)
+    r = cfg.drm
+    initial = build_training_drm("tiny", model_kwargs(cfg.model, cfg.sampling), "cpu", n_drop=r.n_drop, head=r.head,
+                                 head_dim=r.head_dim, init=r.init, seed=cfg.run.seed,
+                                 latent_size=latent_size("tiny", cfg.sampling.resolution)).state_dict()
+    trained = DiffusionRewardModel.from_pretrained(out / "drm_last").state_dict()
+    last = f"blocks.{cfg.model.num_layers - r.n_drop - 1}."
+    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert moved and all(k.startswith((last, "head.")) for k in moved), sorted(moved)
+    assert any(k.startswith("head.") for k in moved) and any(k.startswith(last) for k in moved)
+
     evaluate = subprocess.run([sys.executable, "jobs/eval_drm.py", "--eval-pairs", "64", f"run.output_dir={out}",
                                "--timesteps", "0", "500", "950"],
                               cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
