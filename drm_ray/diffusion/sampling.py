@@ -72,7 +72,6 @@ def denoise(transformer, sigmas: torch.Tensor, embeds: torch.Tensor, pooled: tor
 
 
 @torch.no_grad()
-@torch.no_grad()
 def denoised_estimate(transformer, x: torch.Tensor, sigma: float | torch.Tensor, embeds: torch.Tensor,
                       pooled: torch.Tensor, neg_embeds: torch.Tensor | None = None,
                       neg_pooled: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
