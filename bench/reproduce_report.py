@@ -125,6 +125,51 @@ def gain_text(v: np.ndarray) -> tuple[str, bool]:
             + ("CLEAR" if ok else "NOT CLEAR") + " (criterion: > 2 s.e.)"), ok
 
 
+def direction(v: np.ndarray) -> str:
+    """Per-seed gains [seeds] -> "rose" / "fell" (the mean beyond two standard errors over >= 2 seeds) / "unclear"."""
+    if gain_text(v)[1]:
+        return "rose"
+    return "fell" if len(v) > 1 and v.mean() < -2 * v.std(ddof=1) / np.sqrt(len(v)) else "unclear"
+
+
+ALGO_NAMES = {"grpo": "GRPO", "step_grpo": "Step-GRPO"}
+MOVED = {"rose": "a clear rise", "fell": "a clear fall", "unclear": "not clear: within 2 s.e. over seeds"}
+
+
+def drm_reading(acc0: float, proxy: dict[str, float], gains: dict[str, np.ndarray]) -> str:
+    """What the runs optimizing the DRM say, from their numbers: `proxy` the change of the DRM's panel score (seed
+    mean), `gains` the per-seed changes of the panel oracle, per algorithm."""
+    moved = {a: direction(v) for a, v in gains.items()}
+    text = (f"Reading: the pre-trained-init DRMs (RL and Step-wise Sampling use the first) rank held-out oracle pairs "
+            f"right {100 * acc0:.0f}% of the time at t=0 (mean over seeds; 50% is chance). " + "; ".join(
+                f"{ALGO_NAMES[a]} moved the DRM's score of the panel by {proxy[a]:+.3f} and its oracle by "
+                f"{gains[a].mean():+.4f} ({MOVED[moved[a]]})" for a in gains) + ".")
+    hacked = [ALGO_NAMES[a] for a in gains if proxy[a] > 0 and moved[a] != "rose"]
+    if hacked:
+        text += (f" Where the proxy rises and the truth does not clearly rise ({' and '.join(hacked)}), the proxy's "
+                 "gain is mostly the reward model's error being optimized, not better images.")
+    risen = [ALGO_NAMES[a] for a in gains if moved[a] == "rose"]
+    if risen:
+        text += f" {' and '.join(risen)} raised the oracle clearly: there the DRM's ranking carried to the truth."
+    return text
+
+
+def oracle_reading(gains: dict[str, np.ndarray], x0_forwards: int, rollout_forwards: int) -> str:
+    """What the runs optimizing the oracle itself say about dense step credit, from their per-seed oracle gains."""
+    moved = {a: direction(v) for a, v in gains.items()}
+    step, grpo = moved["step_grpo"] == "rose", moved["grpo"] == "rose"
+    finding = ("per-step credit from the same reward moved the policy where one terminal reward per trajectory did "
+               "not" if step and not grpo else
+               "both moved the policy (how fast, against each other, is the verdict above)" if step and grpo else
+               "one terminal reward per trajectory moved the policy where per-step credit did not" if grpo else
+               "neither moved the policy clearly at this budget")
+    return (f"With the oracle itself as the reward (no reward-model error), GRPO's panel oracle gain was "
+            f"{gain_text(gains['grpo'])[0].split(' (')[0]} and Step-GRPO's {gain_text(gains['step_grpo'])[0].split(' (')[0]}"
+            f" (s.e. over seeds): {finding}. Step-GRPO paid {x0_forwards} policy forwards for the children's x0_hat "
+            f"on top of {rollout_forwards} for the rollouts ({x0_forwards / max(rollout_forwards, 1):.1f}x), the "
+            "cost the DRM exists to avoid.")
+
+
 def ceiling_curves(out: Path, p: dict, groups: int, reward: str = "oracle") -> dict | None:
     """The ceiling stage's curves at one batch and reward (over the seeds that finished), or None."""
     return _run_curves([ceiling_run(out, groups, seed, reward) for seed in range(p["ceiling_seeds"])],
@@ -638,24 +683,14 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
     if sw:
         md += [f"- Step-wise Sampling (paper: a better final image as k grows): {sw['verdict']}."]
     if drm and rl and rl["curves"]["grpo"]["drm"] is not None:
-        acc0 = float(drm["mean"]["pretrained"][0])
         c = rl["curves"]
-        delta = {(a, key): c[a][key][:, -1].mean() - c[a][key][:, 0].mean() for a in c for key in ("drm", "oracle")}
-        md += ["", f"Reading: the pre-trained-init DRMs (RL and Step-wise Sampling use the first) rank held-out "
-               f"oracle pairs right {100 * acc0:.0f}% of the time at t=0 (mean over seeds; 50% is chance). Both RL "
-               f"methods raise the DRM's score of the panel (GRPO {delta['grpo', 'drm']:+.3f}, Step-GRPO "
-               f"{delta['step_grpo', 'drm']:+.3f}) while the oracle moves by {delta['grpo', 'oracle']:+.4f} and "
-               f"{delta['step_grpo', 'oracle']:+.4f}: where the "
-               "proxy rises and the truth does not, the gain is the reward model's error being optimized, not "
-               "better images."]
+        md += ["", drm_reading(float(drm["mean"]["pretrained"][0]),
+                               {a: c[a]["drm"][:, -1].mean() - c[a]["drm"][:, 0].mean() for a in c},
+                               {a: c[a]["oracle"][:, -1] - c[a]["oracle"][:, 0] for a in c})]
     if orl:
         c = orl["curves"]
-        x0, roll = c["step_grpo"]["x0_forwards"][-1], c["step_grpo"]["forwards"][-1]
-        md += ["", f"With the oracle itself as the reward (no reward-model error), GRPO's panel oracle gain was "
-               f"{orl['clear']['grpo'].split(' (')[0]} and Step-GRPO's {orl['clear']['step_grpo'].split(' (')[0]} "
-               f"(s.e. over seeds): per-step credit from the same reward moved the policy where one terminal reward "
-               f"per trajectory did not, at the price of {x0} policy forwards for the children's x0_hat on top of "
-               f"{roll} for the rollouts ({x0 / max(roll, 1):.1f}x), the cost the DRM exists to avoid."]
+        md += ["", oracle_reading({a: c[a]["oracle"][:, -1] - c[a]["oracle"][:, 0] for a in c},
+                                  int(c["step_grpo"]["x0_forwards"][-1]), int(c["step_grpo"]["forwards"][-1]))]
     md += ["", "Parameters of this run: " + ", ".join(f"{k}={v}" for k, v in p.items()) + "."]
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(md) + "\n")

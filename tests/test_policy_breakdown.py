@@ -129,3 +129,24 @@ def test_drm_claim_against_the_ceiling_grpo_is_read_from_the_runs(tmp_path):
         _write_summary(run, ceil_iters, [0.80 + gain * it / 40 for it in ceil_iters], [1.0] * 5)
     assert ceiling_drm_part(tmp_path, p, {})[1].startswith("UNDECIDED")
     assert ceiling_drm_part(tmp_path, dict(p, ceiling_drm_groups=()), {}) == ("", None)
+
+
+def test_readings_follow_the_numbers():
+    from bench.reproduce_report import direction, drm_reading, oracle_reading
+
+    rise, fall, flat = np.array([0.010, 0.012, 0.014]), np.array([-0.010, -0.012, -0.014]), np.array([0.01, -0.01])
+    assert [direction(v) for v in (rise, fall, flat, np.array([0.5]))] == ["rose", "fell", "unclear", "unclear"]
+    text = drm_reading(0.72, {"grpo": 0.2, "step_grpo": 3.0}, {"grpo": flat, "step_grpo": rise})
+    assert "right 72% of the time" in text and "Step-GRPO moved the DRM's score of the panel by +3.000" in text
+    assert "truth does not clearly rise (GRPO)" in text and "Step-GRPO raised the oracle clearly" in text
+    text = drm_reading(0.72, {"grpo": 0.2, "step_grpo": 3.0}, {"grpo": flat, "step_grpo": fall})
+    assert "(GRPO and Step-GRPO)" in text and "a clear fall" in text and "raised the oracle clearly" not in text
+    assert "error being optimized" not in drm_reading(0.72, {"grpo": -0.1, "step_grpo": 0.5},
+                                                      {"grpo": flat, "step_grpo": rise})
+    cases = {("rose", "unclear"): "per-step credit from the same reward moved the policy where one terminal",
+             ("rose", "rose"): "both moved the policy", ("unclear", "rose"): "one terminal reward per trajectory "
+             "moved the policy where per-step credit did not", ("unclear", "unclear"): "neither moved the policy"}
+    pick = {"rose": rise, "unclear": flat}
+    for (step, grpo), phrase in cases.items():
+        text = oracle_reading({"grpo": pick[grpo], "step_grpo": pick[step]}, 17920, 5120)
+        assert phrase in text and "(3.5x)" in text, (step, grpo, text)
