@@ -90,12 +90,12 @@ def test_ceiling_learning_rate_follows_its_batch_and_a_mismatch_is_named(tmp_pat
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def _write_summary(run, iters, oracle, drm):
+def _write_summary(run, iters, oracle, drm, forwards=128, x0=0):
     import json
 
     run.mkdir(parents=True)
     ev = [{"iteration": it, "eval/oracle_score": o, "eval/oracle_correct": 0.5, "eval/drm_score": d,
-           "policy_forwards": 128 * it} for it, o, d in zip(iters, oracle, drm)]
+           "policy_forwards": forwards * it, "x0_forwards": x0 * it} for it, o, d in zip(iters, oracle, drm)]
     (run / "summary.json").write_text(json.dumps({"eval": ev}))
 
 
@@ -150,3 +150,40 @@ def test_readings_follow_the_numbers():
     for (step, grpo), phrase in cases.items():
         text = oracle_reading({"grpo": pick[grpo], "step_grpo": pick[step]}, 17920, 5120)
         assert phrase in text and "(3.5x)" in text, (step, grpo, text)
+
+
+def test_algorithm_claim_in_policy_forwards_against_a_larger_grpo(tmp_path, monkeypatch):
+    import bench.reproduce_report as report
+    from bench.reproduce_report import ceiling_run, ceiling_section, rl_run
+
+    monkeypatch.setattr(report, "panel_extra_objects", lambda out, run: None)  # panels in MLflow: not written here
+
+    p = dict(prompts=16, rl_seeds=3, rl_lr=2e-3, ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_lrs=(2e-3, 1e-3),
+             ceiling_branch_steps="0")
+    ceil_iters, rl_iters = [0, 10, 20, 30, 40], list(range(0, 45, 5))
+
+    def write(step_x0, step_slope):
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        for seed, gain in enumerate([0.03, 0.04, 0.05]):
+            # 4 groups: no clear gain; 64 groups (2048 rollout forwards per iteration): finals 0.83-0.85, mean 0.84
+            _write_summary(ceiling_run(tmp_path, 4, seed), ceil_iters, [0.80 + (seed - 1) * 0.01 * it / 40
+                                                                        for it in ceil_iters], [0.0] * 5)
+            _write_summary(ceiling_run(tmp_path, 64, seed), ceil_iters, [0.80 + gain * it / 40 for it in ceil_iters],
+                           [0.0] * 5, forwards=2048)
+            _write_summary(rl_run(tmp_path, "step_grpo", "oracle", seed), rl_iters,
+                           [0.80 + step_slope * it for it in rl_iters], [0.0] * 9, forwards=128, x0=step_x0)
+
+    # Step-GRPO: 0.80 + 0.0025 * it reaches 0.84 at iteration 16, at (128 + 448) forwards per iteration: 9,216
+    # against GRPO's 2048 x 40 = 81,920, 8.9x fewer
+    write(448, 0.0025)
+    metrics = {}
+    result = ceiling_section(tmp_path, p, metrics)[1]
+    assert result["verdict"] is None  # the 4-group GRPO does not clearly move: no verdict at equal batch
+    [verdict] = result["compute_verdicts"]
+    assert verdict.startswith("HELD") and "after about 9,216 policy forwards" in verdict and "81,920 (8.9x" in verdict
+    assert abs(metrics["ceiling/g64_forwards_ratio"] - 81920 / 9216) < 1e-9
+    write(8000, 0.0025)  # x0_hat forwards that cost more than GRPO's whole run: 16 x 8128 = 130,048
+    assert ceiling_section(tmp_path, p, {})[1]["compute_verdicts"][0].startswith("DID NOT HOLD")
+    write(448, 0.0005)  # never reaches 0.84 (0.82 at iteration 40)
+    [verdict] = ceiling_section(tmp_path, p, {})[1]["compute_verdicts"]
+    assert verdict.startswith("DID NOT HOLD") and "does not reach" in verdict
