@@ -46,8 +46,8 @@ def first_reach(iters: np.ndarray, values: np.ndarray, target: float) -> float |
 
 
 def speedup_verdict(ratio: float | None, final: float, target: float) -> str:
-    """The paper's measure: Step-GRPO reaches GRPO's final value in >= 1.5x fewer iterations (`ratio`, GRPO's over
-    Step-GRPO's) and is still there at its own end (`final` >= `target`)."""
+    """The paper's measure: Step-GRPO reaches GRPO's final value in >= 1.5x fewer iterations, or policy forwards
+    (`ratio`, GRPO's over Step-GRPO's), and is still there at its own end (`final` >= `target`)."""
     return "HELD" if ratio and ratio >= 1.5 and final >= target else "DID NOT HOLD"
 
 
@@ -115,10 +115,15 @@ def ceiling_lr(p: dict, groups: int) -> float:
     return float(dict(zip(p["ceiling_groups"], lrs)).get(groups, p["rl_lr"]))
 
 
+def _se(v: np.ndarray) -> float:
+    """Standard error of the mean over seeds (nan for one seed)."""
+    return v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+
+
 def gain_text(v: np.ndarray) -> tuple[str, bool]:
     """Per-seed oracle gains [seeds] -> ("mean +- s.e. ...: CLEAR / NOT CLEAR", clear): clear when the mean exceeds
     two standard errors over at least two seeds."""
-    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    se = _se(v)
     ok = bool(len(v) > 1 and v.mean() > 2 * se)
     se_text = f"{se:.4f}" if len(v) > 1 else "n/a"
     return (f"{v.mean():+.4f} +- {se_text} s.e. over {len(v)} seed(s) (per seed {', '.join(f'{x:+.4f}' for x in v)}): "
@@ -129,7 +134,7 @@ def direction(v: np.ndarray) -> str:
     """Per-seed gains [seeds] -> "rose" / "fell" (the mean beyond two standard errors over >= 2 seeds) / "unclear"."""
     if gain_text(v)[1]:
         return "rose"
-    return "fell" if len(v) > 1 and v.mean() < -2 * v.std(ddof=1) / np.sqrt(len(v)) else "unclear"
+    return "fell" if len(v) > 1 and v.mean() < -2 * _se(v) else "unclear"
 
 
 ALGO_NAMES = {"grpo": "GRPO", "step_grpo": "Step-GRPO"}
