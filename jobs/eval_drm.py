@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--cache", help="held-out embedding cache")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 250, 500, 750, 950])
     parser.add_argument("--eval-pairs", type=int, default=512, help="size of the synthetic held-out set")
-    parser.add_argument("--json", help="also write the rows (t, accuracy, pairs, ties, ...) to this JSON file")
+    parser.add_argument("--json", help="also write the rows (t, accuracy, pairs, ties, ..., and each non-tie pair's "
+                        "margin r_w - r_l, for paired comparisons of DRMs) to this JSON file")
     args = parser.parse_intermixed_args(argv)
     cfg = job_config(args)
     job_env(cfg.model.preset, cfg.model.path)

@@ -187,3 +187,40 @@ def test_algorithm_claim_in_policy_forwards_against_a_larger_grpo(tmp_path, monk
     write(448, 0.0005)  # never reaches 0.84 (0.82 at iteration 40)
     [verdict] = ceiling_section(tmp_path, p, {})[1]["compute_verdicts"]
     assert verdict.startswith("DID NOT HOLD") and "does not reach" in verdict
+
+
+def test_drm_verdicts_judge_differences_by_the_paired_standard_error(tmp_path):
+    """100 held-out pairs; the pretrained-init DRM ranks pairs 0-79 right at t < 950 and pairs 0-49 at t=950, the
+    random-init DRM pairs 0-73 and 0-49. Each pair's pretrained-minus-random correctness averaged over the five t is
+    0.8 for pairs 74-79 and 0 otherwise: gap 0.048, s.d. sqrt((6 * 0.752^2 + 94 * 0.048^2) / 99) = 0.19095, paired
+    s.e. 0.019095 (2 s.e. = 0.038: HELD). Without per-pair margins the s.e. of two independent accuracies at 100 pairs,
+    sqrt(2) * 0.5 / 10 = 0.0707 (2 s.e. = 0.141), does not separate them."""
+    import json
+
+    from bench.reproduce_report import TIMESTEPS, drm_section
+
+    def write(init, right_below_950, margins=True):
+        rows = []
+        for t in TIMESTEPS:
+            right = 50 if t == 950 else right_below_950
+            m = [1.0] * right + [-1.0] * (100 - right)
+            rows.append({"t": t, "accuracy": right / 100, "pairs": 100, **({"margins": m} if margins else {})})
+        (tmp_path / "drm" / f"{init}-s0").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "drm" / f"{init}-s0" / "eval.json").write_text(json.dumps(rows))
+
+    write("pretrained", 80)
+    write("random", 74)
+    metrics = {}
+    _, drm = drm_section(tmp_path, {"drm_seeds": 1}, metrics)
+    assert metrics["drm/init_gap"] == pytest.approx(0.048) and metrics["drm/init_gap_se"] == pytest.approx(0.019095,
+                                                                                                            abs=1e-6)
+    assert drm["verdict"]["init"].startswith("HELD") and "paired over the 100 held-out pairs = 0.038" in \
+        drm["verdict"]["init"]
+    # t=0 minus t=950 per pair: 1 for pairs 50-79, else 0 -> s.d. sqrt((30 * 0.49 + 70 * 0.09) / 99), 2 s.e. 0.092
+    assert drm["verdict"]["t"].startswith("HELD") and "= 0.092" in drm["verdict"]["t"]
+    assert drm["verdict"]["bar"].startswith("MET")  # 0.80 at t=0 and t=750, and the init gap holds
+    write("random", 74, margins=False)
+    _, drm = drm_section(tmp_path, {"drm_seeds": 1}, metrics)
+    assert drm["verdict"]["init"].startswith("DID NOT HOLD") and "independent accuracies = 0.141" in \
+        drm["verdict"]["init"]
+    assert drm["verdict"]["bar"].startswith("NOT MET")

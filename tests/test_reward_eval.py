@@ -28,6 +28,9 @@ def test_accuracy_falls_with_noise_and_ties_are_reported(tmp_path):
     rows = evaluate_drm(ChannelMean(), tmp_path, timesteps=(0, 500, 950))
     assert [r.t for r in rows] == [0, 500, 950] and rows[0].pairs == 180 and rows[0].ties == 20
     assert rows[0].accuracy == 1.0
+    # at t=0 the per-pair margins are the channel-0 means' differences of the non-tie pairs, in file order
+    expected = (win[20:, 0].mean(dim=(1, 2)) - lose[20:, 0].mean(dim=(1, 2))).tolist()
+    assert rows[0].margins == pytest.approx(expected, abs=1e-6) and len(rows[2].margins) == 180
     assert rows[2].accuracy < rows[0].accuracy  # signal drowns in noise near s = 1
     assert rows[0].tie_aware_accuracy == pytest.approx(1.0)  # identical images -> margin 0 < tau
     assert "tie-aware" in format_table(rows)

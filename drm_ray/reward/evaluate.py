@@ -8,7 +8,7 @@ Pick-a-Pic protocol) predicts a tie when |r_w - r_l| < tau and reports the best 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,8 @@ class EvalRow:
     tie_aware_accuracy: float | None
     tie_threshold: float | None
     ties: int
+    # r_w - r_l of every non-tie pair, in cache order (pair i is noised alike for every DRM: paired comparisons)
+    margins: list[float] = field(default_factory=list, repr=False)
 
 
 def heldout_noise(seed: int, t: int, indices: torch.Tensor, latent_shape) -> torch.Tensor:
@@ -74,7 +76,7 @@ def evaluate_drm(drm, cache_dir, timesteps=DEFAULT_TIMESTEPS, batch_size: int = 
         acc = (r_w[strict] > r_l[strict]).float().mean().item() if strict.any() else float("nan")
         ties = int((label == 0.5).sum())
         tie_acc, tau = tie_aware_accuracy(r_w, r_l, label) if ties else (None, None)
-        rows.append(EvalRow(t, acc, int(strict.sum()), tie_acc, tau, ties))
+        rows.append(EvalRow(t, acc, int(strict.sum()), tie_acc, tau, ties, (r_w - r_l)[strict].tolist()))
     return rows
 
 
