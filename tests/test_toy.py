@@ -278,13 +278,14 @@ def test_step_grpo_optimizes_the_oracle_on_x0_hat_and_a_drm_judges(ray_session, 
     assert {"eval/judge/drm", "eval/overopt/drm"} <= set(summary) and summary["eval/overopt/drm"] == 0.0
     # the oracle of the logged panel (6 tiles of 32 px, 4 per row, uint8 as saved) against the panel's captions
     client = MlflowClient(f"sqlite:///{tmp_path / 'rl' / 'mlflow.db'}")
-    png = client.download_artifacts(written["mlflow_run_id"], "panel/iter_000001.png", str(tmp_path))
-    grid = np.asarray(Image.open(png)).astype(np.float64) / 255
-    tiles = np.stack([grid[32 * (i // 4):32 * (i // 4 + 1), 32 * (i % 4):32 * (i % 4 + 1)] for i in range(6)])
-    graded = oracle_scores(tiles, driver.rl.eval_texts)
-    assert summary["eval/oracle_score"] == pytest.approx(graded.score.mean(), abs=0.01)
-    assert summary["eval/oracle_correct"] == pytest.approx(graded.correct.mean(), abs=1 / 6 + 1e-9)
-    assert written["eval"][1]["eval/oracle_score"] == summary["eval/oracle_score"]
+    # both evaluations, before and after the update: summary.json's eval history against the panels MLflow logged
+    for it, row in enumerate(written["eval"]):
+        png = client.download_artifacts(written["mlflow_run_id"], f"panel/iter_{it:06d}.png", str(tmp_path))
+        grid = np.asarray(Image.open(png)).astype(np.float64) / 255
+        tiles = np.stack([grid[32 * (i // 4):32 * (i // 4 + 1), 32 * (i % 4):32 * (i % 4 + 1)] for i in range(6)])
+        graded = oracle_scores(tiles, driver.rl.eval_texts)
+        assert row["eval/oracle_score"] == pytest.approx(graded.score.mean(), abs=0.01)
+        assert row["eval/oracle_correct"] == pytest.approx(graded.correct.mean(), abs=1 / 6 + 1e-9)
 
 
 def test_renders_grade_high_and_other_captions_renders_low():
@@ -320,7 +321,7 @@ def test_policy_references_grade_what_the_policy_makes_of_a_latent_under_each_ro
     itself, so their score is the oracle's grade of the decoded latent under the caption its prompt embedding names."""
     from bench.drm_breakdown import PolicyOracle
     from drm_ray.config import load_config
-    from drm_ray.diffusion.sampling import decode_latents, encode_images
+    from drm_ray.diffusion.sampling import decode_latents, denoise, encode_images
     from drm_ray.models.sd3 import encode_prompts
 
     cfg = load_config("toy", [f"model.path={toy_ckpt[0]}"])
@@ -334,9 +335,25 @@ def test_policy_references_grade_what_the_policy_makes_of_a_latent_under_each_ro
         got = ref(x, torch.zeros(6), embeds, pooled)
         assert np.allclose(got.numpy(), expected) and np.allclose(ode(x, torch.zeros(6), embeds, pooled), expected)
     assert ref(x, torch.zeros(6), *encode_prompts(ref.comps, caps, msl)).mean() > got.mean() + 0.2
-    for scorer in (ref, ode, sde):
-        noisy = scorer(x, torch.full((6,), 0.75), *encode_prompts(ref.comps, caps, msl))
-        assert noisy.shape == (6,) and bool(((noisy >= 0) & (noisy <= 1)).all())
+    # at a noisy level of the sampling schedule, against the policy's own samples: the ODE continuation of a sample's
+    # state at sigma_3 is the rest of that sample's ODE trajectory; x0_hat is one Euler step from sigma_3 to 0; the
+    # SDE continuations at noise level 0 are ODE continuations, and with the rollouts' noise they differ from it
+    embeds, pooled = encode_prompts(ref.comps, caps, msl)
+    neg = encode_prompts(ref.comps, [""] * 6, msl)
+    sigmas, guidance = ref.sigmas, cfg.sampling.guidance_scale
+    x1 = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    x3 = denoise(ref.comps.transformer, sigmas[:4], embeds, pooled, *neg, guidance, 0.0, x1)
+    s3 = torch.full((6,), float(sigmas[3]))
+    sample = denoise(ref.comps.transformer, sigmas, embeds, pooled, *neg, guidance, 0.0, x1)
+    grade = lambda lat: oracle_scores(decode_latents(ref.comps.vae, lat), caps).score  # noqa: E731
+    assert np.allclose(ode(x3, s3, embeds, pooled).numpy(), grade(sample), atol=1e-6)
+    one_step = denoise(ref.comps.transformer, torch.tensor([float(sigmas[3]), 0.0]), embeds, pooled, *neg, guidance,
+                       0.0, x3)
+    assert np.allclose(ref(x3, s3, embeds, pooled).numpy(), grade(one_step), atol=1e-6)
+    quiet = PolicyOracle(load_config("toy", [f"model.path={toy_ckpt[0]}", "sampling.noise_level=0"]), "sde2")
+    assert np.allclose(quiet(x3, s3, embeds, pooled).numpy(), grade(sample), atol=1e-6)
+    noisy = [sde(x3, s3, embeds, pooled).numpy() for _ in range(2)]  # each call draws new noise
+    assert not np.allclose(noisy[0], grade(sample)) and not np.allclose(noisy[0], noisy[1])
     with pytest.raises(SystemExit, match="not this model's captions"):
         ref(x, torch.zeros(6), *encode_prompts(ref.comps, ["a purple hexagon"] * 6, msl))
     with pytest.raises(SystemExit, match="expected x0, ode or sdeK"):
