@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     sigmas = schedule_sigmas(comps.scheduler, s.num_steps)
     cond = prompt_table.rows(list(range(len(prompts))), comps.transformer.device)  # as the sample job's sampler
     rows_all = torch.tensor([it.prompt_index for it in items])
-    n_blocks, n_drm = comps.transformer.config.num_layers, len(scorer.rewards.drm().drm.blocks)
+    n_blocks, n_drm = comps.transformer.config.num_layers, len(scorer.rewards.drms()[0].drm.blocks)
     cfg_latents = 2 if s.guidance_scale > 1 else 1
 
     size = latent_size(cfg.model.preset, s.resolution)

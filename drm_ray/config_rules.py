@@ -68,19 +68,23 @@ def rule_errors(c, rl: bool) -> list[str]:
     from drm_ray.reward.specs import parse_spec
 
     for field_name, items in (("reward.rewards", r.rewards), ("reward.judges", r.judges)):
-        kinds = []
+        specs = []
         for item in items:
             try:
-                kinds.append(parse_spec(item).kind)
+                specs.append(parse_spec(item))
             except ValueError as err:
                 e.append(f"{field_name} = {list(items)!r}: {err}")
-        need(len(set(kinds)) == len(kinds), field_name, "names each kind at most once", list(items))
+        names = [s.name for s in specs]
+        need(len(set(names)) == len(names), field_name, "names each reward at most once (a second model of one "
+             "kind names its own: clip@/models/CLIP-ViT-L-14)", list(items))
+        kinds = {s.kind for s in specs}
         need("oracle" not in kinds or m.preset == "toy", field_name, "oracle grades toy-world images: only with "
              "model.preset=toy", list(items))
-        need("clip" not in kinds or bool(r.clip_path), "reward.clip_path", f"is required when {field_name} has "
-             "clip (a local CLIPModel directory with its processor, e.g. PickScore)", r.clip_path)
-        need("callable" not in kinds or bool(r.callable), "reward.callable", f"is required when {field_name} has "
-             "callable ('package.module:function')", r.callable)
+        bare = {s.kind for s in specs if s.source is None}  # these take their model from the kind's config field
+        need("clip" not in bare or bool(r.clip_path), "reward.clip_path", f"is required when {field_name} has "
+             "clip without '@source' (a local CLIPModel directory with its processor, e.g. PickScore)", r.clip_path)
+        need("callable" not in bare or bool(r.callable), "reward.callable", f"is required when {field_name} has "
+             "callable without '@source' ('package.module:function')", r.callable)
     need(len(r.rewards) > 0, "reward.rewards", "must name at least one reward", r.rewards)
     d = c.drm
     need(d.n_drop >= 0, "drm.n_drop", "must be >= 0", d.n_drop)

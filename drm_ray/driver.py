@@ -111,9 +111,8 @@ class StepGRPODriver(DriverReport):
         t["timing/iteration"] = time.perf_counter() - start
         t["critical/sync_s"] = t["timing/sync"]
         self.compute["policy_forwards"] += sum(r.num_final for r in rollouts) * self.cfg.sampling.num_steps
-        if self.rl.x0_children:  # one policy forward per child for x0_hat (and again to pick under "best")
-            per_child = 2 if g.continuation == "best" else 1
-            self.compute["x0_forwards"] = self.compute.get("x0_forwards", 0) + per_child * self.candidates(rollouts)
+        if self.rl.x0_children:  # one policy forward per child for x0_hat (under "best" it also picks the child)
+            self.compute["x0_forwards"] = self.compute.get("x0_forwards", 0) + self.candidates(rollouts)
         weights = [r.weight for r in self.rl.rewards]
         _, adv_stats = learner_batch(rollouts, g.algo, child_scores, final_scores, len(self.rl.branch_steps),
                                      g.adv_clip, weights, adv_norm=g.adv_norm)  # the whole batch's advantage stats
@@ -133,6 +132,8 @@ class StepGRPODriver(DriverReport):
                    "rollout/policy_version": float(self.version - 1),
                    "rollout/actor_restarts": float(self.restarts["rollout"]),
                    "score/actor_restarts": float(self.restarts["scorer"]),
+                   # cumulative work so far (x0_forwards: image rewards' x0_hat of branching children)
+                   **{f"compute/{name}": float(n) for name, n in self.compute.items()},
                    "train/learner_restarts": float(self.rl.learner.restarts)}
         self.tracker.log_metrics(metrics, self.iteration)
         if self.iteration % g.eval_every == 0 or self.iteration == g.iterations:
@@ -236,14 +237,14 @@ class StepGRPODriver(DriverReport):
 
     def reward_metrics(self, rollouts, child_scores, final_scores, weights) -> dict:
         """reward/* of the weighted sum of the rewards (the one reward's scores when there is one), and with several
-        rewards reward/<kind>/* of each."""
+        rewards reward/<name>/* of each (the kind, or kind-<source> for a spec with its own model)."""
         algo, steps = self.cfg.grpo.algo, self.rl.branch_steps
         w = torch.tensor(weights)
         out = reward_stats(rollouts, algo, [c @ w for c in child_scores], final_scores @ w, steps)
         if len(weights) > 1:
             for i, r in enumerate(self.rl.rewards):
                 part = reward_stats(rollouts, algo, [c[..., i] for c in child_scores], final_scores[..., i], steps)
-                out.update({k.replace("reward/", f"reward/{r.kind}/", 1): v for k, v in part.items()})
+                out.update({k.replace("reward/", f"reward/{r.name}/", 1): v for k, v in part.items()})
         return out
 
     @staticmethod
@@ -300,16 +301,16 @@ class StepGRPODriver(DriverReport):
 
     def log_panel(self, step: int) -> dict:
         """ODE samples of the fixed evaluation prompts (held out when data.eval_prompts is set) and seeds: the mean
-        of each optimized reward (eval/drm_score for the DRM, eval/<kind>_score for the others) and of each judge
-        (eval/judge/<kind>), an image grid, and on the toy preset the hidden oracle's grade of the same images. A
-        judge that fell since the first panel while the optimized reward rose is flagged (eval/overopt/<kind> = 1)
+        of each optimized reward (eval/drm_score for the DRM, eval/<name>_score for the others) and of each judge
+        (eval/judge/<name>), an image grid, and on the toy preset the hidden oracle's grade of the same images. A
+        judge that fell since the first panel while the optimized reward rose is flagged (eval/overopt/<name> = 1)
         and printed: the reward model's errors are being optimized."""
         stats, images = self.rl.eval_panel()  # {name: (mean, standard error over the panel)}
-        metrics = {f"eval/{kind}_score": mean for kind, (mean, _) in stats.items() if not kind.startswith("judge/")}
+        metrics = {f"eval/{name}_score": mean for name, (mean, _) in stats.items() if not name.startswith("judge/")}
         for kind, (mean, sem) in stats.items():
             if kind.startswith("judge/"):
                 metrics.update({f"eval/{kind}": mean, f"eval/{kind}_sem": sem})
-        weights = {r.kind: r.weight / sum(r.weight for r in self.rl.rewards) for r in self.rl.rewards}
+        weights = {r.name: r.weight / sum(r.weight for r in self.rl.rewards) for r in self.rl.rewards}
         metrics["eval/reward"] = sum(w * stats[k][0] for k, w in weights.items())
         metrics["eval/reward_sem"] = sum((w * stats[k][1]) ** 2 for k, w in weights.items()) ** 0.5
         if self.cfg.model.preset == "toy":

@@ -45,8 +45,10 @@ class RLSetup:
                                             on_gpu=bool(ro.num_gpus))
         self.table = table = share_table(self.prompts_ref)  # restartable actors take the holder's name
         self.rewards = [parse_spec(r) for r in cfg.reward.rewards]  # what is optimized, with weights
-        self.judges = [parse_spec(j).kind for j in cfg.reward.judges]  # what only evaluates
-        uses_drm = any(r.kind == "drm" for r in self.rewards) or "drm" in self.judges
+        judges = [parse_spec(j) for j in cfg.reward.judges]  # what only evaluates
+        self.judges = [j.name for j in judges]
+        # the run's own DRM (trained first on a CPU preset when reward.drm_path is unset) unless each names its own
+        uses_drm = any(r.kind == "drm" and r.source is None for r in self.rewards + judges)
         drm_path = resolve_drm(cfg, out) if uses_drm else None
         # image rewards score a branching child through its denoised estimate x0_hat (a policy forward per child)
         self.x0_children = cfg.grpo.algo == "step_grpo" and any(r.kind in IMAGE_KINDS for r in self.rewards)
@@ -61,7 +63,7 @@ class RLSetup:
         self.judge = None
         if self.judges:  # one actor, off the training path: it scores the evaluation panel only
             self.judge = ray.remote(RewardScorer).options(**actor).remote(
-                prompts=table, torch_threads=threads, **scorer_kwargs(cfg, self.judges, drm_path, dtype))
+                prompts=table, torch_threads=threads, **scorer_kwargs(cfg, cfg.reward.judges, drm_path, dtype))
         sampling = cfg.rollout_sampling()
         self.workers = [ray.remote(RolloutWorker).options(**actor).remote(
             m.preset, self.kwargs, self.lora_cfg, table, sampling, cfg.grpo.algo, threads,
@@ -111,17 +113,17 @@ class RLSetup:
 
     def eval_panel(self) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
         """ODE samples of the evaluation panel: ({reward or judge name: (mean score, its standard error over the
-        panel)}, the images [N, 3, H, W] in [0, 1]). The optimized rewards are keyed by their kind, the judges by
-        `judge/<kind>`."""
+        panel)}, the images [N, 3, H, W] in [0, 1]). The optimized rewards are keyed by their name (the kind, or
+        kind-<source> for a spec with its own model), the judges by `judge/<name>`."""
         ro = self.cfg.rollout
         latents = ray.get(self.workers[0].sample_panel.remote(self.eval_prompts, self.eval_seeds,
                                                               self.cfg.sampling.eval_num_steps), timeout=ro.timeout_s)
         args = (latents, torch.zeros(len(latents)), torch.tensor(self.eval_prompts))
         refs = [self.scorers[0].score_all.remote(*args)] + [j.score_all.remote(*args) for j in self.judge_actors()]
         scores = ray.get(refs, timeout=ro.timeout_s)
-        columns = {r.kind: scores[0][:, i] for i, r in enumerate(self.rewards)}
+        columns = {r.name: scores[0][:, i] for i, r in enumerate(self.rewards)}
         if self.judge is not None:
-            columns.update({f"judge/{kind}": scores[1][:, i] for i, kind in enumerate(self.judges)})
+            columns.update({f"judge/{name}": scores[1][:, i] for i, name in enumerate(self.judges)})
         stats = {name: (float(c.mean()), float(c.std() / len(c) ** 0.5) if len(c) > 1 else 0.0)
                  for name, c in columns.items()}
         return stats, decode_latents(self.vae, latents)

@@ -22,10 +22,10 @@ so images do not depend on batching or on the number of workers.
 
 Writes into --out (default `<run.output_dir>/samples`): PNGs `<prompt>_<replica>.png` and `metadata.parquet`
 (prompt, seed, k, file, step_scores = the selected child's score per branching step, score_spread,
-final_score = the selecting reward of the final image at s = 0, judge_<kind> per judge, diversity_group = prompt
+final_score = the selecting reward of the final image at s = 0, judge_<name> per judge, diversity_group = prompt
 index, ...). With --seeds-per-prompt S >= 2 it reports the diversity across seeds (drm_ray.diversity: mean pairwise
 RMS pixel distance and 1 - SSIM). An MLflow run (sqlite `<run.output_dir>/mlflow.db` unless tracking.tracking_uri
-says otherwise) gets the parameters, an image grid and the scores, judges (sample/judge/<kind>), per step the rank
+says otherwise) gets the parameters, an image grid and the scores, judges (sample/judge/<name>), per step the rank
 correlation of the selected child's score with the final score and each judge, diversity and timings as metrics.
 """
 
@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = job_config(args)
     drm_path = args.drm or cfg.reward.drm_path
-    if args.k > 1 and "drm" in [spec.partition("=")[0].strip() for spec in cfg.reward.rewards] and not drm_path:
+    from drm_ray.reward.specs import parse_spec
+
+    bare_drm = any(r.kind == "drm" and r.source is None for r in map(parse_spec, cfg.reward.rewards))
+    if args.k > 1 and bare_drm and not drm_path:
         fail(f"--k {args.k} needs --drm DIR (a DRM directory from jobs/train_drm.py): the DRM picks the best of the "
              "k candidates at each step (or select with other reward.rewards)")
     prompts = load_prompts(args.prompts, cfg.model.preset)

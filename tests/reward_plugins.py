@@ -27,3 +27,11 @@ def one_nan(images, prompts):
 
 def too_few(images, prompts):
     return np.zeros(len(images) - 1)
+
+
+def slow(images, prompts):
+    """A reward that does not answer in time (continuation=best's timeout)."""
+    import time
+
+    time.sleep(60)
+    return np.zeros(len(images))

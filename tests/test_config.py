@@ -62,6 +62,24 @@ def test_invalid_values_name_the_field(override, field):
         load_config("tiny", [override])
 
 
+def test_reward_and_judge_specs_are_checked():
+    ok = ["reward.rewards=[drm, clip@/models/PickScore_v1=0.5, clip@/models/CLIP-ViT-L-14]",
+          "reward.judges=[callable@my.rewards:hps, callable@my.rewards:image_reward]"]
+    assert load_config("tiny", ok).reward.judges == ("callable@my.rewards:hps", "callable@my.rewards:image_reward")
+    for overrides, message in [
+        (["reward.rewards=[drm, drm=2]"], r"reward\.rewards .*names each reward at most once"),
+        (["reward.judges=[clip@/a/m, clip@/b/m]"], r"reward\.judges .*at most once"),  # both are named clip-m
+        (["reward.rewards=[oracle]"], "only with model.preset=toy"),
+        (["reward.judges=[clip]"], r"reward\.clip_path .*required when reward\.judges has clip without '@source'"),
+        (["reward.rewards=[callable]"], r"reward\.callable .*required when reward\.rewards has callable"),
+        (["reward.rewards=[]"], r"reward\.rewards .*at least one"),
+        (["reward.rewards=[pickscore]"], "unknown reward kind 'pickscore'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("tiny", overrides)
+    assert load_config("toy", ["reward.rewards=[oracle]", "reward.judges=[clip]", "reward.clip_path=/m"])
+
+
 def test_rl_rules_only_for_rl_jobs():
     assert load_config("tiny", ["sampling.k=1"]).sampling.k == 1  # plain sampling is fine with k = 1
     with pytest.raises(ConfigError, match=r"sampling\.k = 1"):

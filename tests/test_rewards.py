@@ -39,6 +39,16 @@ def test_specs_parse_kind_and_weight():
     for bad in ("drm=x", "drm=0", "drm=-1", "drm=nan"):
         with pytest.raises(ValueError, match="weight"):
             parse_spec(bad)
+    # a spec may name its own model: one run can hold two of a kind, each named after its source
+    pick = parse_spec("clip@/models/PickScore_v1/=0.3")
+    assert pick == RewardSpec("clip", 0.3, "/models/PickScore_v1/") and pick.name == "clip-PickScore_v1"
+    hps = parse_spec("callable@my_rewards.hps:HPSv3")
+    assert hps == RewardSpec("callable", 1.0, "my_rewards.hps:HPSv3") and hps.name == "callable-HPSv3"
+    assert parse_spec("drm@runs/drm b").name == "drm-drm_b"  # characters MLflow refuses in a metric name become _
+    with pytest.raises(ValueError, match="oracle reward takes no '@source'"):
+        parse_spec("oracle@x")
+    with pytest.raises(ValueError, match="nothing after '@'"):
+        parse_spec("clip@=2")
 
 
 def test_drm_reward_scores_each_latent_with_its_own_prompt(tmp_path, table):
@@ -127,8 +137,22 @@ def test_reward_set_columns_and_weighted_sum(tmp_path, clip_dir, table):
         torch.testing.assert_close(cols[:, j], alone[j])
     torch.testing.assert_close(rewards.score(latents, torch.zeros(4), index),
                                2 * alone[0] + 0.5 * alone[1] + alone[2])
-    with pytest.raises(ValueError, match="each reward kind may appear once"):
+    with pytest.raises(ValueError, match="each reward may appear once"):
         RewardSet([RewardSpec("drm"), RewardSpec("drm", 2.0)], table, preset="tiny", drm_path=str(drm_dir))
+    # two DRMs and two callables, the second of each named by its source: each column is that model alone
+    other = tmp_path / "drm_b"
+    build_drm(build_tiny(seed=0, text=False, vae=False).transformer, latent_size=8, seed=4).save_pretrained(other)
+    two = RewardSet([parse_spec(x) for x in ("drm", f"drm@{other}", "callable", "callable@reward_plugins:Counter")],
+                    table, preset="tiny", drm_path=str(drm_dir), callable_target="reward_plugins:brightness")
+    assert two.names == ["drm", "drm-drm_b", "callable", "callable-Counter"]
+    cols = two.score_all(latents, torch.zeros(4), index)
+    alone_b = RewardSet([RewardSpec("drm")], table, preset="tiny", drm_path=str(other)).score(latents, torch.zeros(4),
+                                                                                             index)
+    torch.testing.assert_close(cols[:, 0], alone[0])
+    torch.testing.assert_close(cols[:, 1], alone_b)
+    assert not torch.allclose(alone_b, alone[0])  # a different DRM, not the first one twice
+    torch.testing.assert_close(cols[:, 2], alone[2])
+    assert cols[:, 3].tolist() == [1.0] * 4  # the Counter's first call
     with pytest.raises(ValueError, match="needs reward.drm_path"):
         RewardSet([RewardSpec("drm")], table, preset="tiny")
     with pytest.raises(ValueError, match="needs reward.clip_path"):
@@ -166,6 +190,43 @@ def test_rollouts_carry_each_childs_x0_hat_for_image_rewards(table):
     assert clean.shape == lat.shape and torch.equal(clean[4], c.final[0]) and torch.equal(clean[:4],
                                                                                             c.children_x0.flatten(0, 1))
     assert scoring_requests([a, b], "step_grpo", worker.sigmas)[3] is None
+
+
+@pytest.mark.slow
+def test_continuation_best_continues_from_the_child_its_scorer_ranks_first(ray_session, table):
+    """continuation=best through a real RewardScorer actor with an image reward: each step's children are scored on
+    their x0_hat (made once and kept in the record), the trajectory continues from the child the reward ranks first,
+    and a scorer that does not answer fails the rollout within rollout.timeout_s, naming it."""
+    import ray
+
+    from drm_ray.config import SD3_LORA_TARGETS
+    from drm_ray.diffusion.sampling import denoise
+    from drm_ray.workers.rollout import RolloutWorker
+    from drm_ray.workers.scorer import RewardScorer
+
+    sampling = dict(num_steps=3, guidance_scale=4.5, noise_level=0.7, k=3, branch_steps=[0, 1], continuation="best")
+    lora = dict(rank=4, alpha=8.0, target_modules=list(SD3_LORA_TARGETS))
+    actor = ray.remote(RewardScorer).options(num_cpus=0)
+    common = dict(specs=["callable"], prompts=table, preset="tiny", resolution=64, seed=0)
+    scorer = actor.remote(**common, callable_target="reward_plugins:brightness")
+    worker = RolloutWorker("tiny", KWARGS, lora, table, sampling, scorer=scorer, x0_children=True, timeout_s=120)
+    records = worker.rollout([(0, 2, 11), (1, 0, 12)], version=-1)
+    local = RewardSet([RewardSpec("callable")], table, preset="tiny", callable_target="reward_plugins:brightness")
+    for r, prompt in zip(records, (2, 0)):
+        e, p, ne, npool = table.rows([prompt] * 3)
+        for j, step in enumerate(r.step_index.tolist()):
+            s = worker.sigmas[step + 1]
+            x0 = denoise(worker.transformer, torch.stack([s, torch.zeros(())]), e, p, ne, npool, 4.5, 0.0,
+                         r.children[j])  # one Euler step to 0 of each of the k children
+            torch.testing.assert_close(r.children_x0[j], x0, rtol=1e-5, atol=1e-5)
+            assert int(r.chosen[j]) == int(local.score(x0, torch.zeros(3), torch.tensor([prompt] * 3)).argmax())
+        assert torch.equal(r.states[1], r.children[0, int(r.chosen[0])])  # step 1 starts from step 0's pick
+    stuck = actor.remote(**common, callable_target="reward_plugins:slow")
+    late = RolloutWorker("tiny", KWARGS, lora, table, sampling, scorer=stuck, x0_children=True, timeout_s=3)
+    with pytest.raises(TimeoutError, match=r"did not answer within rollout.timeout_s=3s \(continuation=best\)"):
+        late.rollout([(0, 2, 11)], version=-1)
+    for a in (scorer, stuck):
+        ray.kill(a)
 
 
 def test_overoptimization_flag_needs_the_reward_up_and_the_judge_down_beyond_the_panel_noise(capsys):

@@ -74,11 +74,14 @@ def test_two_learner_workers_two_rewards_and_judges_on_held_out_prompts(ray_sess
     # rank 1 must not wait for work before rank 0 has opened the generation's queues (this hung before).
     # The same run optimizes the DRM and a plug-in image reward (on each child's x0_hat) and evaluates held-out
     # prompts with a CLIP judge, so one driver start-up covers them all.
+    import shutil
+
     held_out = tmp_path / "eval_prompts.txt"
     held_out.write_text("a yellow star\na purple moon\n")
+    second = shutil.copytree(tiny_clip_dir, tmp_path / "clip_b")  # a second judge of the same kind, named by source
     driver, summary = _run(tmp_path / "two", drm_dir, "learner.num_workers=2", "learner.num_cpus=0.5",
                            "rollout.timeout_s=120", "reward.rewards=[drm, callable=0.5]",
-                           "reward.callable=reward_plugins:brightness", "reward.judges=[clip]",
+                           "reward.callable=reward_plugins:brightness", f"reward.judges=[clip, clip@{second}]",
                            f"reward.clip_path={tiny_clip_dir}", f"data.eval_prompts={held_out}",
                            "grpo.eval_panel_size=3")
     assert driver.version == 1 and torch.isfinite(torch.tensor(summary["train/loss"]))
@@ -88,6 +91,7 @@ def test_two_learner_workers_two_rewards_and_judges_on_held_out_prompts(ray_sess
     assert written["compute"]["x0_forwards"] == 4 * 3 * 4  # prompts x branching steps x k
     for key in ("reward/drm/final_mean", "reward/callable/final_mean", "reward/callable/step0_mean",
                 "eval/drm_score", "eval/callable_score", "eval/reward", "eval/judge/clip", "eval/overopt/clip",
+                "eval/judge/clip-clip_b", "eval/overopt/clip-clip_b",
                 "reward/step0_final_spearman", "reward/step1_final_spearman"):
         assert key in summary, key
     # the panel is the held-out prompts, cycled; the judge's score is the stock CLIP's on the same images
@@ -100,5 +104,17 @@ def test_two_learner_workers_two_rewards_and_judges_on_held_out_prompts(ray_sess
     client = MlflowClient(f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}")
     png = client.download_artifacts(written["mlflow_run_id"], "panel/iter_000001.png", str(tmp_path))
     grid = np.asarray(Image.open(png)).astype(np.float64)  # one row of 64 px tiles
-    ref = np.mean([grid[:, 64 * i:64 * (i + 1)].mean() + len(p) for i, p in enumerate(driver.rl.eval_texts)])
+    tiles = [grid[:, 64 * i:64 * (i + 1)].astype(np.uint8) for i in range(3)]
+    ref = np.mean([t.mean() + len(p) for t, p in zip(tiles, driver.rl.eval_texts)])
     assert summary["eval/callable_score"] == pytest.approx(ref, abs=1e-3)
+    # both judges are the stock CLIPModel's logit of each panel image with its own prompt
+    from transformers import AutoProcessor, CLIPModel
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        inputs = processor(text=driver.rl.eval_texts, images=tiles, return_tensors="pt", padding=True)
+        stock = float(model(**inputs).logits_per_image.diagonal().mean())
+    assert summary["eval/judge/clip"] == pytest.approx(stock, abs=1e-3)
+    assert summary["eval/judge/clip-clip_b"] == pytest.approx(stock, abs=1e-3)
+    # the work counts reach MLflow as well as summary.json
+    assert client.get_metric_history(written["mlflow_run_id"], "compute/x0_forwards")[-1].value == 4 * 3 * 4

@@ -18,6 +18,10 @@ request never carries embeddings. Kinds (`reward_kinds()`; a spec string picks o
     functions (so it can load its model once). `images` is a uint8 numpy array [N, H, W, 3], `prompts` a list of N
     strings; the result is anything `numpy.asarray` turns into N finite floats (higher is better).
 
+Each kind but the oracle takes its model from its config field (reward.drm_path, reward.clip_path, reward.callable)
+or from the spec itself, `kind@source` (`clip@/models/PickScore_v1`), so one run can use two models of one kind;
+such a reward is named `kind-<last part of the source>` in metrics.
+
 A `RewardSet` holds several named rewards with weights. Its `score_all` returns one column per reward ([N, R]);
 how columns combine is the caller's choice (Step-GRPO / GRPO and Step-wise Sampling combine them at the advantage
 level: `drm_ray.algorithms.advantages.combine_rewards`), and `score` is the weighted sum for callers that need one
@@ -31,7 +35,7 @@ import importlib
 import numpy as np
 import torch
 
-from drm_ray.reward.specs import IMAGE_KINDS, RewardSpec
+from drm_ray.reward.specs import IMAGE_KINDS, SOURCE_FIELDS, RewardSpec
 
 def _check_request(latents: torch.Tensor, noise_levels: torch.Tensor, prompt_index: torch.Tensor, n_prompts: int):
     n = latents.shape[0]
@@ -101,7 +105,8 @@ class ImageReward:
         if bool(noisy.any()):
             raise ValueError(f"the {self.kind} reward scores clean images, but {int(noisy.sum())} of "
                              f"{latents.shape[0]} latents have noise level > 0 (max {float(noise_levels.max()):.3f}): "
-                             "score their denoised estimate x0_hat = x_s - s * v (reward.step_input=x0_hat)")
+                             "score their denoised estimate x0_hat = x_s - s * v instead (RewardSet.score_all(..., "
+                             "clean=x0_hat), as Step-GRPO and Step-wise Sampling do for image rewards)")
         texts = [self.prompts.prompts[i] for i in prompt_index.tolist()]
         scores = torch.as_tensor(np.asarray(self.score_images(self.images(latents), texts), dtype=np.float64))
         if scores.shape != (latents.shape[0],):
@@ -196,32 +201,33 @@ class RewardSet:
             raise ValueError("a reward set needs at least one reward")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
-            raise ValueError(f"each reward kind may appear once, got {names}")
+            raise ValueError(f"each reward may appear once (a second model of one kind names its own: "
+                             f"kind@source), got {names}")
         self.specs, self.prompts = list(specs), prompts
         vae = None
         if any(s.kind in IMAGE_KINDS for s in specs):
             from drm_ray.models.sd3 import load_vae
 
             vae = load_vae(preset, model_path, resolution, seed)
+        defaults = {"drm": drm_path, "clip": clip_path, "callable": callable_target}
         self.models = []
         for s in specs:
+            source = s.source or defaults.get(s.kind)
+            if s.kind != "oracle" and not source:
+                raise ValueError(f"the {s.kind} reward needs {SOURCE_FIELDS[s.kind]} or {s.kind}@source ("
+                                 + {"drm": "a directory from jobs/train_drm.py",
+                                    "clip": "a local CLIPModel directory, e.g. PickScore",
+                                    "callable": "'package.module:function'"}[s.kind] + ")")
             if s.kind == "drm":
-                if not drm_path:
-                    raise ValueError("the drm reward needs reward.drm_path (a directory from jobs/train_drm.py)")
-                self.models.append(DRMReward(drm_path, prompts, dtype=dtype, max_batch=max_batch))
+                self.models.append(DRMReward(source, prompts, dtype=dtype, max_batch=max_batch))
             elif s.kind == "oracle":
                 if preset != "toy":
                     raise ValueError(f"the oracle reward grades toy-world images; model.preset is {preset!r}")
                 self.models.append(OracleReward(prompts, vae))
             elif s.kind == "clip":
-                if not clip_path:
-                    raise ValueError("the clip reward needs reward.clip_path (a local CLIPModel directory, e.g. "
-                                     "PickScore)")
-                self.models.append(CLIPReward(clip_path, prompts, vae))
+                self.models.append(CLIPReward(source, prompts, vae))
             else:
-                if not callable_target:
-                    raise ValueError("the callable reward needs reward.callable='package.module:function'")
-                self.models.append(CallableReward(callable_target, prompts, vae))
+                self.models.append(CallableReward(source, prompts, vae))
 
     @property
     def names(self) -> list[str]:
@@ -252,5 +258,5 @@ class RewardSet:
         """True when some reward scores images: noisy latents need their x0_hat."""
         return any(s.kind in IMAGE_KINDS for s in self.specs)
 
-    def drm(self) -> DRMReward | None:
-        return next((m for m in self.models if m.kind == "drm"), None)
+    def drms(self) -> list[DRMReward]:
+        return [m for m in self.models if m.kind == "drm"]

@@ -134,15 +134,20 @@ class RolloutWorker:
         return denoised_estimate(self.transformer, children, sigma, embeds, pooled, neg, neg_pooled,
                                  self.s["guidance_scale"])
 
-    def _best_scorer(self, prompt_index: list[int], conds):
+    def _best_scorer(self, prompt_index: list[int], conds, x0_steps: list):
         """continuation=best: the RewardScorer actor scores a step's children (by prompt index; with their x0_hat
-        when image rewards are among the rewards), waiting at most timeout_s."""
+        when image rewards are among the rewards, kept in `x0_steps` for the rollout record), waiting at most
+        timeout_s."""
         import ray
 
         index = torch.tensor(prompt_index, dtype=torch.long)
 
         def score(children, levels, rows):
-            clean = self._x0(children, float(levels[0]), rows, conds).cpu() if self.x0_children else None
+            clean = None
+            if self.x0_children:
+                clean = self._x0(children, float(levels[0]), rows, conds)
+                x0_steps.append(clean)  # [B * k, ...] in the order the record stacks them: not computed again
+                clean = clean.cpu()
             ref = self.scorer.score.remote(children.cpu(), levels, index[rows], clean)
             try:
                 return ray.get(ref, timeout=self.timeout_s)
@@ -167,17 +172,20 @@ class RolloutWorker:
         else:
             x1 = initial_latents(len(idx), self.transformer.config.in_channels, self.latent_size, gens, self.device)
         continuation = s["continuation"] if self.algo == "step_grpo" else "random"
+        x0_steps: list[torch.Tensor] = []  # continuation=best: each branching step's x0_hat, as its scorer made it
         out = branching_rollout(
             self.transformer, self.sigmas, x1, *conds, s["guidance_scale"],
             s["noise_level"], k if self.algo == "step_grpo" else 1, tuple(s["branch_steps"]), gens, continuation,
-            self._best_scorer(idx, conds) if continuation == "best" else None)
+            self._best_scorer(idx, conds, x0_steps) if continuation == "best" else None)
         steps = torch.tensor(out.steps, dtype=torch.long)
         x0 = None
         if self.x0_children and self.algo == "step_grpo":  # [B, S, k, C, h, w]: what image rewards score
             b, n_steps, m = out.children.shape[:3]
             rows = torch.arange(b).repeat_interleave(m)
-            x0 = torch.stack([self._x0(out.children[:, j].flatten(0, 1), float(self.sigmas[i + 1]), rows, conds)
-                              .view(b, m, *out.children.shape[3:]) for j, i in enumerate(out.steps)], dim=1)
+            if len(x0_steps) != n_steps:  # one policy forward per child, here or in the best-child scorer
+                x0_steps = [self._x0(out.children[:, j].flatten(0, 1), float(self.sigmas[i + 1]), rows, conds)
+                            for j, i in enumerate(out.steps)]
+            x0 = torch.stack([c.view(b, m, *out.children.shape[3:]) for c in x0_steps], dim=1)
         results = []
         for g, (gid, pidx, seed) in enumerate(groups):
             sl = slice(g * per_group, (g + 1) * per_group)  # this group's trajectories

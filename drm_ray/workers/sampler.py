@@ -38,7 +38,7 @@ class SampleBatch:
     chosen: np.ndarray               # [B, steps - 1] int64
     final_score: np.ndarray | None   # [B] the (weighted) reward of the final latents at s = 0; None without a scorer
     seconds: float                   # wall time of the batch: sample, decode, final score
-    judges: dict | None = None       # {kind: [B]} judge scores of the final latents
+    judges: dict | None = None       # {name: [B]} judge scores of the final latents
     x0_forwards: int = 0             # policy forwards (CFG pairs) spent on x0_hat for image rewards
 
 

@@ -54,9 +54,8 @@ class RewardScorer:
         return self.rewards.needs_clean
 
     def check_compatible(self, transformer_config: dict, latent_size: int) -> None:
-        """Raise if the DRM (when there is one) cannot score this policy's latents and prompt embeddings."""
-        drm = self.rewards.drm()
-        if drm is not None:
+        """Raise if a DRM of this scorer's cannot score this policy's latents and prompt embeddings."""
+        for drm in self.rewards.drms():
             drm.drm.check_compatible(transformer_config, latent_size)
 
     def score_all(self, latents: torch.Tensor, noise_levels: torch.Tensor, prompt_index: torch.Tensor,
