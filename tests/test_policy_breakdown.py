@@ -224,3 +224,27 @@ def test_drm_verdicts_judge_differences_by_the_paired_standard_error(tmp_path):
     assert drm["verdict"]["init"].startswith("DID NOT HOLD") and "independent accuracies = 0.141" in \
         drm["verdict"]["init"]
     assert drm["verdict"]["bar"].startswith("NOT MET")
+
+
+def test_stepwise_verdict_prices_the_gain_in_whole_images(tmp_path):
+    """Step-wise Sampling at k=2 gains +0.020 (3.3 s.e.) at 8 policy forwards per image; best-of-k gains +0.010 at
+    k=2 and +0.030 at k=4: the first best-of-k to match is k=4, 32 forwards, 4.0x. Without k=4 none matches."""
+    import json
+
+    from bench.reproduce_report import stepwise_section
+
+    def row(k, gain, forwards, drm):
+        return {"k": k, "oracle": 0.8 + gain, "oracle_sem": 0.01, "oracle_gain": gain, "oracle_gain_sem": 0.006,
+                "oracle_correct": 0.5, "score": 0.0, "rms": 0.1, "dssim": 0.5, "t": 0.01,
+                "policy_forwards": forwards, "drm_forwards": drm}
+
+    best_of = [row(1, 0.0, 8, 1), row(2, 0.01, 16, 2), row(4, 0.03, 32, 4)]
+    data = {"drm": "a DRM", "images": 10, "rows": [row(1, 0.0, 8, 1), row(2, 0.02, 8, 15)], "best_of": best_of}
+    (tmp_path / "stepwise.json").write_text(json.dumps(data))
+    verdict = stepwise_section(tmp_path, {})[1]["verdict"]
+    assert verdict.startswith("HELD: at k=2 the oracle grade changes by +0.0200 +- 0.0060")
+    assert "first matches step-wise k=2's gain at k=4, 32 policy forwards per image, 4.0x" in verdict
+    assert "(DRM forwards per image: 15 vs 4)" in verdict
+    (tmp_path / "stepwise.json").write_text(json.dumps({**data, "best_of": best_of[:2]}))
+    assert "no best-of-k up to k=2 (16 policy forwards per image) matches" in \
+        stepwise_section(tmp_path, {})[1]["verdict"]
