@@ -254,11 +254,14 @@ def test_stepwise_sampler_selects_by_a_drm_and_an_image_reward_on_x0_hat(tmp_pat
     conds = table.rows(prompts)
     drm, plugin = scorer.rewards.models
 
+    sums = []  # each step's DRM + 0.5 x plug-in of every child: the record keeps the chosen child's
+
     def by_hand(children, levels, rows):
         e, p, ne, npool = (c[rows] for c in conds)
         x0 = denoise(transformer, torch.stack([levels[0], torch.zeros(())]), e, p, ne, npool, 4.5, 0.0, children)
         cols = torch.stack([drm.score(children, levels, pidx[rows]),
                             plugin.score(x0, torch.zeros(len(rows)), pidx[rows])], dim=1)
+        sums.append((cols[:, 0] + 0.5 * cols[:, 1]).view(2, 3))
         return combine_rewards(cols.view(2, 3, 2), [1.0, 0.5], clip=float("inf"))[0].flatten()
 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -266,7 +269,10 @@ def test_stepwise_sampler_selects_by_a_drm_and_an_image_reward_on_x0_hat(tmp_pat
     ref = stepwise_sample(transformer, sampler.sigmas, conds[0], conds[1], x1, k=3, noise_level=0.7, generator=gens,
                           scorer=by_hand, neg_embeds=conds[2], neg_pooled=conds[3], guidance_scale=4.5)
     assert np.array_equal(got.chosen, ref.chosen.numpy())
-    torch.testing.assert_close(torch.from_numpy(got.step_scores), ref.scores, rtol=1e-4, atol=1e-4)
+    chosen_sums = torch.stack([sums[j][torch.arange(2), ref.chosen[:, j]] for j in range(2)], dim=1)
+    torch.testing.assert_close(torch.from_numpy(got.step_scores), chosen_sums, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(got.spread), torch.stack([s.amax(1) - s.amin(1) for s in sums], 1),
+                               rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         expected = (decode_latents(sampler.comps.vae, ref.latents).permute(0, 2, 3, 1).numpy() * 255).round()
     assert np.abs(got.images.astype(float) - expected).max() <= 1

@@ -32,8 +32,9 @@ from drm_ray.models.sd3 import build_components, latent_size
 class SampleBatch:
     index: list[int]                 # positions of the items in the caller's plan
     images: np.ndarray               # [B, H, W, 3] uint8
-    step_scores: np.ndarray          # [B, steps - 1] score of the selected child per branching step (NaN: k = 1)
-    spread: np.ndarray               # [B, steps - 1] max - min of the k scores
+    step_scores: np.ndarray          # [B, steps - 1] score of the selected child per branching step (NaN: k = 1);
+                                     # with several rewards their weighted sum, on the scale of final_score
+    spread: np.ndarray               # [B, steps - 1] max - min of the k scores (as step_scores)
     score_std: np.ndarray            # [B, steps - 1]
     chosen: np.ndarray               # [B, steps - 1] int64
     final_score: np.ndarray | None   # [B] the (weighted) reward of the final latents at s = 0; None without a scorer
@@ -109,6 +110,7 @@ class StepwiseSampler:
         x1 = initial_latents(b, self.comps.transformer.config.in_channels, self.latent_size, gens, device)
         pidx = torch.tensor(prompt_index, dtype=torch.long)
         x0_forwards = [0]
+        weighted: list[torch.Tensor] = []  # several rewards: each step's weighted sums [B, k], what final_score is
 
         def select(children, levels, rows):  # the k children of every prompt at one step
             clean = None
@@ -120,13 +122,20 @@ class StepwiseSampler:
             cols = self.scorer.score_all(children, levels, pidx[rows], clean)  # [B * k, R]
             if cols.shape[1] == 1:
                 return cols[:, 0]
-            # several rewards: the weighted mean of each reward standardized over the k children (as RL combines)
+            # several rewards select by the weighted mean of each reward standardized over the k children (as RL
+            # combines them); the step's record keeps the weighted sum, comparable across prompts and with the final
+            weighted.append((cols.float() @ torch.tensor(self.weights)).view(b, self.k))
             return combine_rewards(cols.view(b, self.k, -1), self.weights, clip=float("inf"))[0].flatten()
 
         res = stepwise_sample(self.comps.transformer, self.sigmas, conds[0], conds[1], x1, k=self.k,
                               noise_level=self.noise_level, generator=gens,
                               scorer=select if self.scorer is not None else None, neg_embeds=conds[2],
                               neg_pooled=conds[3], guidance_scale=self.guidance_scale)
+        scores, spread, score_std = res.scores, res.spread, res.score_std
+        if weighted:
+            steps = torch.stack(weighted, dim=1)  # [B, steps - 1, k]
+            scores = steps.gather(2, res.chosen.unsqueeze(-1)).squeeze(-1)
+            spread, score_std = steps.amax(-1) - steps.amin(-1), steps.std(-1, correction=0)
         zeros = torch.zeros(b)
         final = None
         if self.scorer is not None:
@@ -137,7 +146,7 @@ class StepwiseSampler:
             judges = {name: cols[:, j].float().numpy() for j, name in enumerate(self.judge_names)}
         images = decode_latents(self.comps.vae, res.latents)                  # [B, 3, H, W] in [0, 1]
         images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # as to_pil does
-        return SampleBatch(index=list(index), images=images, step_scores=res.scores.numpy(),
-                           spread=res.spread.numpy(), score_std=res.score_std.numpy(), chosen=res.chosen.numpy(),
+        return SampleBatch(index=list(index), images=images, step_scores=scores.numpy(),
+                           spread=spread.numpy(), score_std=score_std.numpy(), chosen=res.chosen.numpy(),
                            final_score=final, seconds=time.perf_counter() - start, judges=judges,
                            x0_forwards=x0_forwards[0])
