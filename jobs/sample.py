@@ -23,8 +23,9 @@ so images do not depend on batching or on the number of workers.
 Writes into --out (default `<run.output_dir>/samples`): PNGs `<prompt>_<replica>.png` and `metadata.parquet`
 (prompt, seed, k, file, step_scores = the selected child's score per branching step (with several rewards their
 weighted sum, though they select by each standardized over the k children), score_spread, final_score = the selecting
-reward of the final image at s = 0, judge_<name> per judge, diversity_group = prompt index, ...). With --seeds-per-prompt S >= 2 it reports the diversity across seeds (drm_ray.diversity: mean pairwise
-RMS pixel distance and 1 - SSIM). An MLflow run (sqlite `<run.output_dir>/mlflow.db` unless tracking.tracking_uri
+reward of the final image at s = 0, judge_<name> per judge, diversity_group = prompt index, ...). With
+--seeds-per-prompt S >= 2 it reports the diversity across seeds (drm_ray.diversity: mean pairwise RMS pixel distance
+and 1 - SSIM). An MLflow run (sqlite `<run.output_dir>/mlflow.db` unless tracking.tracking_uri
 says otherwise) gets the parameters, an image grid and the scores, judges (sample/judge/<name>), per step the rank
 correlation of the selected child's score with the final score and each judge, diversity and timings as metrics.
 """
