@@ -35,7 +35,9 @@ Stages, each a subprocess of a job (so the chain is exactly what a user runs), o
 6. stepwise   bench/stepwise_cost.py: Step-wise Sampling with the DRM for several k on every caption x several seeds,
               graded by the oracle (the DRM selects, the oracle judges), with diversity across seeds.
 7. report     tables and plots -> REPRODUCTION.md, everything logged to one MLflow run ("reproduce") in
-              <out>/mlflow.db beside the jobs' own runs.
+              <out>/mlflow.db beside the jobs' own runs. When some stages' outputs were replaced by hand (new pairs
+              and DRMs from another work directory, the runs that use the DRM re-run, the rest kept), say so in
+              <out>/PROVENANCE.md: the report prints it under its first line.
 """
 
 from __future__ import annotations

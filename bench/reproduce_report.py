@@ -651,6 +651,7 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
           f"Written by `python bench/reproduce.py{' --quick' if quick else ''}` at commit {commit or 'unknown'} on "
           f"{platform.machine()} with {_cpus()} CPU cores, no GPU. Every number below was measured by that run; "
           "the verdicts are computed from them with the stated criteria.", "",
+          *([(out / "PROVENANCE.md").read_text().strip(), ""] if (out / "PROVENANCE.md").is_file() else []),
           "## The toy world", "",
           "Procedural 32x32 scenes (drm_ray/toy/world.py): one shape at a named position (\"a red circle on the "
           "left\") or two shapes of one kind (\"two blue squares\"); 5 colours x 3 shapes x (5 positions + a count) "

@@ -248,3 +248,15 @@ def test_stepwise_verdict_prices_the_gain_in_whole_images(tmp_path):
     (tmp_path / "stepwise.json").write_text(json.dumps({**data, "best_of": best_of[:2]}))
     assert "no best-of-k up to k=2 (16 policy forwards per image) matches" in \
         stepwise_section(tmp_path, {})[1]["verdict"]
+
+
+def test_report_prints_the_work_directorys_provenance_under_its_first_line(tmp_path):
+    from bench.reproduce import QUICK
+    from bench.reproduce_report import write_report
+
+    (tmp_path / "PROVENANCE.md").write_text("The DRM runs were re-made with new pairs; the oracle runs were kept.\n")
+    write_report(tmp_path, QUICK, {}, tmp_path / "docs" / "REPRODUCTION.md")
+    lines = (tmp_path / "docs" / "REPRODUCTION.md").read_text().splitlines()
+    assert lines[2].startswith("Written by") and lines[4] == ("The DRM runs were re-made with new pairs; the oracle "
+                                                              "runs were kept.")
+    assert "DRM stage not run." in lines
