@@ -307,9 +307,9 @@ class StepGRPODriver(DriverReport):
         and printed: the reward model's errors are being optimized."""
         stats, images = self.rl.eval_panel()  # {name: (mean, standard error over the panel)}
         metrics = {f"eval/{name}_score": mean for name, (mean, _) in stats.items() if not name.startswith("judge/")}
-        for kind, (mean, sem) in stats.items():
-            if kind.startswith("judge/"):
-                metrics.update({f"eval/{kind}": mean, f"eval/{kind}_sem": sem})
+        for name, (mean, sem) in stats.items():
+            if name.startswith("judge/"):
+                metrics.update({f"eval/{name}": mean, f"eval/{name}_sem": sem})
         weights = {r.name: r.weight / sum(r.weight for r in self.rl.rewards) for r in self.rl.rewards}
         metrics["eval/reward"] = sum(w * stats[k][0] for k, w in weights.items())
         metrics["eval/reward_sem"] = sum((w * stats[k][1]) ** 2 for k, w in weights.items()) ** 0.5
