@@ -12,10 +12,17 @@ import drm_ray.tracking as tracking
 from drm_ray.tracking import Tracker, prepare_sqlite_store
 
 
+def _clauses(sql):
+    """A CREATE statement's clauses, in no order: MLflow's own migrations emit a table's CHECK constraints in an
+    order that differs between two creations (seen: the runs table, one CI run in several), which SQLite ignores."""
+    return None if sql is None else sorted(line.strip().rstrip(",").strip() for line in sql.split("\n"))
+
+
 def _dump(path):
     """Schema, migration version and experiments of a sqlite store (run ids and times aside)."""
     with closing(sqlite3.connect(path)) as db:
-        schema = {name: (kind, sql) for kind, name, sql in db.execute("SELECT type, name, sql FROM sqlite_master")}
+        schema = {name: (kind, _clauses(sql))
+                  for kind, name, sql in db.execute("SELECT type, name, sql FROM sqlite_master")}
         version = db.execute("SELECT version_num FROM alembic_version").fetchall()
         experiments = db.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments "
                                  "ORDER BY experiment_id").fetchall()
