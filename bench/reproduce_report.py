@@ -370,30 +370,33 @@ def algo_curves(out: Path, p: dict, algo: str, reward: str) -> dict | None:
                        "eval/drm_score" if reward == "drm" else "eval/judge/drm")
 
 
-def panel_extra_objects(out: Path, run: Path, size: int = 32) -> tuple[float, float] | None:
-    """The share of the first and of the last evaluation panel's images that show an extra object
-    (drm_ray.toy.oracle.has_extra_object), read back from the panel PNGs the run logged to MLflow. The toy panel is
-    every caption in order, cycling; None when the run has no panels or the recomputed oracle grade of a panel is
-    not the logged one (then the captions are not the ones assumed)."""
+def _panels(out: Path, run: Path, which: str = "ends", size: int = 32) -> list[tuple[dict, np.ndarray, list]] | None:
+    """The evaluation panels a run logged to MLflow, read back from their PNGs: [(eval history row, tiles
+    [N, H, W, 3] in [0, 1], captions)] for the first and last evaluation (`which="ends"`) or every one ("all").
+    The toy panel is every caption in order, cycling; None when the run has no panels, or the recomputed oracle
+    grade of a panel is not the logged one (then the captions are not the ones assumed)."""
     import tempfile
 
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from drm_ray.rl_setup import grid_tiles
-    from drm_ray.toy.oracle import has_extra_object, oracle_scores
+    from drm_ray.toy.oracle import oracle_scores
     from drm_ray.toy.world import caption_texts
 
     summary = _load(run / "summary.json")
-    if not summary or not summary.get("eval"):
+    if not summary or not summary.get("eval") or not (out / "mlflow.db").is_file():
         return None
-    client, texts, out_rates = MlflowClient(f"sqlite:///{out / 'mlflow.db'}"), caption_texts(), []
-    params = client.get_run(summary["mlflow_run_id"]).data.params
+    client, texts, panels = MlflowClient(f"sqlite:///{out / 'mlflow.db'}"), caption_texts(), []
+    try:
+        params = client.get_run(summary["mlflow_run_id"]).data.params
+    except Exception:  # noqa: BLE001 - not a run of this store: nothing to read back
+        return None
     if params.get("data.eval_prompts", "None") != "None":  # a panel of other prompts than the captions in order
         return None
     n = int(params["grpo.eval_panel_size"])
     caps = [texts[j % len(texts)] for j in range(n)]
-    for ev in (summary["eval"][0], summary["eval"][-1]):
+    for ev in (summary["eval"][0], summary["eval"][-1]) if which == "ends" else summary["eval"]:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 png = client.download_artifacts(summary["mlflow_run_id"], f"panel/iter_{ev['iteration']:06d}.png", tmp)
@@ -403,8 +406,64 @@ def panel_extra_objects(out: Path, run: Path, size: int = 32) -> tuple[float, fl
         tiles = grid_tiles(grid, n, size)
         if abs(float(oracle_scores(tiles, caps).score.mean()) - ev["eval/oracle_score"]) > 0.01:
             return None
-        out_rates.append(float(has_extra_object(tiles, caps).mean()))
-    return out_rates[0], out_rates[1]
+        panels.append((ev, tiles, caps))
+    return panels
+
+
+def panel_extra_objects(out: Path, run: Path, size: int = 32) -> tuple[float, float] | None:
+    """The share of the first and of the last evaluation panel's images that show an extra object
+    (drm_ray.toy.oracle.has_extra_object), read back from the panel PNGs the run logged to MLflow; None as
+    `_panels`."""
+    from drm_ray.toy.oracle import has_extra_object
+
+    panels = _panels(out, run, "ends", size)
+    if panels is None:
+        return None
+    return tuple(float(has_extra_object(tiles, caps).mean()) for _, tiles, caps in panels)
+
+
+def panel_overoptimization(out: Path, run: Path) -> list[tuple[int, float, float]] | None:
+    """The evaluations at which the driver's over-optimization flag holds with the oracle as the judge, recomputed
+    from the logged panels: [(iteration, the oracle's mean change image by image since the first panel, its
+    standard error)] where the optimized reward's panel mean rose by more than 2 standard errors of the first
+    panel (runs before per-image panels were kept log only means: unpaired, conservative) and the oracle fell by
+    more than 2 standard errors of its paired change. None as `_panels`."""
+    from drm_ray.toy.oracle import oracle_scores
+
+    panels = _panels(out, run, "all")
+    if panels is None:
+        return None
+    first_ev, first_tiles, caps = panels[0]
+    base = oracle_scores(first_tiles, caps).score
+    flagged = []
+    for ev, tiles, _ in panels[1:]:
+        d = oracle_scores(tiles, caps).score - base
+        change, se = float(d.mean()), float(d.std(ddof=1) / len(d) ** 0.5)
+        rose = ev["eval/reward"] - first_ev["eval/reward"] > 2 * first_ev["eval/reward_sem"]
+        if rose and change < -2 * se:
+            flagged.append((ev["iteration"], change, se))
+    return flagged
+
+
+def overoptimization_text(out: Path, p: dict, reward: str, metrics: dict) -> str:
+    """Where the driver's over-optimization flag, with the oracle as the judge, held in the rl stage's runs that
+    optimize a learned reward (`panel_overoptimization`); empty for the oracle's own runs."""
+    if reward == "oracle":
+        return ""
+    parts = []
+    for algo, label in (("grpo", "GRPO"), ("step_grpo", "Step-GRPO")):
+        found = {seed: panel_overoptimization(out, rl_run(out, algo, reward, seed)) for seed in range(p["rl_seeds"])}
+        found = {seed: f for seed, f in found.items() if f is not None}
+        if not found:
+            return ""
+        hits = [f"seed {seed} at iteration(s) " + ", ".join(f"{it} (oracle {d:+.4f} +- {se:.4f})" for it, d, se in f)
+                for seed, f in found.items() if f]
+        metrics[f"rl/{algo}_overopt_seeds"] = float(sum(bool(f) for f in found.values()))
+        parts.append(f"{label} {'; '.join(hits) if hits else 'never'} (of {len(found)} seed(s))")
+    return ("\nThe driver's over-optimization flag with the oracle as the judge (the panel's optimized reward up by "
+            "more than 2 s.e. of the first panel, and the oracle down image by image by more than 2 s.e. of its "
+            "paired change, against the first panel; recomputed from the panels logged to MLflow): "
+            + "; ".join(parts) + ".\n")
 
 
 REWARD_NAMES = {"drm": "the DRM", "oracle": "the oracle (Step-GRPO: on each child's x0_hat)"}
@@ -503,7 +562,7 @@ def rl_section(out: Path, p: dict, metrics: dict, reward: str = "drm") -> tuple[
             f"cumulative transformer forwards (CFG pair = 1) spent sampling rollouts, equal for both algorithms at "
             f"every iteration. {cost}\n\n" + _table(header, rows)
             + f"\n\nOracle gain over the run: GRPO {clear['grpo']}; Step-GRPO {clear['step_grpo']}.\n"
-            + (f"\n{extra_text}" if extra_text else ""))
+            + (f"\n{extra_text}" if extra_text else "") + overoptimization_text(out, p, reward, metrics))
     return text, {"curves": curves, "verdict": verdict, "target": target, "drm_verdict": drm_verdict,
                   "clear": clear, "extra": extra}
 

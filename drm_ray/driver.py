@@ -35,7 +35,7 @@ from drm_ray.algorithms.rl_batch import learner_batch, num_scored, reward_stats,
 from drm_ray.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, staging_dir
 from drm_ray.data.prompts import PromptSampler, load_prompts
 from drm_ray.diffusion.sampling import to_pil
-from drm_ray.driver_report import DriverReport
+from drm_ray.driver_report import DriverReport, standard_error
 from drm_ray.dispatch import Pool, call_when_back, driver_get, run_pools, take_bytes_in
 from drm_ray.models.lora import lora_checksum
 from drm_ray.runtime import init_ray
@@ -75,6 +75,8 @@ class StepGRPODriver(DriverReport):
         # rollouts, DRM forwards while scoring them.
         self.compute = self.state.get("compute", {"policy_forwards": 0, "drm_forwards": 0})
         self.eval_history = self.state.get("eval_history", [])
+        # each image's weighted reward and judge scores on the first panel: over-optimization is judged against it
+        self.first_panel = self.state.get("first_panel")
         self.max_failures = max(1, cfg.rollout.max_restarts * (cfg.rollout.num_workers + cfg.rollout.num_scorers))
         self.console = None  # the progress bar (console.Progress), made when the first iteration is reported
         self.rewards_seen: list[float] = []  # training-batch reward per iteration of this process (summary)
@@ -294,7 +296,8 @@ class StepGRPODriver(DriverReport):
     def checkpoint(self, staging: Path) -> None:
         state = {"iteration": self.iteration, "version": self.version, "sampler": self.sampler.state(),
                  "torch_rng": torch.get_rng_state().tolist(), "mlflow_run_id": self.tracker.run_id,
-                 "algo": self.cfg.grpo.algo, "compute": self.compute, "eval_history": self.eval_history}
+                 "algo": self.cfg.grpo.algo, "compute": self.compute, "eval_history": self.eval_history,
+                 "first_panel": self.first_panel}
         lora = ray.get(self.lora_ref, timeout=self.cfg.rollout.timeout_s)  # every driver wait is bounded
         path = commit_checkpoint(self.out, self.iteration, staging, state, lora, self.rl.lora_cfg)
         self.say(f"[step_grpo] checkpoint {path}")
@@ -303,23 +306,25 @@ class StepGRPODriver(DriverReport):
         """ODE samples of the fixed evaluation prompts (held out when data.eval_prompts is set) and seeds: the mean
         of each optimized reward (eval/drm_score for the DRM, eval/<name>_score for the others) and of each judge
         (eval/judge/<name>), an image grid, and on the toy preset the hidden oracle's grade of the same images. A
-        judge that fell since the first panel while the optimized reward rose is flagged (eval/overopt/<name> = 1)
-        and printed: the reward model's errors are being optimized."""
-        stats, images = self.rl.eval_panel()  # {name: (mean, standard error over the panel)}
-        metrics = {f"eval/{name}_score": mean for name, (mean, _) in stats.items() if not name.startswith("judge/")}
-        for name, (mean, sem) in stats.items():
+        judge (or the toy oracle) that fell since the first panel while the optimized reward rose, image by image,
+        is flagged (eval/overopt/<name> = 1) and printed: the reward model's errors are being optimized."""
+        columns, images = self.rl.eval_panel()  # {name: each panel image's score}
+        metrics = {f"eval/{name}_score": float(c.mean()) for name, c in columns.items() if not name.startswith("judge/")}
+        for name, c in columns.items():
             if name.startswith("judge/"):
-                metrics.update({f"eval/{name}": mean, f"eval/{name}_sem": sem})
+                metrics.update({f"eval/{name}": float(c.mean()), f"eval/{name}_sem": standard_error(c)})
         weights = {r.name: r.weight / sum(r.weight for r in self.rl.rewards) for r in self.rl.rewards}
-        metrics["eval/reward"] = sum(w * stats[k][0] for k, w in weights.items())
-        metrics["eval/reward_sem"] = sum((w * stats[k][1]) ** 2 for k, w in weights.items()) ** 0.5
+        reward = sum(w * columns[k] for k, w in weights.items())  # each image's weighted reward
+        metrics.update({"eval/reward": float(reward.mean()), "eval/reward_sem": standard_error(reward)})
+        panel = {"reward": reward, **{k.removeprefix("judge/"): c for k, c in columns.items() if k.startswith("judge/")}}
         if self.cfg.model.preset == "toy":
             from drm_ray.toy.oracle import oracle_scores
 
             graded = oracle_scores(images, self.rl.eval_texts)
             metrics.update({"eval/oracle_score": float(graded.score.mean()),
                             "eval/oracle_correct": float(graded.correct.mean())})
-        metrics.update(self.overoptimization(metrics))
+            panel.setdefault("oracle", torch.as_tensor(graded.score, dtype=torch.float32))
+        metrics.update(self.overoptimization({k: v.tolist() for k, v in panel.items()}))
         self.tracker.log_metrics(metrics, step)
         self.tracker.log_image(image_grid(to_pil(images)), f"panel/iter_{step:06d}.png")
         self.eval_history.append({"iteration": step, **self.compute, **metrics})

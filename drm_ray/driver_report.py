@@ -2,7 +2,8 @@
 (one line per iteration off a terminal), message lines that the bar does not overwrite, and the end-of-job summary.
 
 A mixin of `StepGRPODriver` (drm_ray/driver.py): it reads the driver's config, iteration, evaluation history and
-rewards seen, and writes nothing but the console.
+rewards seen, and writes nothing but the console and the first evaluation panel (`first_panel`, the reference
+of the over-optimization flag).
 """
 
 from __future__ import annotations
@@ -10,32 +11,53 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from drm_ray.console import Progress
 
 
+def standard_error(x) -> float:
+    """The standard error of the mean of `x` (0 for fewer than two values)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    return float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0
+
+
+def _paired_change(before, after) -> tuple[float, float] | None:
+    """The mean image-by-image change from `before` to `after` and its standard error; None unless both have the
+    same two or more images."""
+    if before is None or len(before) != len(after) or len(after) < 2:
+        return None
+    d = torch.as_tensor(after, dtype=torch.float64) - torch.as_tensor(before, dtype=torch.float64)
+    return float(d.mean()), standard_error(d)
+
+
 class DriverReport:
-    def overoptimization(self, metrics: dict) -> dict:
+    def overoptimization(self, panel: dict[str, list[float]]) -> dict:
         """eval/overopt/<judge> = 1 when, since the first panel, the optimized reward rose and the judge fell, each
-        by more than twice the first panel's standard error (the panel is the same prompts and seeds every time,
-        so this is conservative: a paired comparison would be tighter)."""
-        if not self.eval_history:
-            return {}
-        first = self.eval_history[0]
-        if "eval/reward_sem" not in first:  # a checkpoint from before judges existed
-            return {}
-        rose = metrics["eval/reward"] - first["eval/reward"] > 2 * first["eval/reward_sem"]
+        by more than twice the standard error of its image-by-image change: the panel is the same prompts and seeds
+        every time, so the comparison is paired, which sees a fall that the spread across prompts would hide.
+        `panel` holds each image's weighted reward ("reward") and each judge's score (by name); the first panel
+        is the reference, kept in checkpoints."""
+        if self.first_panel is None:
+            if self.eval_history:  # a checkpoint of an older drm-ray, which kept means only
+                self.say(f"[{self.cfg.grpo.algo}] the checkpoint has no per-image evaluation panel: over-optimization "
+                         f"is judged against the panel of iteration {self.iteration}")
+            self.first_panel = panel
+        first = self.first_panel
+        reward = _paired_change(first.get("reward"), panel["reward"])
         flags = {}
-        for key in [k for k in metrics if k.startswith("eval/judge/") and not k.endswith("_sem")]:
-            if key not in first:
+        for judge in [k for k in panel if k != "reward"]:
+            change = _paired_change(first.get(judge), panel[judge])
+            if change is None:
                 continue
-            judge = key.removeprefix("eval/judge/")
-            fell = first[key] - metrics[key] > 2 * first[f"{key}_sem"]
+            rose = reward is not None and reward[0] > 2 * reward[1]
+            fell = change[0] < -2 * change[1]
             flags[f"eval/overopt/{judge}"] = float(rose and fell)
             if rose and fell:
-                self.say(f"[{self.cfg.grpo.algo}] WARNING: the optimized reward rose ({first['eval/reward']:+.4f} "
-                         f"-> {metrics['eval/reward']:+.4f}) while judge {judge} fell ({first[key]:+.4f} -> "
-                         f"{metrics[key]:+.4f}), each by more than 2 standard errors of the panel: the reward's "
-                         "errors are being optimized; look at the images")
+                self.say(f"[{self.cfg.grpo.algo}] WARNING: the optimized reward rose ({reward[0]:+.4f} +- "
+                         f"{reward[1]:.4f} per image since the first panel) while judge {judge} fell "
+                         f"({change[0]:+.4f} +- {change[1]:.4f}), each by more than 2 standard errors of the change "
+                         "on the same prompts and seeds: the reward's errors are being optimized; look at the images")
         return flags
 
     def say(self, line: str) -> None:

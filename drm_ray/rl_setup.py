@@ -111,22 +111,21 @@ class RLSetup:
     def judge_actors(self) -> list:
         return [self.judge] if self.judge is not None else []
 
-    def eval_panel(self) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
-        """ODE samples of the evaluation panel: ({reward or judge name: (mean score, its standard error over the
-        panel)}, the images [N, 3, H, W] in [0, 1]). The optimized rewards are keyed by their name (the kind, or
-        kind-<source> for a spec with its own model), the judges by `judge/<name>`."""
+    def eval_panel(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """ODE samples of the evaluation panel: ({reward or judge name: each image's score [N]}, the images
+        [N, 3, H, W] in [0, 1]), in the panel's fixed order (the same prompts and seeds every time, so two panels
+        compare image by image). The optimized rewards are keyed by their name (the kind, or kind-<source> for a
+        spec with its own model), the judges by `judge/<name>`."""
         ro = self.cfg.rollout
         latents = ray.get(self.workers[0].sample_panel.remote(self.eval_prompts, self.eval_seeds,
                                                               self.cfg.sampling.eval_num_steps), timeout=ro.timeout_s)
         args = (latents, torch.zeros(len(latents)), torch.tensor(self.eval_prompts))
         refs = [self.scorers[0].score_all.remote(*args)] + [j.score_all.remote(*args) for j in self.judge_actors()]
         scores = ray.get(refs, timeout=ro.timeout_s)
-        columns = {r.name: scores[0][:, i] for i, r in enumerate(self.rewards)}
+        columns = {r.name: scores[0][:, i].float() for i, r in enumerate(self.rewards)}
         if self.judge is not None:
-            columns.update({f"judge/{name}": scores[1][:, i] for i, name in enumerate(self.judges)})
-        stats = {name: (float(c.mean()), float(c.std() / len(c) ** 0.5) if len(c) > 1 else 0.0)
-                 for name, c in columns.items()}
-        return stats, decode_latents(self.vae, latents)
+            columns.update({f"judge/{name}": scores[1][:, i].float() for i, name in enumerate(self.judges)})
+        return columns, decode_latents(self.vae, latents)
 
     def save_lora(self, state: dict, directory: Path) -> Path:
         return save_lora_diffusers(state, directory, self.cfg.lora.rank, self.cfg.lora.alpha,

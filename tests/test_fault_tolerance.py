@@ -96,6 +96,10 @@ def test_resume_gives_the_same_lora_as_a_straight_run(ray_session, tiny_drm_dir,
     staging_dir(resumed, 3)  # a checkpoint being written when the job was killed: must be ignored
     again = _driver(resumed, tiny_drm_dir, "grpo.iterations=4", *RESUME, *FAILURE)
     assert again.iteration == 2 and again.version == 2 and again.sampler.drawn == 8
+    # the panel of iteration 0, before the failure, stays the over-optimization flag's reference after the resume
+    assert again.eval_history[0]["iteration"] == 0 and again.first_panel is not None
+    assert sum(again.first_panel["reward"]) / len(again.first_panel["reward"]) == pytest.approx(
+        again.eval_history[0]["eval/reward"])
     again.run()
     a, b = _lora_at(straight, 4), _lora_at(resumed, 4)
     assert latest_checkpoint(resumed).name == "iter-000004"

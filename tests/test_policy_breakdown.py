@@ -1,9 +1,11 @@
 """bench/policy_breakdown.py's arithmetic and the oracle's score terms, against hand computations and the oracle's
-own score; reading a logged image panel back into its tiles (bench/reproduce_report.py's extra-object count)."""
+own score; reading a logged image panel back into its tiles (bench/reproduce_report.py's extra-object count and
+over-optimization flag)."""
 
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 from bench.policy_breakdown import group_variance, kind_of, mixed_groups
@@ -260,3 +262,47 @@ def test_report_prints_the_work_directorys_provenance_under_its_first_line(tmp_p
     assert lines[2].startswith("Written by") and lines[4] == ("The DRM runs were re-made with new pairs; the oracle "
                                                               "runs were kept.")
     assert "DRM stage not run." in lines
+
+
+def test_overoptimization_is_read_back_from_the_panels_a_run_logged(tmp_path):
+    """bench/reproduce_report.py's recomputation of the driver's flag with the oracle as the judge, from panels
+    logged to a real MLflow store, against the oracle of the same images graded directly and scipy's paired t."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from scipy.stats import ttest_rel
+
+    from bench.reproduce_report import panel_overoptimization
+    from drm_ray.diffusion.sampling import to_pil
+    from drm_ray.rl_setup import image_grid
+    from drm_ray.toy.pairs import renders
+    from drm_ray.toy.world import caption_texts
+
+    caps = caption_texts()[:8]  # the toy panel: every caption in order
+    right, wrong = renders(caps, 1, seed=0)[:, 0], renders(caps, 1, seed=0, mismatched=True)[:, 0]
+    fallen = torch.cat([wrong[:4], right[4:]])  # half the panel now shows another caption's scene
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    client.log_param(run_id, "grpo.eval_panel_size", 8)
+    # (iteration, panel, optimized reward): up and the oracle down; up and the oracle back; the oracle down alone
+    evals = [(0, right, 0.0), (5, fallen, 1.0), (10, right, 1.0), (15, fallen, 0.1)]
+    history = []
+    for it, images, reward in evals:
+        client.log_image(run_id, image_grid(to_pil(images)), f"panel/iter_{it:06d}.png")
+        quantized = np.stack([np.asarray(im, dtype=np.float64) / 255 for im in to_pil(images)])  # as the PNG holds it
+        history.append({"iteration": it, "eval/reward": reward, "eval/reward_sem": 0.1,
+                        "eval/oracle_score": float(oracle_scores(quantized, caps).score.mean())})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"mlflow_run_id": run_id, "eval": history}))
+
+    got = panel_overoptimization(tmp_path, tmp_path / "run")
+    assert [it for it, _, _ in got] == [5]
+    before = oracle_scores(right.permute(0, 2, 3, 1).numpy(), caps).score
+    after = oracle_scores(fallen.permute(0, 2, 3, 1).numpy(), caps).score
+    _, change, se = got[0]
+    assert change == pytest.approx(float(np.mean(after - before)), abs=0.01) and change < -0.1
+    assert change / se == pytest.approx(ttest_rel(after, before).statistic, rel=0.05)
+    # a run this store does not hold, or no store: nothing to read back
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"mlflow_run_id": "nope", "eval": history}))
+    assert panel_overoptimization(tmp_path, tmp_path / "run") is None
+    assert panel_overoptimization(tmp_path / "run", tmp_path / "run") is None

@@ -285,21 +285,40 @@ def test_stepwise_sampler_selects_by_a_drm_and_an_image_reward_on_x0_hat(tmp_pat
     assert not np.array_equal(alone.chosen.numpy(), got.chosen)
 
 
-def test_overoptimization_flag_needs_the_reward_up_and_the_judge_down_beyond_the_panel_noise(capsys):
+def test_overoptimization_flag_is_a_paired_test_of_the_reward_up_and_the_judge_down(capsys):
+    """The flag against scipy's paired t statistic (t = mean change / its standard error): reward t > 2 and judge
+    t < -2, image by image against the first panel; it sees a fall that the spread across prompts hides."""
     from types import SimpleNamespace
+
+    from scipy.stats import ttest_ind, ttest_rel
 
     from drm_ray.driver import StepGRPODriver
 
-    first = {"eval/reward": 0.0, "eval/reward_sem": 0.1, "eval/judge/clip": 1.0, "eval/judge/clip_sem": 0.1}
-    driver = SimpleNamespace(eval_history=[first], cfg=SimpleNamespace(grpo=SimpleNamespace(algo="step_grpo")))
+    rng = np.random.default_rng(0)
+    n = 16
+    first = {"reward": rng.normal(0, 1, n).tolist(), "clip": rng.normal(1, 1, n).tolist()}  # prompts differ a lot
+    driver = SimpleNamespace(eval_history=[], first_panel=None, iteration=0,
+                             cfg=SimpleNamespace(grpo=SimpleNamespace(algo="step_grpo")))
     driver.say = lambda line: StepGRPODriver.say(SimpleNamespace(console=None), line)  # no progress bar yet
+    assert StepGRPODriver.overoptimization(driver, first) == {"eval/overopt/clip": 0.0}  # the reference itself
+    assert driver.first_panel is first
 
-    def flag(reward, judge):
-        metrics = {"eval/reward": reward, "eval/judge/clip": judge, "eval/judge/clip_sem": 0.1}
-        return StepGRPODriver.overoptimization(driver, metrics)["eval/overopt/clip"]
+    def flag(reward_shift, judge_shift, noise=0.05):
+        now = {"reward": (np.array(first["reward"]) + reward_shift + rng.normal(0, noise, n)).tolist(),
+               "clip": (np.array(first["clip"]) + judge_shift + rng.normal(0, noise, n)).tolist()}
+        want = (ttest_rel(now["reward"], first["reward"]).statistic > 2
+                and ttest_rel(now["clip"], first["clip"]).statistic < -2)
+        got = StepGRPODriver.overoptimization(driver, now)["eval/overopt/clip"]
+        assert got == float(want)
+        return got, now
 
-    assert flag(0.5, 0.5) == 1.0 and "judge clip fell" in capsys.readouterr().out
-    assert flag(0.15, 0.5) == 0.0  # the reward moved by less than 2 s.e.
-    assert flag(0.5, 0.85) == 0.0  # the judge moved by less than 2 s.e.
-    assert flag(0.5, 1.5) == 0.0 and flag(-0.5, 0.5) == 0.0  # both up; both down
-    assert StepGRPODriver.overoptimization(SimpleNamespace(eval_history=[]), {"eval/reward": 1.0}) == {}
+    got, now = flag(0.2, -0.2)
+    assert got == 1.0 and "judge clip fell" in capsys.readouterr().out
+    # a fall of 0.2 on prompts whose scores spread by 1: within 2 s.e. of two independent panel means (Welch)
+    assert abs(ttest_ind(now["clip"], first["clip"], equal_var=False).statistic) < 2
+    assert flag(0.005, -0.2)[0] == 0.0  # the reward moved by less than 2 s.e. of its change
+    assert flag(0.2, -0.005)[0] == 0.0  # the judge did
+    assert flag(0.2, 0.2)[0] == 0.0 and flag(-0.2, -0.2)[0] == 0.0  # both up; both down
+    # a judge missing from the first panel, or a panel of another size, is not compared
+    assert StepGRPODriver.overoptimization(driver, {"reward": first["reward"], "pick": first["clip"]}) == {}
+    assert StepGRPODriver.overoptimization(driver, {"reward": [1.0] * 4, "clip": [0.0] * 4}) == {}

@@ -275,7 +275,8 @@ def test_step_grpo_optimizes_the_oracle_on_x0_hat_and_a_drm_judges(ray_session, 
     # 2 prompts x 1 trajectory x 3 steps; rewards: 2 branching steps x k=4 children + 1 final, per prompt; one
     # policy forward per child for its x0_hat
     assert written["compute"] == {"policy_forwards": 6, "drm_forwards": 2 * (2 * 4 + 1), "x0_forwards": 2 * 2 * 4}
-    assert {"eval/judge/drm", "eval/overopt/drm"} <= set(summary) and summary["eval/overopt/drm"] == 0.0
+    assert {"eval/judge/drm", "eval/overopt/drm", "eval/overopt/oracle"} <= set(summary)  # the oracle judges too
+    assert summary["eval/overopt/drm"] == 0.0
     # the oracle of the logged panel (6 tiles of 32 px, 4 per row, uint8 as saved) against the panel's captions
     client = MlflowClient(f"sqlite:///{tmp_path / 'rl' / 'mlflow.db'}")
     # both evaluations, before and after the update: summary.json's eval history against the panels MLflow logged
