@@ -271,6 +271,65 @@ def ceiling_drm_part(out: Path, p: dict, metrics: dict) -> tuple[str, str | None
         f"ends at {s_mean[-1]:.4f}; the paper reports 2.5x)"))
 
 
+def ceiling_drm_scale_part(out: Path, p: dict, metrics: dict) -> tuple[str, list[str]]:
+    """The ceiling's GRPO with the DRM as its reward at the batches of `ceiling_drm_groups` larger than the rl
+    stage's, against Step-GRPO with the DRM (section c) in policy forwards: the paper's claim against a GRPO batch
+    that can move the oracle. Returns (markdown, verdicts; both empty when no such runs finished)."""
+    equal = p["prompts"] // 4
+    step = algo_curves(out, p, "step_grpo", "drm")
+    text, verdicts = "", []
+    for g in sorted(g for g in p.get("ceiling_drm_groups", ()) if g != equal):
+        c = ceiling_curves(out, p, g, "drm")
+        if c is None or step is None:
+            continue
+        rows = [[it, _ms(c["oracle"][:, j]), f"{c['drm'][:, j].mean():+.3f}" if c["drm"] is not None else "n/a"]
+                for j, it in enumerate(c["iters"])]
+        text += (f"\nThe same GRPO with the DRM as its reward at {g} groups ({4 * g} trajectories / iteration, learning "
+                 f"rate {ceiling_lr(p, g):g}, {len(c['oracle'])} seed(s), {c['forwards'][-1]:,} rollout policy "
+                 "forwards over the run):\n\n" + _table(["iteration", "panel oracle", "DRM score"], rows) + "\n\n")
+        gain, ok = gain_text(c["oracle"][:, -1] - c["oracle"][:, 0])
+        metrics[f"ceiling/grpo_drm_g{g}_oracle_gain"] = float(c["oracle"][:, -1].mean() - c["oracle"][:, 0].mean())
+        text += f"- GRPO with the DRM at {g} groups: panel oracle gain {gain}.\n"
+        if not ok:
+            verdicts.append(f"UNDECIDED: GRPO with the DRM at {g} groups did not clearly raise the panel oracle "
+                            f"either (gain {gain})")
+            continue
+        bullet, verdict = forwards_claim(step, c, g, "Step-GRPO with the DRM", "(c)", p["prompts"], metrics,
+                                         f"ceiling/grpo_drm_g{g}_forwards_ratio")
+        text += bullet
+        verdicts.append(verdict)
+    return text, verdicts
+
+
+def forwards_claim(step: dict, c: dict, g: int, who: str, section: str, trajectories: int, metrics: dict,
+                   key: str) -> tuple[str, str]:
+    """Step-GRPO (`step`'s curves, `who`) against the `g`-group GRPO `c` in policy forwards: how many it spends,
+    x0_hat forwards included, to reach that GRPO's final panel oracle, vs that GRPO's rollout forwards over its run.
+    Returns (a bullet for the section, the verdict: >= 1.5x fewer and still there at the end)."""
+    s_mean = step["oracle"].mean(0)
+    target, start = float(c["oracle"][:, -1].mean()), float(c["oracle"][:, 0].mean())
+    reach = first_reach(step["iters"], s_mean, target)
+    if not reach:
+        return (f"- {who} (section {section}) does not reach the {g}-group GRPO's final panel oracle {target:.4f} "
+                f"within its {step['iters'][-1]} iterations.\n",
+                f"DID NOT HOLD: {who} does not reach the final panel oracle ({target:.4f}) of the GRPO that has {g} "
+                f"groups within its {step['iters'][-1]} iterations")
+    spent = reach * (step["forwards"][-1] + step["x0_forwards"][-1]) / max(1, step["iters"][-1])
+    grpo = c["forwards"][-1]
+    metrics[key] = grpo / spent
+    counted = "counting its x0_hat forwards" if step["x0_forwards"][-1] else "none of them for x0_hat"
+    bullet = (f"- {who} (section {section}, {trajectories} trajectories / iteration, seed mean) reaches the {g}-group "
+              f"GRPO's final panel oracle {target:.4f} at iteration {reach:.1f}: about {spent:,.0f} policy forwards "
+              f"{counted}, vs {grpo:,} rollout forwards for this GRPO ({grpo / spent:.1f}x).\n")
+    verdict = speedup_verdict(grpo / spent, s_mean[-1], target) + (
+        f": against the GRPO that has {g} groups ({4 * g} trajectories per iteration), {who} reaches its final panel "
+        f"oracle ({target:.4f}, from {start:.4f}) after about {spent:,.0f} policy forwards, "
+        + ("x0_hat forwards included" if step["x0_forwards"][-1] else "it needs none for x0_hat")
+        + f", vs this GRPO's {grpo:,} ({grpo / spent:.1f}x fewer; the same criterion in policy forwards instead of "
+        f"iterations: >= 1.5x and still there at the end, where Step-GRPO is at {s_mean[-1]:.4f})")
+    return bullet, verdict
+
+
 def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
     """GRPO with the oracle, one x_1 per group and SDE on the first step, at the rl stage's batch and a larger one:
     does the panel oracle rise at all, and how fast does Step-GRPO (section c') reach where this GRPO ends?"""
@@ -328,34 +387,20 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
                         f"get there vs GRPO's {c['forwards'][-1]:,}" if reach_s else ""))
                 if ratio:
                     metrics["ceiling/iteration_ratio"] = ratio
-            elif reach_s:
-                spent = reach_s * per_it
-                text += (f"- Step-GRPO with the oracle on x0_hat (section (c'), {p['prompts']} trajectories / "
-                         f"iteration, seed mean) reaches the {g}-group GRPO's final panel oracle {target:.4f} at "
-                         f"iteration {reach_s:.1f}: about {spent:,.0f} policy forwards counting its x0_hat forwards, "
-                         f"vs {c['forwards'][-1]:,} rollout forwards for this GRPO ({c['forwards'][-1] / spent:.1f}x)."
-                         "\n")
-                metrics[f"ceiling/g{g}_forwards_ratio"] = c["forwards"][-1] / spent
-                compute_verdicts.append(speedup_verdict(c["forwards"][-1] / spent, s_mean[-1], target) + (
-                    f": against the GRPO that has {g} groups ({4 * g} trajectories per iteration), Step-GRPO with "
-                    f"the oracle on x0_hat reaches its final panel oracle ({target:.4f}, from {start:.4f}) after "
-                    f"about {spent:,.0f} policy forwards, x0_hat forwards included, vs this GRPO's "
-                    f"{c['forwards'][-1]:,} ({c['forwards'][-1] / spent:.1f}x fewer; the same criterion in policy "
-                    f"forwards instead of iterations: >= 1.5x and still there at the end, where Step-GRPO is at "
-                    f"{s_mean[-1]:.4f})"))
             else:
-                text += (f"- Step-GRPO with the oracle on x0_hat (section (c')) does not reach the {g}-group GRPO's "
-                         f"final panel oracle {target:.4f} within its {step['iters'][-1]} iterations.\n")
-                compute_verdicts.append(
-                    f"DID NOT HOLD: Step-GRPO with the oracle on x0_hat does not reach the final panel oracle "
-                    f"({target:.4f}) of the GRPO that has {g} groups within its {step['iters'][-1]} iterations")
+                bullet, v = forwards_claim(step, c, g, "Step-GRPO with the oracle on x0_hat", "(c')", p["prompts"],
+                                           metrics, f"ceiling/g{g}_forwards_ratio")
+                text += bullet
+                compute_verdicts.append(v)
     if verdict:
         text += f"\nThe algorithm claim against this GRPO: {verdict}.\n"
     drm_text, drm_verdict = ceiling_drm_part(out, p, metrics)
     if drm_verdict:
         text += drm_text + f"\nThe DRM claim against this GRPO: {drm_verdict}.\n"
+    scale_text, drm_compute_verdicts = ceiling_drm_scale_part(out, p, metrics)
+    text += scale_text
     return text, {"clear": clear, "ok": ok, "verdict": verdict, "groups": gs, "drm_verdict": drm_verdict,
-                  "compute_verdicts": compute_verdicts}
+                  "compute_verdicts": compute_verdicts, "drm_compute_verdicts": drm_compute_verdicts}
 
 
 def rl_curves(out: Path, p: dict, reward: str) -> dict:
@@ -799,6 +844,9 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
         if ceil and ceil.get("drm_verdict"):
             md += [f"- Step-GRPO vs GRPO with one x_1 per group and SDE on step(s) {p['ceiling_branch_steps']}, both "
                    f"with the DRM as the reward (section (c'')), judged by the oracle: {ceil['drm_verdict']}."]
+        for v in (ceil or {}).get("drm_compute_verdicts", []):
+            md += [f"- The same comparison in policy forwards, against that GRPO with the DRM at a larger batch "
+                   f"(section (c'')): {v}."]
     if sw:
         md += [f"- Step-wise Sampling (paper: a better final image as k grows): {sw['verdict']}."]
     if drm and rl and rl["curves"]["grpo"]["drm"] is not None:

@@ -154,6 +154,37 @@ def test_readings_follow_the_numbers():
         assert phrase in text and "(3.5x)" in text, (step, grpo, text)
 
 
+def test_drm_claim_in_policy_forwards_against_a_larger_grpo_with_the_drm(tmp_path):
+    from bench.reproduce_report import ceiling_drm_scale_part, ceiling_run, rl_run
+
+    p = dict(prompts=16, rl_seeds=3, rl_lr=2e-3, ceiling_seeds=3, ceiling_groups=(4, 64), ceiling_lrs=(2e-3, 1e-3),
+             ceiling_drm_groups=(4, 64))
+    ceil_iters, rl_iters = [0, 10, 20, 30, 40], list(range(0, 45, 5))
+    for seed, gain in enumerate([0.03, 0.04, 0.05]):  # GRPO with the DRM, 64 groups: finals 0.83-0.85, mean 0.84
+        _write_summary(ceiling_run(tmp_path, 64, seed, "drm"), ceil_iters, [0.80 + gain * it / 40 for it in ceil_iters],
+                       [1.0 + it / 40 for it in ceil_iters], forwards=2048)
+        # Step-GRPO with the DRM: 0.80 + 0.0025 * it reaches 0.84 at iteration 16, 128 policy forwards per
+        # iteration and no x0_hat: 2,048 against GRPO's 2048 x 40 = 81,920, 40x fewer
+        _write_summary(rl_run(tmp_path, "step_grpo", "drm", seed), rl_iters, [0.80 + 0.0025 * it for it in rl_iters],
+                       [1.0] * 9, forwards=128)
+    metrics = {}
+    text, [verdict] = ceiling_drm_scale_part(tmp_path, p, metrics)  # the 4-group runs belong to ceiling_drm_part
+    assert verdict.startswith("HELD") and "after about 2,048 policy forwards, it needs none for x0_hat" in verdict
+    assert "81,920 (40.0x fewer" in verdict and abs(metrics["ceiling/grpo_drm_g64_forwards_ratio"] - 40) < 1e-9
+    assert "| 20 | 0.820 +- 0.005 | +1.500 |" in text and "none of them for x0_hat" in text
+    for seed in range(3):  # Step-GRPO falls back below GRPO's final by its end (its DRM's errors optimized)
+        run = rl_run(tmp_path, "step_grpo", "drm", seed)
+        shutil.rmtree(run)
+        _write_summary(run, rl_iters, [0.80 + 0.0025 * it for it in rl_iters[:-1]] + [0.81], [1.0] * 9, forwards=128)
+    assert ceiling_drm_scale_part(tmp_path, p, {})[1][0].startswith("DID NOT HOLD")
+    for seed, gain in enumerate([0.02, -0.02, 0.0]):  # a GRPO that does not clearly move the oracle
+        run = ceiling_run(tmp_path, 64, seed, "drm")
+        shutil.rmtree(run)
+        _write_summary(run, ceil_iters, [0.80 + gain * it / 40 for it in ceil_iters], [1.0] * 5, forwards=2048)
+    assert ceiling_drm_scale_part(tmp_path, p, {})[1][0].startswith("UNDECIDED")
+    assert ceiling_drm_scale_part(tmp_path, dict(p, ceiling_drm_groups=(4,)), {}) == ("", [])
+
+
 def test_algorithm_claim_in_policy_forwards_against_a_larger_grpo(tmp_path, monkeypatch):
     import bench.reproduce_report as report
     from bench.reproduce_report import ceiling_run, ceiling_section, rl_run
