@@ -168,9 +168,11 @@ ALGO_NAMES = {"grpo": "GRPO", "step_grpo": "Step-GRPO"}
 MOVED = {"rose": "a clear rise", "fell": "a clear fall", "unclear": "not clear: within 2 s.e. over seeds"}
 
 
-def drm_reading(acc0: float, proxy: dict[str, float], gains: dict[str, np.ndarray]) -> str:
+def drm_reading(acc0: float, proxy: dict[str, float], gains: dict[str, np.ndarray],
+                larger: dict[int, np.ndarray] | None = None) -> str:
     """What the runs optimizing the DRM say, from their numbers: `proxy` the change of the DRM's panel score (seed
-    mean), `gains` the per-seed changes of the panel oracle, per algorithm."""
+    mean), `gains` the per-seed changes of the panel oracle, per algorithm; `larger` the per-seed oracle gains of
+    GRPO with the DRM at larger batches (groups -> gains; section c'')."""
     moved = {a: direction(v) for a, v in gains.items()}
     text = (f"Reading: the pre-trained-init DRMs (RL and Step-wise Sampling use the first) rank held-out oracle pairs "
             f"right {100 * acc0:.0f}% of the time at t=0 (mean over seeds; 50% is chance). " + "; ".join(
@@ -183,6 +185,12 @@ def drm_reading(acc0: float, proxy: dict[str, float], gains: dict[str, np.ndarra
     risen = [ALGO_NAMES[a] for a in gains if moved[a] == "rose"]
     if risen:
         text += f" {' and '.join(risen)} raised the oracle clearly: there the DRM's ranking carried to the truth."
+    for g, v in sorted((larger or {}).items()):
+        if direction(v) == "rose":
+            text += (f" GRPO with the same DRM at {g} groups ({4 * g} trajectories / iteration) did raise the oracle "
+                     f"clearly ({gain_text(v)[0].split(' (')[0]}): the DRM's ranking carries to the truth when the "
+                     "policy gradient is not dominated by noise, so a flat oracle at the smaller batch is not the "
+                     "DRM's error alone.")
     return text
 
 
@@ -271,13 +279,14 @@ def ceiling_drm_part(out: Path, p: dict, metrics: dict) -> tuple[str, str | None
         f"ends at {s_mean[-1]:.4f}; the paper reports 2.5x)"))
 
 
-def ceiling_drm_scale_part(out: Path, p: dict, metrics: dict) -> tuple[str, list[str]]:
+def ceiling_drm_scale_part(out: Path, p: dict, metrics: dict) -> tuple[str, list[str], dict[int, np.ndarray]]:
     """The ceiling's GRPO with the DRM as its reward at the batches of `ceiling_drm_groups` larger than the rl
     stage's, against Step-GRPO with the DRM (section c) in policy forwards: the paper's claim against a GRPO batch
-    that can move the oracle. Returns (markdown, verdicts; both empty when no such runs finished)."""
+    that can move the oracle. Returns (markdown, verdicts, groups -> per-seed oracle gains; all empty when no such
+    runs finished)."""
     equal = p["prompts"] // 4
     step = algo_curves(out, p, "step_grpo", "drm")
-    text, verdicts = "", []
+    text, verdicts, gains = "", [], {}
     for g in sorted(g for g in p.get("ceiling_drm_groups", ()) if g != equal):
         c = ceiling_curves(out, p, g, "drm")
         if c is None or step is None:
@@ -287,7 +296,8 @@ def ceiling_drm_scale_part(out: Path, p: dict, metrics: dict) -> tuple[str, list
         text += (f"\nThe same GRPO with the DRM as its reward at {g} groups ({4 * g} trajectories / iteration, learning "
                  f"rate {ceiling_lr(p, g):g}, {len(c['oracle'])} seed(s), {c['forwards'][-1]:,} rollout policy "
                  "forwards over the run):\n\n" + _table(["iteration", "panel oracle", "DRM score"], rows) + "\n\n")
-        gain, ok = gain_text(c["oracle"][:, -1] - c["oracle"][:, 0])
+        gains[g] = c["oracle"][:, -1] - c["oracle"][:, 0]
+        gain, ok = gain_text(gains[g])
         metrics[f"ceiling/grpo_drm_g{g}_oracle_gain"] = float(c["oracle"][:, -1].mean() - c["oracle"][:, 0].mean())
         text += f"- GRPO with the DRM at {g} groups: panel oracle gain {gain}.\n"
         if not ok:
@@ -298,7 +308,7 @@ def ceiling_drm_scale_part(out: Path, p: dict, metrics: dict) -> tuple[str, list
                                          f"ceiling/grpo_drm_g{g}_forwards_ratio")
         text += bullet
         verdicts.append(verdict)
-    return text, verdicts
+    return text, verdicts, gains
 
 
 def forwards_claim(step: dict, c: dict, g: int, who: str, section: str, trajectories: int, metrics: dict,
@@ -322,11 +332,12 @@ def forwards_claim(step: dict, c: dict, g: int, who: str, section: str, trajecto
               f"GRPO's final panel oracle {target:.4f} at iteration {reach:.1f}: about {spent:,.0f} policy forwards "
               f"{counted}, vs {grpo:,} rollout forwards for this GRPO ({grpo / spent:.1f}x).\n")
     verdict = speedup_verdict(grpo / spent, s_mean[-1], target) + (
-        f": against the GRPO that has {g} groups ({4 * g} trajectories per iteration), {who} reaches its final panel "
-        f"oracle ({target:.4f}, from {start:.4f}) after about {spent:,.0f} policy forwards, "
+        f": against the GRPO that has {g} groups ({4 * g} trajectories per iteration), {who} reaches that GRPO's final "
+        f"panel oracle ({target:.4f}, from {start:.4f}) after about {spent:,.0f} policy forwards, "
         + ("x0_hat forwards included" if step["x0_forwards"][-1] else "it needs none for x0_hat")
         + f", vs this GRPO's {grpo:,} ({grpo / spent:.1f}x fewer; the same criterion in policy forwards instead of "
-        f"iterations: >= 1.5x and still there at the end, where Step-GRPO is at {s_mean[-1]:.4f})")
+        f"iterations: >= 1.5x and still there at the end, where Step-GRPO is at {s_mean[-1]:.4f}"
+        + (", below it" if s_mean[-1] < target else "") + ")")
     return bullet, verdict
 
 
@@ -397,10 +408,11 @@ def ceiling_section(out: Path, p: dict, metrics: dict) -> tuple[str, dict]:
     drm_text, drm_verdict = ceiling_drm_part(out, p, metrics)
     if drm_verdict:
         text += drm_text + f"\nThe DRM claim against this GRPO: {drm_verdict}.\n"
-    scale_text, drm_compute_verdicts = ceiling_drm_scale_part(out, p, metrics)
+    scale_text, drm_compute_verdicts, drm_scale_gains = ceiling_drm_scale_part(out, p, metrics)
     text += scale_text
     return text, {"clear": clear, "ok": ok, "verdict": verdict, "groups": gs, "drm_verdict": drm_verdict,
-                  "compute_verdicts": compute_verdicts, "drm_compute_verdicts": drm_compute_verdicts}
+                  "compute_verdicts": compute_verdicts, "drm_compute_verdicts": drm_compute_verdicts,
+                  "drm_scale_gains": drm_scale_gains}
 
 
 def rl_curves(out: Path, p: dict, reward: str) -> dict:
@@ -853,7 +865,8 @@ def write_report(out: Path, p: dict, timings: dict, report: Path, quick: bool = 
         c = rl["curves"]
         md += ["", drm_reading(float(drm["mean"]["pretrained"][0]),
                                {a: c[a]["drm"][:, -1].mean() - c[a]["drm"][:, 0].mean() for a in c},
-                               {a: c[a]["oracle"][:, -1] - c[a]["oracle"][:, 0] for a in c})]
+                               {a: c[a]["oracle"][:, -1] - c[a]["oracle"][:, 0] for a in c},
+                               (ceil or {}).get("drm_scale_gains"))]
     if orl:
         c = orl["curves"]
         md += ["", oracle_reading({a: c[a]["oracle"][:, -1] - c[a]["oracle"][:, 0] for a in c},

@@ -145,6 +145,12 @@ def test_readings_follow_the_numbers():
     assert "(GRPO and Step-GRPO)" in text and "a clear fall" in text and "raised the oracle clearly" not in text
     assert "error being optimized" not in drm_reading(0.72, {"grpo": -0.1, "step_grpo": 0.5},
                                                       {"grpo": flat, "step_grpo": rise})
+    # a larger GRPO batch with the same DRM: named only where it clearly raised the oracle
+    text = drm_reading(0.72, {"grpo": 0.2, "step_grpo": 3.0}, {"grpo": flat, "step_grpo": flat}, {64: rise})
+    assert "GRPO with the same DRM at 64 groups (256 trajectories / iteration) did raise the oracle clearly " \
+           "(+0.0120 +- 0.0012 s.e. over 3 seed(s))" in text
+    assert "did raise" not in drm_reading(0.72, {"grpo": 0.2, "step_grpo": 3.0}, {"grpo": flat, "step_grpo": flat},
+                                          {64: flat})
     cases = {("rose", "unclear"): "per-step credit from the same reward moved the policy where one terminal",
              ("rose", "rose"): "both moved the policy", ("unclear", "rose"): "one terminal reward per trajectory "
              "moved the policy where per-step credit did not", ("unclear", "unclear"): "neither moved the policy"}
@@ -168,21 +174,23 @@ def test_drm_claim_in_policy_forwards_against_a_larger_grpo_with_the_drm(tmp_pat
         _write_summary(rl_run(tmp_path, "step_grpo", "drm", seed), rl_iters, [0.80 + 0.0025 * it for it in rl_iters],
                        [1.0] * 9, forwards=128)
     metrics = {}
-    text, [verdict] = ceiling_drm_scale_part(tmp_path, p, metrics)  # the 4-group runs belong to ceiling_drm_part
-    assert verdict.startswith("HELD") and "after about 2,048 policy forwards, it needs none for x0_hat" in verdict
+    text, [verdict], gains = ceiling_drm_scale_part(tmp_path, p, metrics)  # 4 groups belong to ceiling_drm_part
+    assert list(gains) == [64] and np.allclose(gains[64], [0.03, 0.04, 0.05])
+    assert verdict.startswith("HELD") and "below it" not in verdict and "after about 2,048 policy forwards, it needs none for x0_hat" in verdict
     assert "81,920 (40.0x fewer" in verdict and abs(metrics["ceiling/grpo_drm_g64_forwards_ratio"] - 40) < 1e-9
     assert "| 20 | 0.820 +- 0.005 | +1.500 |" in text and "none of them for x0_hat" in text
     for seed in range(3):  # Step-GRPO falls back below GRPO's final by its end (its DRM's errors optimized)
         run = rl_run(tmp_path, "step_grpo", "drm", seed)
         shutil.rmtree(run)
         _write_summary(run, rl_iters, [0.80 + 0.0025 * it for it in rl_iters[:-1]] + [0.81], [1.0] * 9, forwards=128)
-    assert ceiling_drm_scale_part(tmp_path, p, {})[1][0].startswith("DID NOT HOLD")
+    verdict = ceiling_drm_scale_part(tmp_path, p, {})[1][0]
+    assert verdict.startswith("DID NOT HOLD") and "where Step-GRPO is at 0.8100, below it)" in verdict
     for seed, gain in enumerate([0.02, -0.02, 0.0]):  # a GRPO that does not clearly move the oracle
         run = ceiling_run(tmp_path, 64, seed, "drm")
         shutil.rmtree(run)
         _write_summary(run, ceil_iters, [0.80 + gain * it / 40 for it in ceil_iters], [1.0] * 5, forwards=2048)
     assert ceiling_drm_scale_part(tmp_path, p, {})[1][0].startswith("UNDECIDED")
-    assert ceiling_drm_scale_part(tmp_path, dict(p, ceiling_drm_groups=(4,)), {}) == ("", [])
+    assert ceiling_drm_scale_part(tmp_path, dict(p, ceiling_drm_groups=(4,)), {}) == ("", [], {})
 
 
 def test_algorithm_claim_in_policy_forwards_against_a_larger_grpo(tmp_path, monkeypatch):
