@@ -298,7 +298,7 @@ def ceiling_drm_scale_part(out: Path, p: dict, metrics: dict) -> tuple[str, list
                  "forwards over the run):\n\n" + _table(["iteration", "panel oracle", "DRM score"], rows) + "\n\n")
         gains[g] = c["oracle"][:, -1] - c["oracle"][:, 0]
         gain, ok = gain_text(gains[g])
-        metrics[f"ceiling/grpo_drm_g{g}_oracle_gain"] = float(c["oracle"][:, -1].mean() - c["oracle"][:, 0].mean())
+        metrics[f"ceiling/grpo_drm_g{g}_oracle_gain"] = float(gains[g].mean())
         text += f"- GRPO with the DRM at {g} groups: panel oracle gain {gain}.\n"
         if not ok:
             verdicts.append(f"UNDECIDED: GRPO with the DRM at {g} groups did not clearly raise the panel oracle "
